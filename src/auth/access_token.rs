@@ -1,0 +1,130 @@
+//! Access tokens: JWTs per RFC 9068, signed with the keyring's active key.
+//!
+//! Verification follows RFC 8725: the key is chosen by `kid` and the algorithm comes
+//! from that key, never from the token (so `alg: none` and HS256-with-the-public-key
+//! forgeries fail); `typ` must be `at+jwt`; `iss`, `aud`, `exp`, `nbf` are checked
+//! with the configured leeway and every contract claim must be present.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::Utc;
+use jsonwebtoken::{Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::keys::SharedKeyring;
+use crate::config::TokenSettings;
+use crate::domain::{SessionId, UserId};
+
+pub const TOKEN_TYPE: &str = "at+jwt";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: UserId,
+    pub aud: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: String,
+    pub sid: SessionId,
+    pub roles: Vec<String>,
+}
+
+pub struct AccessTokens {
+    keys: Arc<SharedKeyring>,
+    issuer: String,
+    audience: String,
+    ttl_secs: i64,
+    leeway_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("unknown key id")]
+    UnknownKey,
+    #[error("wrong token type")]
+    WrongType,
+    #[error("invalid token: {0}")]
+    Invalid(jsonwebtoken::errors::Error),
+}
+
+impl AccessTokens {
+    pub fn new(keys: Arc<SharedKeyring>, settings: &TokenSettings) -> Self {
+        AccessTokens {
+            keys,
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+            ttl_secs: settings.access_ttl_secs as i64,
+            leeway_secs: settings.leeway_secs,
+        }
+    }
+
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl_secs
+    }
+
+    pub fn keyring(&self) -> &SharedKeyring {
+        &self.keys
+    }
+
+    pub fn issue(
+        &self,
+        user: UserId,
+        session: SessionId,
+        roles: &[String],
+    ) -> anyhow::Result<String> {
+        let now = Utc::now().timestamp();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: user,
+            aud: self.audience.clone(),
+            exp: now + self.ttl_secs,
+            iat: now,
+            nbf: now,
+            jti: Uuid::new_v4().to_string(),
+            sid: session,
+            roles: roles.to_vec(),
+        };
+        let ring = self.keys.current();
+        let key = &ring.signing;
+        let mut header = Header::new(key.alg.jwt());
+        header.kid = Some(key.kid.clone());
+        header.typ = Some(TOKEN_TYPE.to_owned());
+        Ok(jsonwebtoken::encode(&header, &claims, &key.encoding)?)
+    }
+
+    /// Checks signature and claims; says nothing about revocation (see the denylist).
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > 8192 {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        let typ_ok = header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case(TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
+        });
+        if !typ_ok {
+            return Err(TokenError::WrongType);
+        }
+        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
+        let key = self
+            .keys
+            .verifying_key(&kid)
+            .ok_or(TokenError::UnknownKey)?;
+        let mut validation = Validation::new(key.alg.jwt());
+        validation.leeway = self.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.required_spec_claims = ["exp", "iat", "nbf", "iss", "aud", "sub"]
+            .into_iter()
+            .map(String::from)
+            .collect::<HashSet<_>>();
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(TokenError::Invalid)
+    }
+}

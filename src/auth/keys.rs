@@ -1,0 +1,537 @@
+//! Signing keys: generation, storage in `keys.dir`, rotation and the JWKS.
+//!
+//! Each key is one JSON file (`<kid>.json`, mode 0600) holding its algorithm, creation
+//! and retirement times and the private key (PKCS#8 / PKCS#1 DER, or the HMAC secret).
+//! The active key is the newest unretired key of the configured algorithm. `rotate`
+//! adds a key and retires the old one; a retired key keeps verifying, and stays in the
+//! JWKS, until every token it can have signed has expired (`retention`), so a rotation
+//! never logs anyone out. Files are only ever added or rewritten whole (write to a
+//! temporary file, then rename), so a server rereading the directory never sees half a key.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rand::SecureRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    Es256,
+    EdDsa,
+    Rs256,
+    Hs256,
+}
+
+impl KeyAlgorithm {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "ES256" => KeyAlgorithm::Es256,
+            "EdDSA" => KeyAlgorithm::EdDsa,
+            "RS256" => KeyAlgorithm::Rs256,
+            "HS256" => KeyAlgorithm::Hs256,
+            other => bail!("unsupported algorithm {other:?}: use ES256, EdDSA, RS256 or HS256"),
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlgorithm::Es256 => "ES256",
+            KeyAlgorithm::EdDsa => "EdDSA",
+            KeyAlgorithm::Rs256 => "RS256",
+            KeyAlgorithm::Hs256 => "HS256",
+        }
+    }
+
+    pub fn jwt(self) -> Algorithm {
+        match self {
+            KeyAlgorithm::Es256 => Algorithm::ES256,
+            KeyAlgorithm::EdDsa => Algorithm::EdDSA,
+            KeyAlgorithm::Rs256 => Algorithm::RS256,
+            KeyAlgorithm::Hs256 => Algorithm::HS256,
+        }
+    }
+}
+
+/// The on-disk form of one key.
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    kid: String,
+    alg: String,
+    created_at: DateTime<Utc>,
+    retired_at: Option<DateTime<Utc>>,
+    /// Base64 of the private key DER (or the HMAC secret).
+    private_key: String,
+}
+
+/// A loaded key, ready to sign or verify.
+pub struct KeyMaterial {
+    pub kid: String,
+    pub alg: KeyAlgorithm,
+    pub created_at: DateTime<Utc>,
+    pub retired_at: Option<DateTime<Utc>>,
+    pub encoding: EncodingKey,
+    pub decoding: DecodingKey,
+    /// The public JWK; `None` for HMAC keys, which must never be published.
+    pub jwk: Option<Jwk>,
+}
+
+/// What one load of the key directory gives: the signing key, every key that still
+/// verifies, and the JWKS document, serialized once.
+pub struct Keyring {
+    pub signing: Arc<KeyMaterial>,
+    pub verifying: HashMap<String, Arc<KeyMaterial>>,
+    pub jwks: String,
+}
+
+/// Summary for `tessera keys list`.
+pub struct KeyInfo {
+    pub kid: String,
+    pub alg: String,
+    pub created_at: DateTime<Utc>,
+    pub retired_at: Option<DateTime<Utc>>,
+    pub status: &'static str,
+}
+
+/// The key directory.
+#[derive(Clone)]
+pub struct KeyStore {
+    dir: PathBuf,
+    alg: KeyAlgorithm,
+    /// How long a retired key keeps verifying: access token lifetime, clock leeway and
+    /// the servers' reload interval (a server may sign with the old key until it rereads).
+    retention: Duration,
+}
+
+impl KeyStore {
+    pub fn new(dir: &Path, alg: KeyAlgorithm, retention: Duration) -> Self {
+        KeyStore {
+            dir: dir.to_owned(),
+            alg,
+            retention,
+        }
+    }
+
+    pub fn from_settings(settings: &crate::config::Settings) -> anyhow::Result<Self> {
+        let t = &settings.tokens;
+        let retention = t.access_ttl_secs + t.leeway_secs + settings.keys.reload_secs;
+        Ok(KeyStore::new(
+            &settings.keys.dir,
+            KeyAlgorithm::parse(&t.algorithm)?,
+            Duration::from_secs(retention),
+        ))
+    }
+
+    /// Makes sure an active key of the configured algorithm exists; creates one (and
+    /// retires keys of other algorithms) if not. Returns the new kid, if one was made.
+    pub fn ensure_active(&self) -> anyhow::Result<Option<String>> {
+        let files = self.read_files()?;
+        if self.active_of(&files).is_some() {
+            return Ok(None);
+        }
+        self.rotate().map(Some)
+    }
+
+    /// Adds a new signing key and retires every other unretired key.
+    pub fn rotate(&self) -> anyhow::Result<String> {
+        self.create_dir()?;
+        let now = Utc::now();
+        let new = generate(self.alg, now)?;
+        // The new key is written before the old ones are retired, so a reader never
+        // finds no active key.
+        self.write_file(&new)?;
+        for (path, mut file) in self.read_files_with_paths()? {
+            if file.kid == new.kid {
+                continue;
+            }
+            if file.retired_at.is_none() {
+                file.retired_at = Some(now);
+                self.write_file(&file)?;
+            } else if self.expired(&file, now) {
+                fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove expired key {}", path.display()))?;
+            }
+        }
+        Ok(new.kid)
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<KeyInfo>> {
+        let now = Utc::now();
+        let files = self.read_files()?;
+        let active = self.active_of(&files).map(|f| f.kid.clone());
+        let mut out: Vec<KeyInfo> = files
+            .iter()
+            .map(|f| KeyInfo {
+                kid: f.kid.clone(),
+                alg: f.alg.clone(),
+                created_at: f.created_at,
+                retired_at: f.retired_at,
+                status: if Some(&f.kid) == active.as_ref() {
+                    "active"
+                } else if self.expired(f, now) {
+                    "expired"
+                } else {
+                    "verify-only"
+                },
+            })
+            .collect();
+        out.sort_by_key(|k| k.created_at);
+        Ok(out)
+    }
+
+    /// Loads the keyring. Fails if there is no active key (run `ensure_active` first).
+    pub fn load(&self) -> anyhow::Result<Keyring> {
+        let now = Utc::now();
+        let files = self.read_files()?;
+        let active_kid = self
+            .active_of(&files)
+            .map(|f| f.kid.clone())
+            .with_context(|| {
+                format!(
+                    "no active {} key in {}; run `tessera keys generate`",
+                    self.alg.as_str(),
+                    self.dir.display()
+                )
+            })?;
+        let mut verifying = HashMap::new();
+        let mut signing = None;
+        for file in files.into_iter().filter(|f| !self.expired(f, now)) {
+            let key = Arc::new(material(file)?);
+            if key.kid == active_kid {
+                signing = Some(key.clone());
+            }
+            verifying.insert(key.kid.clone(), key);
+        }
+        let signing = signing.context("active key vanished while loading")?;
+        let mut keys: Vec<&Arc<KeyMaterial>> = verifying.values().collect();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.created_at));
+        let set = JwkSet {
+            keys: keys.iter().filter_map(|k| k.jwk.clone()).collect(),
+        };
+        let jwks = serde_json::to_string(&set)?;
+        Ok(Keyring {
+            signing,
+            verifying,
+            jwks,
+        })
+    }
+
+    fn active_of<'a>(&self, files: &'a [KeyFile]) -> Option<&'a KeyFile> {
+        files
+            .iter()
+            .filter(|f| f.retired_at.is_none() && f.alg == self.alg.as_str())
+            .max_by_key(|f| f.created_at)
+    }
+
+    fn expired(&self, file: &KeyFile, now: DateTime<Utc>) -> bool {
+        let retention = chrono::Duration::from_std(self.retention).unwrap_or(chrono::Duration::MAX);
+        file.retired_at.is_some_and(|at| at + retention < now)
+    }
+
+    fn create_dir(&self) -> anyhow::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .with_context(|| format!("cannot create keys.dir {}", self.dir.display()))
+    }
+
+    fn read_files(&self) -> anyhow::Result<Vec<KeyFile>> {
+        Ok(self
+            .read_files_with_paths()?
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect())
+    }
+
+    fn read_files_with_paths(&self) -> anyhow::Result<Vec<(PathBuf, KeyFile)>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read keys.dir {}", self.dir.display()));
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = fs::read_to_string(&path)
+                .with_context(|| format!("cannot read key file {}", path.display()))?;
+            let file: KeyFile = serde_json::from_str(&text)
+                .with_context(|| format!("key file {} is damaged", path.display()))?;
+            out.push((path, file));
+        }
+        Ok(out)
+    }
+
+    fn write_file(&self, file: &KeyFile) -> anyhow::Result<()> {
+        let path = self.dir.join(format!("{}.json", file.kid));
+        let tmp = self.dir.join(format!(".{}.tmp", file.kid));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write key file {}", tmp.display()))?;
+        f.write_all(serde_json::to_string_pretty(file)?.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+fn generate(alg: KeyAlgorithm, now: DateTime<Utc>) -> anyhow::Result<KeyFile> {
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let der: Vec<u8> = match alg {
+        KeyAlgorithm::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| anyhow::anyhow!("ES256 key generation failed"))?
+            .as_ref()
+            .to_vec(),
+        KeyAlgorithm::EdDsa => Ed25519KeyPair::generate_pkcs8v1(&rng)
+            .map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?
+            .as_ref()
+            .to_vec(),
+        KeyAlgorithm::Rs256 => {
+            let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
+            let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
+                .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
+            pkcs8_to_pkcs1(pkcs8.as_ref())?.to_vec()
+        }
+        KeyAlgorithm::Hs256 => {
+            let mut secret = vec![0u8; 32];
+            rng.fill(&mut secret)
+                .map_err(|_| anyhow::anyhow!("random generator failed"))?;
+            secret
+        }
+    };
+    let mut id = [0u8; 12];
+    rng.fill(&mut id)
+        .map_err(|_| anyhow::anyhow!("random generator failed"))?;
+    Ok(KeyFile {
+        kid: format!("{}-{}", now.format("%Y%m%d"), URL_SAFE_NO_PAD.encode(id)),
+        alg: alg.as_str().to_owned(),
+        created_at: now,
+        retired_at: None,
+        private_key: STANDARD.encode(der),
+    })
+}
+
+fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
+    let alg = KeyAlgorithm::parse(&file.alg)?;
+    let der = STANDARD
+        .decode(&file.private_key)
+        .with_context(|| format!("key {} is damaged", file.kid))?;
+    let encoding = match alg {
+        KeyAlgorithm::Es256 => EncodingKey::from_ec_der(&der),
+        KeyAlgorithm::EdDsa => EncodingKey::from_ed_der(&der),
+        KeyAlgorithm::Rs256 => EncodingKey::from_rsa_der(&der),
+        KeyAlgorithm::Hs256 => EncodingKey::from_secret(&der),
+    };
+    let (decoding, jwk) = if alg == KeyAlgorithm::Hs256 {
+        (DecodingKey::from_secret(&der), None)
+    } else {
+        let mut jwk = Jwk::from_encoding_key(&encoding, alg.jwt())
+            .with_context(|| format!("key {} does not match its algorithm", file.kid))?;
+        jwk.common.key_id = Some(file.kid.clone());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        (DecodingKey::from_jwk(&jwk)?, Some(jwk))
+    };
+    Ok(KeyMaterial {
+        kid: file.kid,
+        alg,
+        created_at: file.created_at,
+        retired_at: file.retired_at,
+        encoding,
+        decoding,
+        jwk,
+    })
+}
+
+/// PKCS#8 `PrivateKeyInfo` wraps the PKCS#1 `RSAPrivateKey` in an OCTET STRING; the
+/// signer wants the inner structure. Walks the three DER elements to reach it.
+fn pkcs8_to_pkcs1(der: &[u8]) -> anyhow::Result<&[u8]> {
+    fn element(input: &[u8]) -> anyhow::Result<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first().context("truncated DER")?;
+        let (&first, rest) = rest.split_first().context("truncated DER")?;
+        let (len, rest) = if first < 0x80 {
+            (first as usize, rest)
+        } else {
+            let n = (first & 0x7f) as usize;
+            anyhow::ensure!(n > 0 && n <= 4 && rest.len() >= n, "bad DER length");
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+            (len, &rest[n..])
+        };
+        anyhow::ensure!(rest.len() >= len, "truncated DER");
+        Ok((tag, &rest[..len], &rest[len..]))
+    }
+    let (tag, body, _) = element(der)?;
+    anyhow::ensure!(tag == 0x30, "PKCS#8 is not a SEQUENCE");
+    let (_version, _, rest) = element(body)?;
+    let (_algorithm, _, rest) = element(rest)?;
+    let (tag, key, _) = element(rest)?;
+    anyhow::ensure!(tag == 0x04, "PKCS#8 key is not an OCTET STRING");
+    Ok(key)
+}
+
+/// The keyring a running server uses, reloaded from disk on a timer and when a token
+/// names a kid it does not know (at most once a second), so a rotation made by the CLI
+/// or another instance is picked up without a restart.
+pub struct SharedKeyring {
+    store: KeyStore,
+    current: RwLock<Arc<Keyring>>,
+    last_reload: Mutex<Instant>,
+}
+
+impl SharedKeyring {
+    pub fn open(store: KeyStore) -> anyhow::Result<Self> {
+        if let Some(kid) = store.ensure_active()? {
+            tracing::info!(%kid, dir = %store.dir.display(), "created signing key");
+        }
+        let ring = store.load()?;
+        Ok(SharedKeyring {
+            store,
+            current: RwLock::new(Arc::new(ring)),
+            last_reload: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Keyring> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Rereads the key directory; on failure keeps the keys it has.
+    pub fn reload(&self) {
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        match self.store.load() {
+            Ok(ring) => {
+                let old_kid = self.current().signing.kid.clone();
+                if ring.signing.kid != old_kid {
+                    tracing::info!(kid = %ring.signing.kid, "signing key changed");
+                }
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "reloading keys failed"),
+        }
+    }
+
+    /// Looks a kid up, rereading the directory once if it is unknown and the last
+    /// reread was more than a second ago (so garbage kids cannot cause a read storm).
+    pub fn verifying_key(&self, kid: &str) -> Option<Arc<KeyMaterial>> {
+        if let Some(key) = self.current().verifying.get(kid) {
+            return Some(key.clone());
+        }
+        let stale = self
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            > Duration::from_secs(1);
+        if stale {
+            self.reload();
+            return self.current().verifying.get(kid).cloned();
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(alg: KeyAlgorithm, retention: Duration) -> (KeyStore, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tessera-keys-{}", uuid::Uuid::new_v4()));
+        (KeyStore::new(&dir, alg, retention), dir)
+    }
+
+    #[test]
+    fn every_algorithm_signs_and_verifies_through_its_published_key() {
+        for alg in [
+            KeyAlgorithm::Es256,
+            KeyAlgorithm::EdDsa,
+            KeyAlgorithm::Rs256,
+            KeyAlgorithm::Hs256,
+        ] {
+            let (store, dir) = temp_store(alg, Duration::from_secs(60));
+            store.ensure_active().unwrap();
+            let ring = store.load().unwrap();
+            let mut header = jsonwebtoken::Header::new(alg.jwt());
+            header.kid = Some(ring.signing.kid.clone());
+            let claims = serde_json::json!({"sub": "x", "exp": 4_000_000_000u64});
+            let token = jsonwebtoken::encode(&header, &claims, &ring.signing.encoding).unwrap();
+            let jwks: JwkSet = serde_json::from_str(&ring.jwks).unwrap();
+            let key = match alg {
+                KeyAlgorithm::Hs256 => {
+                    assert!(jwks.keys.is_empty(), "HMAC secrets must not be published");
+                    ring.signing.decoding.clone()
+                }
+                _ => {
+                    let jwk = jwks
+                        .find(&ring.signing.kid)
+                        .expect("active key is published");
+                    DecodingKey::from_jwk(jwk).unwrap()
+                }
+            };
+            let mut v = jsonwebtoken::Validation::new(alg.jwt());
+            v.required_spec_claims.clear();
+            jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).unwrap();
+            fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_key_verifying_until_its_tokens_expire() {
+        let (store, dir) = temp_store(KeyAlgorithm::Es256, Duration::from_secs(3600));
+        let first = store.ensure_active().unwrap().unwrap();
+        assert_eq!(
+            store.ensure_active().unwrap(),
+            None,
+            "ensure_active is idempotent"
+        );
+        let second = store.rotate().unwrap();
+        let ring = store.load().unwrap();
+        assert_eq!(ring.signing.kid, second);
+        assert!(ring.verifying.contains_key(&first));
+        assert!(ring.jwks.contains(&first) && ring.jwks.contains(&second));
+
+        let (expired, _) = temp_store(KeyAlgorithm::Es256, Duration::ZERO);
+        let expired = KeyStore {
+            dir: dir.clone(),
+            ..expired
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let ring = expired.load().unwrap();
+        assert!(
+            !ring.verifying.contains_key(&first),
+            "retired past retention: dropped"
+        );
+        let mode = fs::metadata(dir.join(format!("{second}.json"))).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,438 @@
+//! The token lifecycle: login, refresh rotation with reuse detection, revocation.
+//!
+//! Guarantees:
+//! - a refresh token is rotated on every use by one conditional statement, so of two
+//!   racing requests exactly one rotates; the other (and any retry within the grace
+//!   window) receives the *same* successor, so chains never fork;
+//! - a rotated token presented after the grace window revokes its whole session,
+//!   including every access token issued under it (one denylist write per session);
+//! - ending a session writes the database first (refresh fails) and then the denylist
+//!   (access tokens fail on every instance at once); if either is down the caller gets
+//!   503 and can retry, since both writes are idempotent.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+
+use super::access_token::{AccessTokens, Claims};
+use super::password::{HashError, PasswordHasherPool};
+use super::refresh_token::RefreshToken;
+use super::throttle::LoginThrottle;
+use crate::config::Settings;
+use crate::domain::{Email, Password, SessionId, UserId};
+use crate::error::{ApiError, GrantFailure};
+use crate::store::denylist::Denylist;
+use crate::store::{
+    AuditEvent, AuditKind, ClientInfo, Grant, NewSession, Rotation, Store, StoreError, User,
+};
+
+/// What login and refresh hand back to the client.
+pub struct TokenGrant {
+    pub access_token: String,
+    pub expires_in: i64,
+    pub refresh_token: RefreshToken,
+    pub refresh_token_expires_in: i64,
+    pub session_id: SessionId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogoutScope {
+    Local,
+    Others,
+    Global,
+}
+
+pub struct AuthService {
+    pub store: Arc<dyn Store>,
+    pub denylist: Denylist,
+    pub tokens: AccessTokens,
+    pub hasher: PasswordHasherPool,
+    pub throttle: LoginThrottle,
+    settings: Settings,
+}
+
+impl From<HashError> for ApiError {
+    fn from(err: HashError) -> Self {
+        match err {
+            HashError::Busy => {
+                ApiError::Unavailable(anyhow::anyhow!("password hashing pool is full"), 1)
+            }
+            HashError::Failed(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl AuthService {
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        denylist: Denylist,
+        tokens: AccessTokens,
+        hasher: PasswordHasherPool,
+    ) -> Self {
+        let throttle = LoginThrottle::new(&settings.login);
+        AuthService {
+            store,
+            denylist,
+            tokens,
+            hasher,
+            throttle,
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// How long a session's denylist mark must live: until every access token issued
+    /// under it has expired, leeway included.
+    fn access_token_horizon(&self) -> Duration {
+        Duration::from_secs(
+            self.settings.tokens.access_ttl_secs + self.settings.tokens.leeway_secs + 1,
+        )
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn register(
+        &self,
+        email: Email,
+        password: Password,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<User, ApiError> {
+        // Registration costs a hash too: it shares the per-IP login budget.
+        self.throttle
+            .check_ip(ip)
+            .map_err(|t| ApiError::RateLimited(t.retry_after_secs))?;
+        let hash = self.hasher.hash(password).await?;
+        let user = self
+            .store
+            .create_user(&email, &hash, &["user".to_owned()])
+            .await?;
+        self.audit(
+            AuditKind::UserCreated,
+            Some(user.id),
+            None,
+            client,
+            json!({}),
+        )
+        .await;
+        Ok(user)
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn login(
+        &self,
+        email: Email,
+        password: Password,
+        remember_me: bool,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<TokenGrant, ApiError> {
+        let throttled = self
+            .throttle
+            .check_ip(ip)
+            .and_then(|()| self.throttle.check_account(&email.normalized()));
+        if let Err(t) = throttled {
+            tracing::warn!(by_account = t.by_account, "login throttled");
+            return Err(ApiError::RateLimited(t.retry_after_secs));
+        }
+
+        let credentials = self.store.find_credentials(&email).await?;
+        let hash = credentials.as_ref().map(|c| c.password_hash.clone());
+        let matches = self.hasher.verify(password, hash).await?;
+        let user = match credentials {
+            Some(c) if matches && !c.user.disabled => c.user,
+            other => {
+                let user_id = other.map(|c| c.user.id);
+                self.audit(AuditKind::LoginFailed, user_id, None, client, json!({}))
+                    .await;
+                return Err(ApiError::InvalidCredentials);
+            }
+        };
+
+        let t = &self.settings.tokens;
+        let lifetime = if remember_me {
+            t.refresh_absolute_ttl_secs
+        } else {
+            t.refresh_short_absolute_ttl_secs
+        };
+        let session_id = SessionId(uuid::Uuid::new_v4());
+        let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
+        let refresh = RefreshToken::generate();
+        let evicted = self
+            .store
+            .create_session(NewSession {
+                id: session_id,
+                user_id: user.id,
+                remember_me,
+                expires_at,
+                refresh_hash: &refresh.hash(),
+                client,
+                max_per_user: self.settings.sessions.max_per_user,
+            })
+            .await?;
+        if !evicted.is_empty() {
+            self.denylist
+                .revoke_sessions(&evicted, self.access_token_horizon())
+                .await
+                .map_err(ApiError::unavailable)?;
+        }
+        self.audit(
+            AuditKind::LoginSucceeded,
+            Some(user.id),
+            Some(session_id),
+            client,
+            json!({"remember_me": remember_me}),
+        )
+        .await;
+        let grant = Grant {
+            session_id,
+            user_id: user.id,
+            roles: user.roles,
+            expires_at,
+        };
+        self.token_grant(&grant, refresh)
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn refresh(
+        &self,
+        presented: &str,
+        client: &ClientInfo,
+    ) -> Result<TokenGrant, ApiError> {
+        let Some(token) = RefreshToken::parse(presented) else {
+            return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
+        };
+        let token_hash = token.hash();
+        let successor = RefreshToken::generate();
+        let rotation = Rotation {
+            token_hash: &token_hash,
+            successor_hash: &successor.hash(),
+            successor_sealed: &token.seal_successor(&successor),
+            idle_ttl_secs: self.settings.tokens.refresh_idle_ttl_secs as i64,
+            client,
+        };
+        if let Some(grant) = self.store.rotate_refresh(rotation).await? {
+            return self.token_grant(&grant, successor);
+        }
+
+        // Not rotated: find out why.
+        let Some(state) = self.store.refresh_state(&token_hash).await? else {
+            return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
+        };
+        let t = &self.settings.tokens;
+        if state.revoked || state.disabled {
+            return Err(ApiError::InvalidGrant(GrantFailure::Revoked));
+        }
+        if state.now >= state.grant.expires_at {
+            return Err(ApiError::InvalidGrant(GrantFailure::Expired));
+        }
+        if state.now
+            >= state.last_used_at + chrono::Duration::seconds(t.refresh_idle_ttl_secs as i64)
+        {
+            return Err(ApiError::InvalidGrant(GrantFailure::IdleExpired));
+        }
+        let Some(rotated_at) = state.rotated_at else {
+            // The session changed between the two statements (e.g. it expired at that
+            // very moment); nothing was rotated, so the client may simply retry.
+            return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
+        };
+        let grace = chrono::Duration::seconds(t.refresh_reuse_grace_secs as i64);
+        if t.refresh_reuse_grace_secs > 0 && state.now - rotated_at <= grace {
+            // A concurrent caller or a retry: hand out the successor the first caller got.
+            if let Some(same) = state
+                .successor_sealed
+                .as_deref()
+                .and_then(|s| token.open_successor(s))
+            {
+                return self.token_grant(&state.grant, same);
+            }
+        }
+
+        // Reuse after the window: treat as theft and end the whole session.
+        let sid = state.grant.session_id;
+        tracing::warn!(session_id = %sid, "refresh token reuse detected; revoking session");
+        self.store
+            .revoke_session(sid, "refresh_token_reuse")
+            .await?;
+        self.denylist
+            .revoke_sessions(&[sid], self.access_token_horizon())
+            .await
+            .map_err(ApiError::unavailable)?;
+        self.audit(
+            AuditKind::RefreshReuseDetected,
+            Some(state.grant.user_id),
+            Some(sid),
+            client,
+            json!({}),
+        )
+        .await;
+        Err(ApiError::InvalidGrant(GrantFailure::Reused))
+    }
+
+    /// Verifies an access token and checks the denylist (one Redis round trip).
+    pub async fn authenticate(&self, bearer: &str) -> Result<Claims, ApiError> {
+        let claims = self.tokens.verify(bearer).map_err(|e| {
+            tracing::debug!(error = %e, "access token refused");
+            ApiError::InvalidToken
+        })?;
+        let revoked = self
+            .denylist
+            .is_revoked(claims.sid, &claims.jti)
+            .await
+            .map_err(ApiError::unavailable)?;
+        if revoked {
+            return Err(ApiError::InvalidToken);
+        }
+        Ok(claims)
+    }
+
+    #[tracing::instrument(skip_all, fields(session_id = %claims.sid))]
+    pub async fn logout(
+        &self,
+        claims: &Claims,
+        scope: LogoutScope,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let ended = match scope {
+            LogoutScope::Local => {
+                self.store.revoke_session(claims.sid, "logout").await?;
+                // Even if it was already ended in the database, make sure of the mark.
+                vec![claims.sid]
+            }
+            LogoutScope::Others => {
+                self.store
+                    .revoke_user_sessions(claims.sub, Some(claims.sid), "logout_others")
+                    .await?
+            }
+            LogoutScope::Global => {
+                let mut ended = self
+                    .store
+                    .revoke_user_sessions(claims.sub, None, "logout_global")
+                    .await?;
+                if !ended.contains(&claims.sid) {
+                    ended.push(claims.sid);
+                }
+                ended
+            }
+        };
+        self.denylist
+            .revoke_sessions(&ended, self.access_token_horizon())
+            .await
+            .map_err(ApiError::unavailable)?;
+        let scope_name = format!("{scope:?}").to_lowercase();
+        self.audit(
+            AuditKind::Logout,
+            Some(claims.sub),
+            Some(claims.sid),
+            client,
+            json!({"scope": scope_name, "sessions_ended": ended.len()}),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// RFC 7009: a refresh token ends its session; an access token is revoked by `jti`.
+    /// Unknown, malformed or expired tokens are silently accepted.
+    #[tracing::instrument(skip_all)]
+    /// The two token formats cannot be confused, so `token_type_hint` is not needed.
+    pub async fn revoke(&self, token: &str, client: &ClientInfo) -> Result<(), ApiError> {
+        if let Some(refresh) = RefreshToken::parse(token) {
+            if let Some(state) = self.store.refresh_state(&refresh.hash()).await? {
+                let sid = state.grant.session_id;
+                self.store.revoke_session(sid, "revoked").await?;
+                self.denylist
+                    .revoke_sessions(&[sid], self.access_token_horizon())
+                    .await
+                    .map_err(ApiError::unavailable)?;
+                self.audit(
+                    AuditKind::Revoke,
+                    Some(state.grant.user_id),
+                    Some(sid),
+                    client,
+                    json!({"token_type": "refresh_token"}),
+                )
+                .await;
+            }
+            return Ok(());
+        }
+        if let Ok(claims) = self.tokens.verify(token) {
+            let remaining =
+                claims.exp - Utc::now().timestamp() + self.settings.tokens.leeway_secs as i64;
+            if remaining > 0 {
+                self.denylist
+                    .revoke_token(&claims.jti, Duration::from_secs(remaining as u64))
+                    .await
+                    .map_err(ApiError::unavailable)?;
+                self.audit(
+                    AuditKind::Revoke,
+                    Some(claims.sub),
+                    Some(claims.sid),
+                    client,
+                    json!({"token_type": "access_token"}),
+                )
+                .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// RFC 7662: the claims of an active access token, `None` for anything else.
+    pub async fn introspect(&self, token: &str) -> Result<Option<Claims>, ApiError> {
+        match self.authenticate(token).await {
+            Ok(claims) => Ok(Some(claims)),
+            Err(ApiError::InvalidToken) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    pub async fn current_user(&self, id: UserId) -> Result<User, ApiError> {
+        match self.store.find_user(id).await? {
+            Some(user) if !user.disabled => Ok(user),
+            _ => Err(ApiError::InvalidToken),
+        }
+    }
+
+    fn token_grant(&self, grant: &Grant, refresh: RefreshToken) -> Result<TokenGrant, ApiError> {
+        let access_token = self
+            .tokens
+            .issue(grant.user_id, grant.session_id, &grant.roles)
+            .map_err(ApiError::Internal)?;
+        let remaining = (grant.expires_at - Utc::now()).num_seconds().max(0);
+        let idle = self.settings.tokens.refresh_idle_ttl_secs as i64;
+        Ok(TokenGrant {
+            access_token,
+            expires_in: self.tokens.ttl_secs(),
+            refresh_token: refresh,
+            refresh_token_expires_in: remaining.min(idle),
+            session_id: grant.session_id,
+        })
+    }
+
+    /// Audit rows are best effort: a failure is logged, never shown to the client.
+    async fn audit(
+        &self,
+        kind: AuditKind,
+        user_id: Option<UserId>,
+        session_id: Option<SessionId>,
+        client: &ClientInfo,
+        detail: serde_json::Value,
+    ) {
+        let event = AuditEvent {
+            kind,
+            user_id,
+            session_id,
+            client,
+            detail,
+        };
+        if let Err(e) = self.store.record_audit(event).await {
+            let e: StoreError = e;
+            tracing::warn!(error = %e, kind = kind.as_str(), "audit write failed");
+        }
+    }
+}

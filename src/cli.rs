@@ -1,0 +1,172 @@
+//! The `tessera` command line: `serve` (default), `migrate`, `user create`, `keys`.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::auth::keys::KeyStore;
+use crate::auth::password::PasswordHasherPool;
+use crate::config::Settings;
+use crate::domain::{Email, Password};
+use crate::startup::Application;
+use crate::store::Store;
+use crate::store::postgres::PgStore;
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Token authentication server")]
+pub struct Cli {
+    /// TOML file layered over the built-in defaults (config/default.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default).
+    Serve,
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage signing keys in keys.dir.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password is read from stdin, or prompted for on a terminal.
+    Create {
+        #[arg(long)]
+        email: String,
+        /// A role to grant (repeatable), e.g. --role admin.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a signing key if there is no active one for tokens.algorithm.
+    Generate,
+    /// Create a new signing key; the old one keeps verifying until its tokens expire.
+    Rotate,
+    /// List keys and their status.
+    List,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    crate::telemetry::init(&settings.log);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let app = Application::build(settings.clone()).await?;
+            tracing::info!(address = %format!("{}:{}", settings.server.host, app.port()), "tessera listening");
+            app.run_until_stopped().await?;
+        }
+        Command::Migrate => {
+            eprintln!("migrating the database ...");
+            PgStore::prepare(&settings.database, true).await?;
+            eprintln!("database is up to date");
+        }
+        Command::User {
+            command: UserCommand::Create { email, roles },
+        } => {
+            let email = Email::parse(&email).map_err(anyhow::Error::msg)?;
+            let password = Password::parse_new(read_password()?).map_err(anyhow::Error::msg)?;
+            PgStore::prepare(&settings.database, true).await?;
+            let store = PgStore::connect_lazy(&settings.database)?;
+            let hasher = PasswordHasherPool::new(&settings.password)?;
+            eprintln!("hashing the password ...");
+            let hash = hasher
+                .hash(password)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let roles = if roles.is_empty() {
+                vec!["user".to_owned()]
+            } else {
+                roles
+            };
+            let user = store
+                .create_user(&email, &hash, &roles)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::Conflict => {
+                        anyhow::anyhow!("a user with email {} already exists", email.as_str())
+                    }
+                    other => anyhow::anyhow!("{other}"),
+                })?;
+            println!("{}", user.id);
+            eprintln!(
+                "created user {} with roles {}",
+                user.email,
+                user.roles.join(",")
+            );
+        }
+        Command::Keys { command } => {
+            let store = KeyStore::from_settings(&settings)?;
+            match command {
+                KeysCommand::Generate => match store.ensure_active()? {
+                    Some(kid) => println!("created signing key {kid}"),
+                    None => println!("an active {} key already exists", settings.tokens.algorithm),
+                },
+                KeysCommand::Rotate => {
+                    let kid = store.rotate()?;
+                    println!(
+                        "new signing key {kid}; running servers pick it up within keys.reload_secs"
+                    );
+                }
+                KeysCommand::List => {
+                    println!(
+                        "{:<32} {:<6} {:<12} {:<25} retired",
+                        "kid", "alg", "status", "created"
+                    );
+                    for k in store.list()? {
+                        let retired = k
+                            .retired_at
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_else(|| "-".into());
+                        println!(
+                            "{:<32} {:<6} {:<12} {:<25} {retired}",
+                            k.kid,
+                            k.alg,
+                            k.status,
+                            k.created_at.to_rfc3339()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("password: ")?;
+        let second = rpassword::prompt_password("again: ")?;
+        anyhow::ensure!(first == second, "the passwords do not match");
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        // Only the line ending is removed: the password is kept exactly as typed.
+        Ok(line
+            .strip_suffix('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .unwrap_or(&line)
+            .to_owned())
+    }
+}

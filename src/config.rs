@@ -1,0 +1,311 @@
+//! Layered settings: `config/default.toml` (compiled in) < `--config FILE` <
+//! `TESSERA__SECTION__KEY` environment variables.
+//!
+//! Every key has a default in `config/default.toml`; an environment variable can only
+//! override a key that exists there, and its value is parsed according to the type of
+//! that default (lists are comma-separated). Unknown keys anywhere are an error, so a
+//! typo fails at start rather than silently leaving a default in force.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The compiled-in defaults.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "TESSERA__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub tokens: TokenSettings,
+    pub keys: KeySettings,
+    pub password: PasswordSettings,
+    pub login: LoginSettings,
+    pub registration: RegistrationSettings,
+    pub introspection: IntrospectionSettings,
+    pub sessions: SessionSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub trusted_proxies: Vec<String>,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub create_database: bool,
+    pub auto_migrate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub key_prefix: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub algorithm: String,
+    pub access_ttl_secs: u64,
+    pub leeway_secs: u64,
+    pub refresh_idle_ttl_secs: u64,
+    pub refresh_absolute_ttl_secs: u64,
+    pub refresh_short_absolute_ttl_secs: u64,
+    pub refresh_reuse_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    pub dir: PathBuf,
+    pub reload_secs: u64,
+    pub jwks_max_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordSettings {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    pub allow_weak: bool,
+    pub workers: usize,
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginSettings {
+    pub per_ip_per_minute: u32,
+    pub per_account_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationSettings {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionSettings {
+    pub clients: Vec<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    pub max_per_user: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: String,
+    pub level: String,
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let mut table: toml::Table = DEFAULT_TOML.parse().context("built-in defaults")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let overlay: toml::Table = text
+                .parse()
+                .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            merge(&mut table, overlay, "")
+                .with_context(|| format!("in config file {}", path.display()))?;
+        }
+        for (name, value) in env {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                apply_env(&mut table, rest, &value).with_context(|| format!("in ${name}"))?;
+            }
+        }
+        let settings: Settings = toml::Value::Table(table)
+            .try_into()
+            .context("invalid configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let t = &self.tokens;
+        if t.access_ttl_secs == 0 || t.refresh_idle_ttl_secs == 0 {
+            bail!("tokens.access_ttl_secs and tokens.refresh_idle_ttl_secs must be positive");
+        }
+        if t.refresh_absolute_ttl_secs == 0 || t.refresh_short_absolute_ttl_secs == 0 {
+            bail!("session lifetimes must be positive");
+        }
+        crate::auth::keys::KeyAlgorithm::parse(&t.algorithm)?;
+        let p = &self.password;
+        if !p.allow_weak && (p.memory_kib < 19 * 1024 || p.iterations < 2 || p.parallelism < 1) {
+            bail!(
+                "password hashing below m=19456 KiB, t=2, p=1 is refused; \
+                 set password.allow_weak = true only for tests"
+            );
+        }
+        if self.login.per_ip_per_minute == 0 || self.login.per_account_per_minute == 0 {
+            bail!("login.per_ip_per_minute and login.per_account_per_minute must be positive");
+        }
+        if !matches!(self.log.format.as_str(), "pretty" | "json") {
+            bail!("log.format must be \"pretty\" or \"json\"");
+        }
+        for proxy in &self.server.trusted_proxies {
+            crate::http::extract::IpRange::parse(proxy)
+                .with_context(|| format!("server.trusted_proxies: {proxy:?}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn listen_address(&self) -> String {
+        format!("{}:{}", self.server.host, self.server.port)
+    }
+}
+
+/// Deep-merges `overlay` into `base`, refusing keys that `base` does not have.
+fn merge(base: &mut toml::Table, overlay: toml::Table, path: &str) -> anyhow::Result<()> {
+    for (key, value) in overlay {
+        let full = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        match (base.get_mut(&key), value) {
+            (None, _) => bail!("unknown configuration key `{full}`"),
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &full)?,
+            (Some(toml::Value::Table(_)), _) => bail!("`{full}` must be a table"),
+            (Some(slot), v) => *slot = v,
+        }
+    }
+    Ok(())
+}
+
+/// Applies `SECTION__KEY=value`, typed after the existing value.
+fn apply_env(table: &mut toml::Table, name: &str, raw: &str) -> anyhow::Result<()> {
+    let parts: Vec<String> = name.split("__").map(str::to_ascii_lowercase).collect();
+    let [section, key] = parts.as_slice() else {
+        bail!("expected TESSERA__<SECTION>__<KEY>");
+    };
+    let slot = table
+        .get_mut(section)
+        .and_then(toml::Value::as_table_mut)
+        .and_then(|t| t.get_mut(key))
+        .with_context(|| format!("unknown configuration key `{section}.{key}`"))?;
+    *slot = match slot {
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.trim().parse().context("expected an integer")?)
+        }
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(raw.trim().parse().context("expected true or false")?)
+        }
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_owned()),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_are_production_grade() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.tokens.algorithm, "ES256");
+        assert_eq!(s.tokens.access_ttl_secs, 900);
+        assert_eq!(s.tokens.refresh_reuse_grace_secs, 10);
+        assert!(s.password.memory_kib >= 19 * 1024);
+        assert!(s.password.iterations >= 2);
+        assert_eq!(s.password.parallelism, 1);
+        assert!(!s.password.allow_weak);
+    }
+
+    #[test]
+    fn environment_overrides_are_typed_and_lists_are_comma_separated() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("TESSERA__SERVER__PORT", "9123"),
+                (
+                    "TESSERA__SERVER__TRUSTED_PROXIES",
+                    "10.0.0.1, 192.168.0.0/16",
+                ),
+                ("TESSERA__REGISTRATION__ENABLED", "false"),
+                ("TESSERA__REDIS__URL", "redis://elsewhere:6380"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.port, 9123);
+        assert_eq!(s.server.trusted_proxies, vec!["10.0.0.1", "192.168.0.0/16"]);
+        assert!(!s.registration.enabled);
+        assert_eq!(s.redis.url.expose_secret(), "redis://elsewhere:6380");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_fail_loudly() {
+        assert!(Settings::load_from(None, env(&[("TESSERA__SERVER__PROT", "1")])).is_err());
+        assert!(Settings::load_from(None, env(&[("TESSERA__SERVER__PORT", "x")])).is_err());
+        assert!(Settings::load_from(None, env(&[("TESSERA__TOKENS__ALGORITHM", "none")])).is_err());
+        assert!(Settings::load_from(None, env(&[("TESSERA__PASSWORD__ITERATIONS", "1")])).is_err());
+    }
+
+    #[test]
+    fn a_config_file_layers_over_defaults_and_rejects_typos() {
+        let dir = std::env::temp_dir().join(format!("tessera-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[tokens]\naccess_ttl_secs = 60\n").unwrap();
+        let s = Settings::load_from(Some(&good), env(&[])).unwrap();
+        assert_eq!(s.tokens.access_ttl_secs, 60);
+        assert_eq!(s.tokens.leeway_secs, 30);
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[tokens]\naccess_ttl = 60\n").unwrap();
+        let err = Settings::load_from(Some(&bad), env(&[])).unwrap_err();
+        assert!(format!("{err:#}").contains("tokens.access_ttl"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,143 @@
+//! Parsed input types: once a value has one of these types it is known to be valid, so
+//! the rest of the code never re-checks it, and ids of different kinds cannot be mixed.
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(pub Uuid);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(pub Uuid);
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An email address as the user typed it (trimmed), compared case-insensitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    pub const MAX_LEN: usize = 254;
+
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let s = raw.trim();
+        if s.is_empty() {
+            return Err("email is required");
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err("email is longer than 254 characters");
+        }
+        let Some((local, domain)) = s.split_once('@') else {
+            return Err("email must look like name@example.com");
+        };
+        let bad_char = |c: char| c.is_whitespace() || c.is_control() || c == '@';
+        if local.is_empty()
+            || domain.is_empty()
+            || local.chars().any(bad_char)
+            || domain.chars().any(bad_char)
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+        {
+            return Err("email must look like name@example.com");
+        }
+        Ok(Email(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key used for throttling and uniqueness: lower-cased.
+    pub fn normalized(&self) -> String {
+        self.0.to_lowercase()
+    }
+}
+
+/// A password exactly as typed: no trimming, truncation or case folding.
+pub struct Password(SecretString);
+
+impl Password {
+    pub const MIN_CHARS: usize = 8;
+    pub const MAX_BYTES: usize = 1024;
+
+    /// For a new password: length rules apply.
+    pub fn parse_new(raw: String) -> Result<Self, &'static str> {
+        if raw.chars().count() < Self::MIN_CHARS {
+            return Err("password must be at least 8 characters");
+        }
+        Self::parse_existing(raw)
+    }
+
+    /// For a password being checked: only the size bound applies, so that policy
+    /// changes never lock out existing users.
+    pub fn parse_existing(raw: String) -> Result<Self, &'static str> {
+        if raw.is_empty() {
+            return Err("password is required");
+        }
+        if raw.len() > Self::MAX_BYTES {
+            return Err("password is longer than 1024 bytes");
+        }
+        Ok(Password(SecretString::from(raw)))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password([redacted])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_trimmed_checked_and_normalized() {
+        let e = Email::parse("  Alice@Example.COM ").unwrap();
+        assert_eq!(e.as_str(), "Alice@Example.COM");
+        assert_eq!(e.normalized(), "alice@example.com");
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "alice@",
+            "a b@c.d",
+            "a@b c",
+            "a@.com",
+            "a@b@c",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(Email::parse(&format!("{}@x.io", "a".repeat(260))).is_err());
+    }
+
+    #[test]
+    fn passwords_are_kept_exactly_as_typed() {
+        let p = Password::parse_new(" spaced out ".into()).unwrap();
+        assert_eq!(p.expose(), " spaced out ");
+        assert!(Password::parse_new("short".into()).is_err());
+        assert!(Password::parse_new("x".repeat(1025)).is_err());
+        assert!(Password::parse_new("é".repeat(8)).is_ok());
+        assert!(Password::parse_existing("short".into()).is_ok());
+        assert_eq!(format!("{p:?}"), "Password([redacted])");
+    }
+}

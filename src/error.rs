@@ -1,0 +1,178 @@
+//! One error type for every handler, rendered as the contract's error bodies.
+//!
+//! The body is always `{"error", "error_description"}` (plus `error_reason` for refresh
+//! failures). Internal causes are logged with their chain and never shown: the client
+//! sees a fixed description chosen here, not `err.to_string()` of a database error.
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// Why a refresh token was refused (`error_reason` on `invalid_grant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantFailure {
+    Reused,
+    Revoked,
+    Expired,
+    IdleExpired,
+    Unknown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("body too large")]
+    PayloadTooLarge,
+    #[error("invalid grant: {0:?}")]
+    InvalidGrant(GrantFailure),
+    #[error("unsupported grant type")]
+    UnsupportedGrantType,
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("invalid token")]
+    InvalidToken,
+    #[error("invalid client")]
+    InvalidClient,
+    #[error("insufficient scope")]
+    InsufficientScope,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("conflict")]
+    Conflict,
+    #[error("rate limited; retry after {0}s")]
+    RateLimited(u64),
+    /// A backing service is down, or the hashing pool is full; retry after the seconds.
+    #[error("unavailable: {0:#}")]
+    Unavailable(anyhow::Error, u64),
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    error_description: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_reason: Option<GrantFailure>,
+}
+
+impl ApiError {
+    pub fn unavailable(cause: impl Into<anyhow::Error>) -> Self {
+        ApiError::Unavailable(cause.into(), 1)
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::PayloadTooLarge => "invalid_request",
+            ApiError::InvalidGrant(_) => "invalid_grant",
+            ApiError::UnsupportedGrantType => "unsupported_grant_type",
+            ApiError::InvalidCredentials => "invalid_credentials",
+            ApiError::InvalidToken => "invalid_token",
+            ApiError::InvalidClient => "invalid_client",
+            ApiError::InsufficientScope => "insufficient_scope",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "invalid_request",
+            ApiError::Conflict => "conflict",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Unavailable(..) => "temporarily_unavailable",
+            ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn description(&self) -> &str {
+        match self {
+            ApiError::InvalidRequest(msg) => msg,
+            ApiError::PayloadTooLarge => "request body is larger than 64 KiB",
+            ApiError::InvalidGrant(GrantFailure::Reused) => {
+                "refresh token was already used; the session has been revoked"
+            }
+            ApiError::InvalidGrant(GrantFailure::Revoked) => "session has been revoked",
+            ApiError::InvalidGrant(GrantFailure::Expired) => "session has expired",
+            ApiError::InvalidGrant(GrantFailure::IdleExpired) => {
+                "session expired after a period of inactivity"
+            }
+            ApiError::InvalidGrant(GrantFailure::Unknown) => "refresh token is not valid",
+            ApiError::UnsupportedGrantType => "only grant_type=refresh_token is supported",
+            ApiError::InvalidCredentials => "invalid email or password",
+            ApiError::InvalidToken => "access token is missing, invalid, expired or revoked",
+            ApiError::InvalidClient => "client authentication failed",
+            ApiError::InsufficientScope => "not allowed for this token",
+            ApiError::NotFound => "not found",
+            ApiError::MethodNotAllowed => "method not allowed on this resource",
+            ApiError::Conflict => "an account with this email already exists",
+            ApiError::RateLimited(_) => "too many attempts; retry later",
+            ApiError::Unavailable(..) => "service temporarily unavailable; retry later",
+            ApiError::Internal(_) => "internal error",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_)
+            | ApiError::InvalidGrant(_)
+            | ApiError::UnsupportedGrantType => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidCredentials | ApiError::InvalidToken | ApiError::InvalidClient => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::InsufficientScope => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict => StatusCode::CONFLICT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            ApiError::Unavailable(cause, _) => {
+                tracing::warn!(error = %format!("{cause:#}"), "backing service unavailable")
+            }
+            ApiError::Internal(cause) => tracing::error!(error = ?cause, "internal error"),
+            _ => {}
+        }
+        let mut res = HttpResponse::build(self.status_code());
+        res.insert_header((header::CACHE_CONTROL, "no-store"));
+        match self {
+            ApiError::InvalidToken => {
+                res.insert_header((header::WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#));
+            }
+            ApiError::InvalidClient => {
+                res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="tessera""#));
+            }
+            ApiError::RateLimited(secs) | ApiError::Unavailable(_, secs) => {
+                res.insert_header((header::RETRY_AFTER, secs.to_string()));
+            }
+            _ => {}
+        }
+        let reason = match self {
+            ApiError::InvalidGrant(reason) => Some(*reason),
+            _ => None,
+        };
+        res.json(ErrorBody {
+            error: self.code(),
+            error_description: self.description(),
+            error_reason: reason,
+        })
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Conflict => ApiError::Conflict,
+            StoreError::Unavailable(cause) => ApiError::unavailable(cause),
+            StoreError::Other(cause) => ApiError::Internal(cause),
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Request extractors that turn any bad input into the contract's 4xx bodies.
+//!
+//! Bodies are read by hand with a hard 64 KiB cap (413 past it, checked against
+//! `Content-Length` first and then while streaming), so actix's own plain-text errors
+//! never reach a client. Parse errors are described without echoing submitted values,
+//! which could be passwords.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::auth::access_token::Claims;
+use crate::error::ApiError;
+use crate::startup::AppState;
+use crate::store::ClientInfo;
+
+pub const BODY_LIMIT: usize = 64 * 1024;
+const USER_AGENT_MAX: usize = 512;
+
+type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, ApiError>>>>;
+
+/// A JSON body (`application/json` required).
+pub struct Json<T>(pub T);
+/// A JSON body that may be absent (empty body, no content type).
+pub struct OptionalJson<T>(pub Option<T>);
+/// A form body (`application/x-www-form-urlencoded`), or JSON.
+pub struct Form<T>(pub T);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Json,
+    Form,
+}
+
+fn content_kind(req: &HttpRequest) -> Result<Option<Kind>, ApiError> {
+    let mime = req
+        .mime_type()
+        .map_err(|_| ApiError::InvalidRequest("Content-Type header is malformed".into()))?;
+    Ok(mime.and_then(|m| {
+        let json = m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON);
+        let form = m.type_() == mime::APPLICATION && m.subtype() == mime::WWW_FORM_URLENCODED;
+        if json {
+            Some(Kind::Json)
+        } else if form {
+            Some(Kind::Form)
+        } else {
+            None
+        }
+    }))
+}
+
+async fn read_body(req: &HttpRequest, mut payload: Payload) -> Result<web::Bytes, ApiError> {
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+        let len: usize = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::InvalidRequest("Content-Length header is malformed".into()))?;
+        if len > BODY_LIMIT {
+            return Err(ApiError::PayloadTooLarge);
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::InvalidRequest("request body could not be read".into()))?;
+        if body.len() + chunk.len() > BODY_LIMIT {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn parse<T: DeserializeOwned>(kind: Kind, body: &[u8]) -> Result<T, ApiError> {
+    match kind {
+        Kind::Json => {
+            serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest(describe_json(&e)))
+        }
+        Kind::Form => {
+            if std::str::from_utf8(body).is_err() {
+                return Err(ApiError::InvalidRequest(
+                    "request body is not valid UTF-8".into(),
+                ));
+            }
+            serde_urlencoded::from_bytes(body)
+                .map_err(|e| ApiError::InvalidRequest(describe_form(&e.to_string())))
+        }
+    }
+}
+
+/// serde's messages can quote the offending value (maybe a password): keep only the
+/// field names and the kind of problem.
+fn describe_json(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    match e.classify() {
+        Category::Syntax | Category::Eof
+            if msg.contains("invalid unicode") || msg.contains("UTF-8") =>
+        {
+            "request body is not valid UTF-8".into()
+        }
+        Category::Syntax | Category::Eof | Category::Io => "request body is not valid JSON".into(),
+        Category::Data => describe_form(&msg),
+    }
+}
+
+fn describe_form(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("missing field ") {
+        let field = rest.split(' ').next().unwrap_or_default();
+        return format!("missing field {field}");
+    }
+    if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+        return "a field has the wrong type".into();
+    }
+    "request body has invalid fields".into()
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
+    type Error = ApiError;
+    type Future = Boxed<Self>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            if content_kind(&req)? != Some(Kind::Json) {
+                return Err(ApiError::InvalidRequest(
+                    "Content-Type must be application/json".into(),
+                ));
+            }
+            let body = read_body(&req, payload).await?;
+            parse(Kind::Json, &body).map(Json)
+        })
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for OptionalJson<T> {
+    type Error = ApiError;
+    type Future = Boxed<Self>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            let kind = content_kind(&req)?;
+            let body = read_body(&req, payload).await?;
+            if body.is_empty() {
+                return Ok(OptionalJson(None));
+            }
+            if kind != Some(Kind::Json) {
+                return Err(ApiError::InvalidRequest(
+                    "Content-Type must be application/json".into(),
+                ));
+            }
+            parse(Kind::Json, &body).map(|v| OptionalJson(Some(v)))
+        })
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for Form<T> {
+    type Error = ApiError;
+    type Future = Boxed<Self>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            let Some(kind) = content_kind(&req)? else {
+                return Err(ApiError::InvalidRequest(
+                    "Content-Type must be application/x-www-form-urlencoded".into(),
+                ));
+            };
+            let body = read_body(&req, payload).await?;
+            parse(kind, &body).map(Form)
+        })
+    }
+}
+
+/// A verified, unrevoked access token from `Authorization: Bearer`.
+pub struct Authenticated(pub Claims);
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = Boxed<Self>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let token = bearer_token(req);
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no app state")))?;
+            let token = token.ok_or(ApiError::InvalidToken)?;
+            state.auth.authenticate(&token).await.map(Authenticated)
+        })
+    }
+}
+
+fn bearer_token(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+}
+
+/// Who is calling: client IP (trusting `X-Forwarded-For` only from configured proxies)
+/// and User-Agent.
+pub struct Caller {
+    pub ip: IpAddr,
+    pub info: ClientInfo,
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let trusted = req
+            .app_data::<web::Data<AppState>>()
+            .map(|s| s.trusted_proxies.as_slice())
+            .unwrap_or_default();
+        let peer = req
+            .peer_addr()
+            .map_or(IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+        let ip = client_ip(peer, req.headers().get_all("x-forwarded-for"), trusted);
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(USER_AGENT_MAX).collect());
+        std::future::ready(Ok(Caller {
+            ip,
+            info: ClientInfo {
+                ip: Some(ip.to_string()),
+                user_agent,
+            },
+        }))
+    }
+}
+
+/// Walks `X-Forwarded-For` from the right, skipping trusted proxies; the first address
+/// that is not a trusted proxy is the client. With no trusted proxies: the peer.
+fn client_ip<'a>(
+    peer: IpAddr,
+    forwarded: impl DoubleEndedIterator<Item = &'a header::HeaderValue>,
+    trusted: &[IpRange],
+) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|r| r.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = forwarded
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|s| s.parse::<IpAddr>())
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        client = hop;
+        if !is_trusted(&hop) {
+            break;
+        }
+    }
+    client
+}
+
+/// An IP address or CIDR range from `server.trusted_proxies`.
+#[derive(Debug, Clone, Copy)]
+pub struct IpRange {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>()?, Some(p.parse::<u8>()?)),
+            None => (s.parse::<IpAddr>()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        anyhow::ensure!(prefix <= max, "prefix length {prefix} is too long");
+        Ok(IpRange { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        let to_bits = |ip: &IpAddr| match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(*v4)) << 96, true),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (u128::from(u32::from(v4)) << 96, true),
+                None => (u128::from(*v6), false),
+            },
+        };
+        let (net, net_v4) = to_bits(&self.addr);
+        let (ip, ip_v4) = to_bits(ip);
+        if net_v4 != ip_v4 {
+            return false;
+        }
+        // IPv4 addresses sit in the top 32 bits, so one mask serves both families.
+        let prefix = u32::from(self.prefix);
+        if prefix == 0 {
+            return true;
+        }
+        let mask = u128::MAX << (128 - prefix);
+        (net & mask) == (ip & mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &str) -> header::HeaderValue {
+        header::HeaderValue::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn ranges_match_addresses_and_cidrs() {
+        let r = IpRange::parse("10.0.0.0/8").unwrap();
+        assert!(r.contains(&"10.1.2.3".parse().unwrap()));
+        assert!(!r.contains(&"11.0.0.1".parse().unwrap()));
+        assert!(r.contains(&"::ffff:10.9.9.9".parse().unwrap()));
+        let one = IpRange::parse("127.0.0.1").unwrap();
+        assert!(one.contains(&"127.0.0.1".parse().unwrap()));
+        assert!(!one.contains(&"127.0.0.2".parse().unwrap()));
+        assert!(
+            IpRange::parse("fd00::/8")
+                .unwrap()
+                .contains(&"fd12::1".parse().unwrap())
+        );
+        assert!(IpRange::parse("10.0.0.0/33").is_err());
+        assert!(IpRange::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_peers() {
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        let xff = [hv("203.0.113.9, 10.0.0.7")];
+        assert_eq!(client_ip(peer, xff.iter(), &[]), peer);
+        let trusted = [IpRange::parse("10.0.0.0/8").unwrap()];
+        assert_eq!(
+            client_ip(peer, xff.iter(), &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        let spoofed = [hv("garbage")];
+        assert_eq!(client_ip(peer, spoofed.iter(), &trusted), peer);
+        let untrusted_peer: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            client_ip(untrusted_peer, xff.iter(), &trusted),
+            untrusted_peer
+        );
+    }
+}

@@ -1,0 +1,47 @@
+//! HTTP layer: one module per resource. Handlers parse input, call the domain
+//! ([`crate::auth`]) and map the result; they hold no SQL and no crypto.
+
+pub mod auth;
+pub mod extract;
+pub mod health;
+pub mod token;
+pub mod users;
+pub mod well_known;
+
+use actix_web::HttpResponse;
+use actix_web::http::header;
+use serde::Serialize;
+
+use crate::auth::session::TokenGrant;
+
+/// The contract's token response (login, refresh, token).
+#[derive(Serialize)]
+struct TokenResponse<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expires_in: i64,
+    refresh_token: &'a str,
+    refresh_token_expires_in: i64,
+    session_id: String,
+}
+
+/// Every response carrying a token is marked uncacheable.
+pub(crate) fn no_store(
+    mut builder: actix_web::HttpResponseBuilder,
+) -> actix_web::HttpResponseBuilder {
+    builder
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::PRAGMA, "no-cache"));
+    builder
+}
+
+pub(crate) fn token_response(grant: &TokenGrant) -> HttpResponse {
+    no_store(HttpResponse::Ok()).json(TokenResponse {
+        access_token: &grant.access_token,
+        token_type: "Bearer",
+        expires_in: grant.expires_in,
+        refresh_token: grant.refresh_token.expose(),
+        refresh_token_expires_in: grant.refresh_token_expires_in,
+        session_id: grant.session_id.to_string(),
+    })
+}

@@ -1,0 +1,167 @@
+//! `POST /refresh`, `POST /token` (RFC 6749 section 6), `POST /revoke` (RFC 7009) and
+//! `POST /introspect` (RFC 7662).
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use aws_lc_rs::digest::{SHA256, digest};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::extract::{Caller, Form, Json};
+use super::{no_store, token_response};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+#[derive(Deserialize)]
+pub struct RefreshRequest {
+    refresh_token: String,
+}
+
+pub async fn refresh(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<RefreshRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state
+        .auth
+        .refresh(&body.refresh_token, &caller.info)
+        .await?;
+    Ok(token_response(&grant))
+}
+
+#[derive(Deserialize)]
+pub struct TokenRequest {
+    grant_type: Option<String>,
+    refresh_token: Option<String>,
+}
+
+pub async fn token(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Form(body): Form<TokenRequest>,
+) -> Result<HttpResponse, ApiError> {
+    match body.grant_type.as_deref() {
+        Some("refresh_token") => {}
+        Some(_) => return Err(ApiError::UnsupportedGrantType),
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "missing field `grant_type`".into(),
+            ));
+        }
+    }
+    let refresh_token = body
+        .refresh_token
+        .ok_or_else(|| ApiError::InvalidRequest("missing field `refresh_token`".into()))?;
+    let grant = state.auth.refresh(&refresh_token, &caller.info).await?;
+    Ok(token_response(&grant))
+}
+
+#[derive(Deserialize)]
+pub struct RevokeRequest {
+    token: String,
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+}
+
+pub async fn revoke(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Form(body): Form<RevokeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.revoke(&body.token, &caller.info).await?;
+    Ok(no_store(HttpResponse::Ok()).finish())
+}
+
+#[derive(Deserialize)]
+pub struct IntrospectRequest {
+    token: String,
+}
+
+pub async fn introspect(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Form(body): Form<IntrospectRequest>,
+) -> Result<HttpResponse, ApiError> {
+    if !state.introspection_clients.authenticate(&req) {
+        return Err(ApiError::InvalidClient);
+    }
+    let body = match state.auth.introspect(&body.token).await? {
+        Some(c) => json!({
+            "active": true,
+            "sub": c.sub, "sid": c.sid, "jti": c.jti, "exp": c.exp, "iat": c.iat, "nbf": c.nbf,
+            "iss": c.iss, "aud": c.aud, "roles": c.roles, "token_type": "Bearer",
+        }),
+        None => json!({"active": false}),
+    };
+    Ok(no_store(HttpResponse::Ok()).json(body))
+}
+
+/// Resource servers allowed to introspect, from `introspection.clients`. Secrets are
+/// kept only as SHA-256 digests and compared in constant time; an unknown id costs the
+/// same comparison as a wrong secret.
+pub struct IntrospectionClients(Vec<(String, [u8; 32])>);
+
+impl IntrospectionClients {
+    pub fn from_settings(entries: &[secrecy::SecretString]) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        for entry in entries {
+            let entry = entry.expose_secret();
+            let (id, secret) = entry.split_once(':').ok_or_else(|| {
+                anyhow::anyhow!("introspection.clients entries must be \"id:secret\"")
+            })?;
+            let digest = match secret.strip_prefix("sha256:") {
+                Some(hex) => decode_hex32(hex).ok_or_else(|| {
+                    anyhow::anyhow!("introspection client {id}: sha256: needs 64 hex digits")
+                })?,
+                None => sha256(secret.as_bytes()),
+            };
+            clients.push((id.to_owned(), digest));
+        }
+        Ok(IntrospectionClients(clients))
+    }
+
+    fn authenticate(&self, req: &HttpRequest) -> bool {
+        let Some((id, secret)) = basic_credentials(req) else {
+            return false;
+        };
+        let presented = sha256(secret.as_bytes());
+        let mut ok = false;
+        for (client_id, expected) in &self.0 {
+            let id_ok = client_id.as_bytes().ct_eq(id.as_bytes());
+            ok |= bool::from(id_ok & expected.ct_eq(&presented));
+        }
+        ok
+    }
+}
+
+fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, bytes).as_ref());
+    out
+}
+
+fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

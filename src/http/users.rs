@@ -1,0 +1,68 @@
+//! `POST /users` (registration) and `GET /me`.
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::extract::{Authenticated, Caller, Json};
+use crate::domain::{Email, Password, SessionId, UserId};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+#[derive(Deserialize)]
+pub struct RegisterRequest {
+    email: String,
+    password: String,
+}
+
+#[derive(Serialize)]
+struct Registered {
+    id: UserId,
+    email: String,
+    created_at: DateTime<Utc>,
+}
+
+pub async fn register(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<RegisterRequest>,
+) -> Result<HttpResponse, ApiError> {
+    if !state.auth.settings().registration.enabled {
+        return Err(ApiError::NotFound);
+    }
+    let email = Email::parse(&body.email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let password =
+        Password::parse_new(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let user = state
+        .auth
+        .register(email, password, caller.ip, &caller.info)
+        .await?;
+    Ok(HttpResponse::Created().json(Registered {
+        id: user.id,
+        email: user.email,
+        created_at: user.created_at,
+    }))
+}
+
+#[derive(Serialize)]
+struct Me {
+    id: UserId,
+    email: String,
+    roles: Vec<String>,
+    session_id: SessionId,
+}
+
+pub async fn me(
+    state: web::Data<AppState>,
+    Authenticated(claims): Authenticated,
+) -> Result<HttpResponse, ApiError> {
+    let user = state.auth.current_user(claims.sub).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(Me {
+            id: user.id,
+            email: user.email,
+            roles: user.roles,
+            session_id: claims.sid,
+        }))
+}

@@ -1,0 +1,216 @@
+//! `Application::build(settings)`: wires the store, denylist, keys, hashing pool and
+//! HTTP routes into a bound server. Nothing is global, so tests build the very same
+//! application on port 0, several times in one process.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
+use actix_web::http::{StatusCode, header};
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
+use anyhow::Context;
+use tracing::Instrument;
+
+use crate::auth::access_token::AccessTokens;
+use crate::auth::keys::{KeyStore, SharedKeyring};
+use crate::auth::password::PasswordHasherPool;
+use crate::auth::session::AuthService;
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::http::extract::IpRange;
+use crate::http::token::IntrospectionClients;
+use crate::http::{auth, health, token, users, well_known};
+use crate::store::denylist::Denylist;
+use crate::store::postgres::PgStore;
+
+/// Shared by every worker.
+pub struct AppState {
+    pub auth: AuthService,
+    pub trusted_proxies: Vec<IpRange>,
+    pub introspection_clients: IntrospectionClients,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        PgStore::prepare(&settings.database, settings.database.auto_migrate).await?;
+        let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
+        let denylist = Denylist::connect_lazy(&settings.redis)?;
+        let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
+        let tokens = AccessTokens::new(keys.clone(), &settings.tokens);
+        let hasher = PasswordHasherPool::new(&settings.password)?;
+        let trusted_proxies = settings
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|p| IpRange::parse(p))
+            .collect::<anyhow::Result<_>>()?;
+        let introspection_clients =
+            IntrospectionClients::from_settings(&settings.introspection.clients)?;
+
+        let address = settings.listen_address();
+        let listener = TcpListener::bind(&address).with_context(|| {
+            format!("cannot listen on {address}; is another server running there?")
+        })?;
+        let port = listener.local_addr()?.port();
+        let workers = match settings.server.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let reload_every = Duration::from_secs(settings.keys.reload_secs.max(1));
+
+        let auth = AuthService::new(settings, store, denylist, tokens, hasher);
+        let state = web::Data::new(AppState {
+            auth,
+            trusted_proxies,
+            introspection_clients,
+        });
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .configure(routes)
+                .default_service(web::to(|| async { ApiError::NotFound.error_response() }))
+                .wrap(ErrorHandlers::new().default_handler(contract_error_body))
+                .wrap_fn(|req, srv| {
+                    let request_id = uuid::Uuid::new_v4();
+                    let path: String = req.path().chars().take(200).collect();
+                    let span =
+                        tracing::info_span!("request", %request_id, method = %req.method(), %path);
+                    let started = Instant::now();
+                    let fut = srv.call(req);
+                    async move {
+                        let mut res = fut.await?;
+                        tracing::info!(
+                            status = res.status().as_u16(),
+                            elapsed_us = started.elapsed().as_micros() as u64,
+                            "request"
+                        );
+                        if let Ok(v) = header::HeaderValue::from_str(&request_id.to_string()) {
+                            res.headers_mut()
+                                .insert(header::HeaderName::from_static("x-request-id"), v);
+                        }
+                        Ok(res)
+                    }
+                    .instrument(span)
+                })
+        })
+        .workers(workers)
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+
+        spawn_periodic(Arc::downgrade(&keys), reload_every, |k| k.reload());
+        spawn_periodic(state.clone().into_inner(), Duration::from_secs(60), |s| {
+            s.auth.throttle.purge()
+        });
+        Ok(Application {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Runs `f` every `every` for as long as its target is alive.
+fn spawn_periodic<T: Send + Sync + 'static>(
+    target: impl Into<WeakRef<T>>,
+    every: Duration,
+    f: impl Fn(&T) + Send + 'static,
+) {
+    let target = target.into();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match target.0.upgrade() {
+                Some(t) => f(&t),
+                None => return,
+            }
+        }
+    });
+}
+
+struct WeakRef<T>(Weak<T>);
+
+impl<T> From<Weak<T>> for WeakRef<T> {
+    fn from(w: Weak<T>) -> Self {
+        WeakRef(w)
+    }
+}
+
+impl<T> From<Arc<T>> for WeakRef<T> {
+    fn from(a: Arc<T>) -> Self {
+        WeakRef(Arc::downgrade(&a))
+    }
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/users", web::post().to(users::register))
+        .route("/login", web::post().to(auth::login))
+        .route("/logout", web::post().to(auth::logout))
+        .route("/refresh", web::post().to(token::refresh))
+        .route("/token", web::post().to(token::token))
+        .route("/revoke", web::post().to(token::revoke))
+        .route("/introspect", web::post().to(token::introspect))
+        .route("/me", web::get().to(users::me))
+        .route("/.well-known/jwks.json", web::get().to(well_known::jwks))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            web::get().to(well_known::metadata),
+        )
+        .route("/health/live", web::get().to(health::live))
+        .route("/health/ready", web::get().to(health::ready));
+}
+
+/// Errors produced outside our handlers (405 from the router, 431, actix internals)
+/// get the contract's JSON body too; ours already have one and pass through.
+fn contract_error_body<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let error = match res.status() {
+        StatusCode::NOT_FOUND => ApiError::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        s if s.is_client_error() => ApiError::InvalidRequest("bad request".into()),
+        _ => ApiError::Internal(anyhow::anyhow!("unhandled error status {}", res.status())),
+    };
+    let mut response: HttpResponse = error.error_response();
+    if res.status().is_client_error() {
+        *response.status_mut() = res.status();
+    }
+    let (req, _) = res.into_parts();
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, response).map_into_right_body(),
+    ))
+}

@@ -1,0 +1,377 @@
+//! The PostgreSQL [`Store`]. Every query is compile-time checked (`.sqlx/` holds the
+//! offline data) and every request path is one statement on one pooled connection, so
+//! a request never holds a connection while waiting for a second one.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use uuid::Uuid;
+
+use super::{
+    AuditEvent, ClientInfo, Credentials, Grant, NewSession, RefreshState, Rotation, Store,
+    StoreError, StoreResult, User, session_ids,
+};
+use crate::config::DatabaseSettings;
+use crate::domain::{Email, SessionId, UserId};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// A lazy pool: the server starts even while Postgres is down and connects when it
+    /// is back; requests in between get 503.
+    pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        let options = connect_options(settings)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .connect_lazy_with(options);
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the database if it is missing (needs CREATEDB), then migrates.
+    pub async fn prepare(settings: &DatabaseSettings, migrate: bool) -> anyhow::Result<()> {
+        let options = connect_options(settings)?;
+        if settings.create_database {
+            create_database_if_missing(&options).await?;
+        }
+        if migrate {
+            let mut conn = options.connect().await.context(
+                "cannot connect to PostgreSQL to run migrations; is it running and is \
+                 database.url (TESSERA__DATABASE__URL) right?",
+            )?;
+            MIGRATOR
+                .run(&mut conn)
+                .await
+                .context("running migrations failed")?;
+            conn.close().await.ok();
+        }
+        Ok(())
+    }
+}
+
+fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(settings.url.expose_secret())
+        .context("database.url is not a valid PostgreSQL URL")?
+        .log_statements(log::LevelFilter::Debug))
+}
+
+async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut conn = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .context(
+            "cannot connect to PostgreSQL; is it running and is database.url \
+         (TESSERA__DATABASE__URL) right?",
+        )?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        match // The name is quoted as an identifier above.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}"))).execute(&mut conn).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another instance created it between our check and our CREATE.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create database {name}"));
+            }
+        }
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// Sorts sqlx errors into "retry later" (503) and everything else.
+fn classify(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) if db.constraint() == Some("users_email_lower_key") => {
+            StoreError::Conflict
+        }
+        sqlx::Error::Database(db) => {
+            // Class 08: connection exception; 57: operator intervention (shutdown);
+            // 53: insufficient resources.
+            let code = db.code().unwrap_or_default();
+            if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
+                StoreError::Unavailable(err.into())
+            } else {
+                StoreError::Other(err.into())
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.into()),
+        _ => StoreError::Other(err.into()),
+    }
+}
+
+fn user_from(
+    id: Uuid,
+    email: String,
+    roles: Vec<String>,
+    disabled: bool,
+    created_at: chrono::DateTime<chrono::Utc>,
+) -> User {
+    User {
+        id: UserId(id),
+        email,
+        roles,
+        disabled,
+        created_at,
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn create_user(
+        &self,
+        email: &Email,
+        password_hash: &str,
+        roles: &[String],
+    ) -> StoreResult<User> {
+        let row = sqlx::query!(
+            r#"INSERT INTO users (id, email, password_hash, roles)
+               VALUES ($1, $2, $3, $4)
+               RETURNING id, email, roles, disabled, created_at"#,
+            Uuid::new_v4(),
+            email.as_str(),
+            password_hash,
+            roles,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(user_from(
+            row.id,
+            row.email,
+            row.roles,
+            row.disabled,
+            row.created_at,
+        ))
+    }
+
+    async fn find_credentials(&self, email: &Email) -> StoreResult<Option<Credentials>> {
+        let row = sqlx::query!(
+            r#"SELECT id, email, roles, disabled, created_at, password_hash
+               FROM users WHERE lower(email) = lower($1)"#,
+            email.as_str(),
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| Credentials {
+            user: user_from(r.id, r.email, r.roles, r.disabled, r.created_at),
+            password_hash: r.password_hash,
+        }))
+    }
+
+    async fn find_user(&self, id: UserId) -> StoreResult<Option<User>> {
+        let row = sqlx::query!(
+            "SELECT id, email, roles, disabled, created_at FROM users WHERE id = $1",
+            id.0,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| user_from(r.id, r.email, r.roles, r.disabled, r.created_at)))
+    }
+
+    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Vec<SessionId>> {
+        // One statement: the session, its first refresh token, and the eviction of the
+        // least recently used sessions past the cap (the new one is not visible to the
+        // eviction's snapshot, hence cap - 1 others are kept).
+        let evicted = sqlx::query_scalar!(
+            r#"WITH session AS (
+                   INSERT INTO sessions (id, user_id, remember_me, expires_at,
+                                         login_ip, login_user_agent, last_ip, last_user_agent)
+                   VALUES ($1, $2, $3, $4, $5, $6, $5, $6)
+                   RETURNING id
+               ), token AS (
+                   INSERT INTO refresh_tokens (token_hash, session_id)
+                   SELECT $7, id FROM session
+               ), evicted AS (
+                   UPDATE sessions SET revoked_at = now(), revoked_reason = 'session_cap'
+                   WHERE $8::int4 > 0 AND id IN (
+                       SELECT id FROM sessions
+                       WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > now()
+                       ORDER BY last_used_at DESC
+                       OFFSET greatest($8::int4 - 1, 0)
+                   )
+                   RETURNING id
+               )
+               SELECT id AS "id!" FROM evicted"#,
+            new.id.0,
+            new.user_id.0,
+            new.remember_me,
+            new.expires_at,
+            new.client.ip.as_deref(),
+            new.client.user_agent.as_deref(),
+            new.refresh_hash,
+            new.max_per_user as i32,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(session_ids(evicted))
+    }
+
+    async fn rotate_refresh(&self, r: Rotation<'_>) -> StoreResult<Option<Grant>> {
+        // The conditional UPDATE is the race arbiter: of two requests presenting the same
+        // token, the second blocks on the row lock, re-checks `rotated_at IS NULL` after
+        // the first commits, matches nothing, and falls back to `refresh_state`.
+        let row = sqlx::query!(
+            r#"WITH rotated AS (
+                   UPDATE refresh_tokens rt
+                   SET rotated_at = now(), successor_hash = $2, successor_sealed = $3
+                   FROM sessions s JOIN users u ON u.id = s.user_id
+                   WHERE rt.token_hash = $1
+                     AND rt.rotated_at IS NULL
+                     AND s.id = rt.session_id
+                     AND s.revoked_at IS NULL
+                     AND s.expires_at > now()
+                     AND s.last_used_at > now() - make_interval(secs => $4::float8)
+                     AND NOT u.disabled
+                   RETURNING rt.session_id, s.user_id, s.expires_at, u.roles
+               ), touched AS (
+                   UPDATE sessions SET last_used_at = now(), last_ip = $5, last_user_agent = $6
+                   WHERE id = (SELECT session_id FROM rotated)
+               ), inserted AS (
+                   INSERT INTO refresh_tokens (token_hash, session_id)
+                   SELECT $2, session_id FROM rotated
+               )
+               SELECT session_id AS "session_id!", user_id AS "user_id!",
+                      expires_at AS "expires_at!", roles AS "roles!"
+               FROM rotated"#,
+            r.token_hash,
+            r.successor_hash,
+            r.successor_sealed,
+            r.idle_ttl_secs as f64,
+            r.client.ip.as_deref(),
+            r.client.user_agent.as_deref(),
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| Grant {
+            session_id: SessionId(r.session_id),
+            user_id: UserId(r.user_id),
+            roles: r.roles,
+            expires_at: r.expires_at,
+        }))
+    }
+
+    async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>> {
+        let row = sqlx::query!(
+            r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
+                      s.user_id, s.expires_at, s.last_used_at,
+                      s.revoked_at IS NOT NULL AS "revoked!",
+                      u.roles, u.disabled, now() AS "now!"
+               FROM refresh_tokens rt
+               JOIN sessions s ON s.id = rt.session_id
+               JOIN users u ON u.id = s.user_id
+               WHERE rt.token_hash = $1"#,
+            token_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| RefreshState {
+            grant: Grant {
+                session_id: SessionId(r.session_id),
+                user_id: UserId(r.user_id),
+                roles: r.roles,
+                expires_at: r.expires_at,
+            },
+            rotated_at: r.rotated_at,
+            successor_sealed: r.successor_sealed,
+            last_used_at: r.last_used_at,
+            revoked: r.revoked,
+            disabled: r.disabled,
+            now: r.now,
+        }))
+    }
+
+    async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>> {
+        let user = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+               WHERE id = $1 AND revoked_at IS NULL
+               RETURNING user_id"#,
+            id.0,
+            reason,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(user.map(UserId))
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        user: UserId,
+        except: Option<SessionId>,
+        reason: &str,
+    ) -> StoreResult<Vec<SessionId>> {
+        let ids = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = now(), revoked_reason = $3
+               WHERE user_id = $1 AND revoked_at IS NULL
+                 AND ($2::uuid IS NULL OR id <> $2)
+               RETURNING id"#,
+            user.0,
+            except.map(|s| s.0),
+            reason,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(session_ids(ids))
+    }
+
+    async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
+        let ClientInfo { ip, user_agent } = e.client;
+        sqlx::query!(
+            r#"INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent, detail)
+               VALUES ($1, $2, $3, $4, $5, $6)"#,
+            e.kind.as_str(),
+            e.user_id.map(|u| u.0),
+            e.session_id.map(|s| s.0),
+            ip.as_deref(),
+            user_agent.as_deref(),
+            e.detail,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+}
