@@ -170,21 +170,33 @@ impl<T> From<Arc<T>> for WeakRef<T> {
 }
 
 fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/users", web::post().to(users::register))
-        .route("/login", web::post().to(auth::login))
-        .route("/logout", web::post().to(auth::logout))
-        .route("/refresh", web::post().to(token::refresh))
-        .route("/token", web::post().to(token::token))
-        .route("/revoke", web::post().to(token::revoke))
-        .route("/introspect", web::post().to(token::introspect))
-        .route("/me", web::get().to(users::me))
-        .route("/.well-known/jwks.json", web::get().to(well_known::jwks))
-        .route(
+    cfg.service(resource("/users", web::post().to(users::register)))
+        .service(resource("/login", web::post().to(auth::login)))
+        .service(resource("/logout", web::post().to(auth::logout)))
+        .service(resource("/refresh", web::post().to(token::refresh)))
+        .service(resource("/token", web::post().to(token::token)))
+        .service(resource("/revoke", web::post().to(token::revoke)))
+        .service(resource("/introspect", web::post().to(token::introspect)))
+        .service(resource("/me", web::get().to(users::me)))
+        .service(resource(
+            "/.well-known/jwks.json",
+            web::get().to(well_known::jwks),
+        ))
+        .service(resource(
             "/.well-known/oauth-authorization-server",
             web::get().to(well_known::metadata),
-        )
-        .route("/health/live", web::get().to(health::live))
-        .route("/health/ready", web::get().to(health::ready));
+        ))
+        .service(resource("/health/live", web::get().to(health::live)))
+        .service(resource("/health/ready", web::get().to(health::ready)));
+}
+
+/// A path with one method; any other method gets 405 in the contract's error shape.
+fn resource(path: &str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path)
+        .route(route)
+        .default_service(web::to(|| async {
+            ApiError::MethodNotAllowed.error_response()
+        }))
 }
 
 /// Errors produced outside our handlers (405 from the router, 431, actix internals)

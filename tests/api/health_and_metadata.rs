@@ -1,0 +1,95 @@
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_endpoints_answer() {
+    let app = spawn_app().await;
+    let live = app
+        .client
+        .get(app.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    let ready = app
+        .client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_jwks_is_cacheable_and_publishes_only_public_keys() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["cache-control"], "public, max-age=300");
+    let body: Value = res.json().await.unwrap();
+    let keys = body["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    let key = &keys[0];
+    assert_eq!(key["alg"], "ES256");
+    assert_eq!(key["use"], "sig");
+    assert_eq!(key["kty"], "EC");
+    assert!(key["kid"].as_str().is_some());
+    assert!(key.get("d").is_none(), "no private part");
+}
+
+#[tokio::test]
+async fn authorization_server_metadata_follows_rfc8414() {
+    let mut settings = test_settings();
+    settings.tokens.issuer = "https://auth.example.com".into();
+    let app = spawn_app_with(settings).await;
+    let body: Value = app
+        .client
+        .get(app.url("/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["issuer"], "https://auth.example.com");
+    assert_eq!(body["token_endpoint"], "https://auth.example.com/token");
+    assert_eq!(
+        body["revocation_endpoint"],
+        "https://auth.example.com/revoke"
+    );
+    assert_eq!(
+        body["introspection_endpoint"],
+        "https://auth.example.com/introspect"
+    );
+    assert_eq!(
+        body["jwks_uri"],
+        "https://auth.example.com/.well-known/jwks.json"
+    );
+    assert_eq!(
+        body["grant_types_supported"],
+        serde_json::json!(["refresh_token"])
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_get_contract_errors() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .get(app.url("/no/such/thing"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
+    let res = app.client.get(app.url("/login")).send().await.unwrap();
+    assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
+    let res = app.client.delete(app.url("/me")).send().await.unwrap();
+    assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
+}

@@ -1,0 +1,309 @@
+//! `spawn_app()`: the real application on port 0 with its own database, Redis key
+//! prefix and keys directory, plus typed helpers for the contract's endpoints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use tessera::config::Settings;
+use tessera::startup::{AppState, Application};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Base URL of the test Postgres server (no database name).
+pub fn postgres_base() -> String {
+    std::env::var("TESSERA_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TESSERA_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub state: actix_web::web::Data<AppState>,
+}
+
+/// Settings for one test: fresh database, prefix and keys dir; cheap argon2 (the
+/// production defaults are tested on their own); generous login limits.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::load_from(None, Vec::new()).expect("defaults load");
+    let id = Uuid::new_v4().simple().to_string();
+    s.server.port = 0;
+    s.server.workers = 2;
+    s.database.url = format!("{}/tessera_test_{id}", postgres_base()).into();
+    s.database.max_connections = 8;
+    s.redis.url = redis_url().into();
+    s.redis.key_prefix = format!("tessera_test:{id}:");
+    s.keys.dir = std::env::temp_dir().join(format!("tessera-test-keys-{id}"));
+    s.password.memory_kib = 256;
+    s.password.iterations = 1;
+    s.password.allow_weak = true;
+    s.password.workers = 2;
+    s.login.per_ip_per_minute = 10_000;
+    s.login.per_account_per_minute = 10_000;
+    s.log.level = "warn".into();
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(test_settings()).await
+}
+
+pub async fn spawn_app_with(settings: Settings) -> TestApp {
+    let app = Application::build(settings.clone())
+        .await
+        .expect("application builds");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let state = app.state();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        base,
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        settings,
+        state,
+    }
+}
+
+/// Tokens from a successful login or refresh.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub access: String,
+    pub refresh: String,
+    pub session_id: String,
+    pub body: Value,
+}
+
+impl Tokens {
+    pub fn from_body(body: Value) -> Self {
+        Tokens {
+            access: body["access_token"]
+                .as_str()
+                .expect("access_token")
+                .to_owned(),
+            refresh: body["refresh_token"]
+                .as_str()
+                .expect("refresh_token")
+                .to_owned(),
+            session_id: body["session_id"].as_str().expect("session_id").to_owned(),
+            body,
+        }
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Response {
+        self.client
+            .post(self.url(path))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn register(&self, email: &str, password: &str) -> Response {
+        self.post_json("/users", &json!({"email": email, "password": password}))
+            .await
+    }
+
+    /// A fresh user with [`PASSWORD`]; returns the email.
+    pub async fn new_user(&self) -> String {
+        let email = format!("user-{}@example.com", Uuid::new_v4().simple());
+        let res = self.register(&email, PASSWORD).await;
+        assert_eq!(
+            res.status(),
+            StatusCode::CREATED,
+            "{}",
+            res.text().await.unwrap()
+        );
+        email
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Response {
+        self.post_json("/login", &json!({"email": email, "password": password}))
+            .await
+    }
+
+    pub async fn login_ok(&self, email: &str) -> Tokens {
+        let res = self.login(email, PASSWORD).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        Tokens::from_body(res.json().await.unwrap())
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Response {
+        self.post_json("/refresh", &json!({"refresh_token": refresh_token}))
+            .await
+    }
+
+    pub async fn refresh_ok(&self, refresh_token: &str) -> Tokens {
+        let res = self.refresh(refresh_token).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        Tokens::from_body(res.json().await.unwrap())
+    }
+
+    pub async fn me(&self, access_token: &str) -> Response {
+        self.client
+            .get(self.url("/me"))
+            .bearer_auth(access_token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logout(&self, access_token: &str, scope: Option<&str>) -> Response {
+        let req = self
+            .client
+            .post(self.url("/logout"))
+            .bearer_auth(access_token);
+        let req = match scope {
+            Some(scope) => req.json(&json!({"scope": scope})),
+            None => req,
+        };
+        req.send().await.unwrap()
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// A direct connection to this test's database, to inspect or age rows.
+    pub async fn db(&self) -> sqlx::PgConnection {
+        use secrecy::ExposeSecret;
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(self.settings.database.url.expose_secret())
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts the contract's error shape and code; returns the body.
+pub async fn assert_error(res: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(res.status(), status, "unexpected status");
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert!(
+        content_type
+            .unwrap_or_default()
+            .starts_with("application/json")
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], code, "body: {body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "body: {body}"
+    );
+    body
+}
+
+pub async fn assert_invalid_grant(res: Response, reason: &str) {
+    let body = assert_error(res, StatusCode::BAD_REQUEST, "invalid_grant").await;
+    assert_eq!(body["error_reason"], reason, "body: {body}");
+}
+
+pub async fn assert_invalid_token(res: Response) {
+    let challenge = res
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        challenge.as_deref(),
+        Some(r#"Bearer error="invalid_token""#)
+    );
+    assert_error(res, StatusCode::UNAUTHORIZED, "invalid_token").await;
+}
+
+/// A TCP proxy in front of Postgres or Redis that a test can cut and restore, to see
+/// the server answer 503 while a backing service is down and recover when it is back.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
+        let (d, c) = (down.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { addr, down, conns }
+    }
+
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Polls `check` until it is true or ten seconds pass.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn keys_dir(app: &TestApp) -> PathBuf {
+    app.settings.keys.dir.clone()
+}

@@ -1,0 +1,180 @@
+use std::process::Command;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// Runs the real `tessera` binary against the test's settings.
+fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
+    use secrecy::ExposeSecret;
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("TESSERA__KEYS__DIR", keys_dir(app))
+        .env(
+            "TESSERA__DATABASE__URL",
+            app.settings.database.url.expose_secret(),
+        )
+        .env("TESSERA__PASSWORD__MEMORY_KIB", "256")
+        .env("TESSERA__PASSWORD__ITERATIONS", "1")
+        .env("TESSERA__PASSWORD__ALLOW_WEAK", "true")
+        .env("TESSERA__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tessera {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+async fn jwks_kids(app: &TestApp) -> Vec<String> {
+    let body: Value = app
+        .client
+        .get(app.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_keeps_old_tokens_valid_and_new_tokens_verify() {
+    let mut settings = test_settings();
+    settings.keys.reload_secs = 1;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let before = app.login_ok(&email).await;
+    let old_kid = kid_of(&before.access);
+
+    let out = tessera(&app, &["keys", "rotate"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("new signing key"));
+    eventually("the server publishes the new key", || async {
+        jwks_kids(&app).await.len() == 2
+    })
+    .await;
+
+    let after = app.login_ok(&email).await;
+    let new_kid = kid_of(&after.access);
+    assert_ne!(new_kid, old_kid, "new tokens are signed with the new key");
+    assert_eq!(
+        app.me(&before.access).await.status(),
+        StatusCode::OK,
+        "old tokens stay valid"
+    );
+    assert_eq!(app.me(&after.access).await.status(), StatusCode::OK);
+    let kids = jwks_kids(&app).await;
+    assert!(kids.contains(&old_kid) && kids.contains(&new_kid));
+
+    let listing = String::from_utf8_lossy(&tessera(&app, &["keys", "list"]).stdout).to_string();
+    assert!(
+        listing.contains(&new_kid) && listing.contains("active"),
+        "{listing}"
+    );
+    assert!(listing.contains("verify-only"), "{listing}");
+}
+
+#[tokio::test]
+async fn keys_survive_a_restart() {
+    let settings = test_settings();
+    let first = spawn_app_with(settings.clone()).await;
+    let email = first.new_user().await;
+    let token = first.login_ok(&email).await;
+    let second = spawn_app_with(settings).await;
+    assert_eq!(jwks_kids(&first).await, jwks_kids(&second).await);
+    assert_eq!(second.me(&token.access).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn keys_generate_is_idempotent_and_key_files_are_private() {
+    let app = spawn_app().await;
+    let out = tessera(&app, &["keys", "generate"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
+    for entry in std::fs::read_dir(keys_dir(&app)).unwrap() {
+        let meta = entry.unwrap().metadata().unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077,
+            0
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_cli_creates_users_that_can_log_in() {
+    use std::io::Write;
+    let app = spawn_app().await;
+    use secrecy::ExposeSecret;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "user",
+            "create",
+            "--email",
+            "admin@example.com",
+            "--role",
+            "admin",
+            "--role",
+            "user",
+        ])
+        .env(
+            "TESSERA__DATABASE__URL",
+            app.settings.database.url.expose_secret(),
+        )
+        .env("TESSERA__PASSWORD__MEMORY_KIB", "256")
+        .env("TESSERA__PASSWORD__ITERATIONS", "1")
+        .env("TESSERA__PASSWORD__ALLOW_WEAK", "true")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tokens = app.login_ok("admin@example.com").await;
+    let me: Value = app.me(&tokens.access).await.json().await.unwrap();
+    assert_eq!(me["roles"], serde_json::json!(["admin", "user"]));
+}
+
+#[tokio::test]
+async fn other_algorithms_can_be_configured() {
+    for alg in ["EdDSA", "RS256", "HS256"] {
+        let mut settings = test_settings();
+        settings.tokens.algorithm = alg.into();
+        let app = spawn_app_with(settings).await;
+        let email = app.new_user().await;
+        let t = app.login_ok(&email).await;
+        assert_eq!(
+            format!("{:?}", jsonwebtoken::decode_header(&t.access).unwrap().alg),
+            alg
+        );
+        assert_eq!(app.me(&t.access).await.status(), StatusCode::OK, "{alg}");
+        let kids = jwks_kids(&app).await;
+        assert_eq!(
+            kids.is_empty(),
+            alg == "HS256",
+            "HMAC keys are never published"
+        );
+    }
+}

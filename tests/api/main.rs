@@ -1,0 +1,16 @@
+//! Black-box tests: every test spawns the real application over HTTP against real
+//! PostgreSQL and Redis, with its own database and Redis key prefix.
+
+mod forged_tokens;
+mod health_and_metadata;
+mod helpers;
+mod input;
+mod introspect;
+mod keys;
+mod login;
+mod logout;
+mod multi_instance;
+mod outage;
+mod refresh;
+mod revoke;
+mod users;

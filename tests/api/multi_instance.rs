@@ -1,0 +1,72 @@
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+async fn two_instances() -> (TestApp, TestApp) {
+    let settings = test_settings();
+    let a = spawn_app_with(settings.clone()).await;
+    let b = spawn_app_with(settings).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_on_one_instance_is_refused_on_the_other_at_once() {
+    let (a, b) = two_instances().await;
+    let email = a.new_user().await;
+    let t = a.login_ok(&email).await;
+    assert_eq!(b.me(&t.access).await.status(), StatusCode::OK);
+    assert_eq!(
+        b.logout(&t.access, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_invalid_token(a.me(&t.access).await).await;
+    assert_invalid_grant(a.refresh(&t.refresh).await, "revoked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refreshes_across_instances_never_fork() {
+    let (a, b) = two_instances().await;
+    let email = a.new_user().await;
+    let mut current = a.login_ok(&email).await;
+    for _round in 0..3 {
+        let requests = (0..8).map(|i| {
+            if i % 2 == 0 {
+                a.refresh(&current.refresh)
+            } else {
+                b.refresh(&current.refresh)
+            }
+        });
+        let responses = futures_util::future::join_all(requests).await;
+        let mut successors = Vec::new();
+        for res in responses {
+            assert_eq!(res.status(), StatusCode::OK);
+            successors.push(Tokens::from_body(res.json().await.unwrap()));
+        }
+        assert!(
+            successors
+                .iter()
+                .all(|s| s.refresh == successors[0].refresh),
+            "forked chain"
+        );
+        current = successors.remove(0);
+    }
+    let mut db = a.db().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refresh_tokens")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 4, "one token per rotation, no forks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_detected_on_one_instance_kills_access_tokens_on_the_other() {
+    let mut settings = test_settings();
+    settings.tokens.refresh_reuse_grace_secs = 0;
+    let a = spawn_app_with(settings.clone()).await;
+    let b = spawn_app_with(settings).await;
+    let email = a.new_user().await;
+    let login = a.login_ok(&email).await;
+    let next = b.refresh_ok(&login.refresh).await;
+    assert_invalid_grant(a.refresh(&login.refresh).await, "reused").await;
+    assert_invalid_token(b.me(&next.access).await).await;
+}

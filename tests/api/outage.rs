@@ -1,0 +1,124 @@
+use std::net::SocketAddr;
+
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+fn addr_of(url: &str) -> SocketAddr {
+    let rest = url.split("://").nth(1).unwrap();
+    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
+    use std::net::ToSocketAddrs;
+    host_port.to_socket_addrs().unwrap().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_gives_503_and_the_server_recovers() {
+    let proxy = Proxy::start(addr_of(&postgres_base())).await;
+    let mut settings = test_settings();
+    let db_name = secrecy::ExposeSecret::expose_secret(&settings.database.url)
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    settings.database.url = format!("postgres://postgres:postgres@{}/{db_name}", proxy.addr).into();
+    settings.database.acquire_timeout_ms = 1000;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+
+    proxy.cut();
+    let res = app.login(&email, PASSWORD).await;
+    assert_error(
+        res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+    let res = app.refresh(&t.refresh).await;
+    assert_error(
+        res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+    let ready = app
+        .client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        ready,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+    // /me reads the user from Postgres, so it is unavailable too.
+    let me = app.me(&t.access).await;
+    assert_error(
+        me,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+
+    proxy.restore();
+    eventually("login works again", || async {
+        app.login(&email, PASSWORD).await.status() == StatusCode::OK
+    })
+    .await;
+    // Nothing was lost: the refresh token that failed during the outage still rotates.
+    app.refresh_ok(&t.refresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_gives_503_and_the_server_recovers() {
+    let proxy = Proxy::start(addr_of(&redis_url())).await;
+    let mut settings = test_settings();
+    settings.redis.url = format!("redis://{}", proxy.addr).into();
+    settings.redis.timeout_ms = 500;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    assert_eq!(app.me(&t.access).await.status(), StatusCode::OK);
+
+    proxy.cut();
+    let me = app.me(&t.access).await;
+    assert_eq!(me.headers()["retry-after"], "1");
+    assert_error(
+        me,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+    let res = app.logout(&t.access, None).await;
+    assert_error(
+        res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+    let ready = app
+        .client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        ready,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+
+    proxy.restore();
+    eventually("token checks work again", || async {
+        app.me(&t.access).await.status() == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        app.logout(&t.access, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_invalid_token(app.me(&t.access).await).await;
+}

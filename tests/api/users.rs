@@ -1,0 +1,120 @@
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn registering_returns_the_user_and_stores_only_an_argon2id_hash() {
+    let app = spawn_app().await;
+    let res = app.register("New.User@Example.com", PASSWORD).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["email"], "New.User@Example.com");
+    assert!(uuid::Uuid::parse_str(body["id"].as_str().unwrap()).is_ok());
+    assert!(body["created_at"].as_str().is_some());
+    assert!(body.get("password_hash").is_none());
+
+    let mut db = app.db().await;
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains(PASSWORD));
+}
+
+#[tokio::test]
+async fn registering_an_existing_email_in_any_case_is_a_conflict() {
+    let app = spawn_app().await;
+    app.register("dup@example.com", PASSWORD).await;
+    let res = app.register("DUP@Example.COM", PASSWORD).await;
+    assert_error(res, StatusCode::CONFLICT, "conflict").await;
+}
+
+#[tokio::test]
+async fn registration_rejects_bad_emails_and_passwords() {
+    let app = spawn_app().await;
+    let cases = [
+        json!({"email": "not-an-email", "password": PASSWORD}),
+        json!({"email": "a@example.com", "password": "short"}),
+        json!({"email": "a@example.com", "password": "x".repeat(1025)}),
+        json!({"email": "a@example.com"}),
+        json!({"password": PASSWORD}),
+        json!({"email": 5, "password": PASSWORD}),
+    ];
+    for body in cases {
+        let res = app.post_json("/users", &body).await;
+        assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+}
+
+#[tokio::test]
+async fn passwords_are_compared_exactly_as_typed() {
+    let app = spawn_app().await;
+    app.register("exact@example.com", " Pass word ").await;
+    for wrong in ["Pass word", " pass word ", " Pass word", " PASS WORD "] {
+        let res = app.login("exact@example.com", wrong).await;
+        assert_error(res, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    }
+    assert_eq!(
+        app.login("EXACT@example.com", " Pass word ").await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn registration_can_be_turned_off() {
+    let mut settings = test_settings();
+    settings.registration.enabled = false;
+    let app = spawn_app_with(settings).await;
+    let res = app.register("x@example.com", PASSWORD).await;
+    assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn production_argon2_parameters_are_the_default() {
+    let mut settings = test_settings();
+    let defaults = tessera::config::Settings::load_from(None, Vec::new()).unwrap();
+    settings.password = defaults.password;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let mut db = app.db().await;
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
+    app.login_ok(&email).await;
+}
+
+#[tokio::test]
+async fn me_returns_the_current_user_and_session() {
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let tokens = app.login_ok(&email).await;
+    let res = app.me(&tokens.access).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["email"], email.as_str());
+    assert_eq!(body["roles"], json!(["user"]));
+    assert_eq!(body["session_id"], tokens.session_id.as_str());
+    assert!(body["id"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn me_without_a_valid_bearer_token_is_401_with_a_challenge() {
+    let app = spawn_app().await;
+    assert_invalid_token(app.client.get(app.url("/me")).send().await.unwrap()).await;
+    assert_invalid_token(app.me("garbage").await).await;
+    let basic = app
+        .client
+        .get(app.url("/me"))
+        .basic_auth("a", Some("b"))
+        .send()
+        .await
+        .unwrap();
+    assert_invalid_token(basic).await;
+}
