@@ -1,6 +1,7 @@
 //! Black-box tests: every test spawns the real application over HTTP against real
 //! PostgreSQL and Redis, with its own database and Redis key prefix.
 
+mod audit;
 mod forged_tokens;
 mod health_and_metadata;
 mod helpers;
