@@ -176,12 +176,7 @@ impl AuthService {
                 max_per_user: self.settings.sessions.max_per_user,
             })
             .await?;
-        if !evicted.is_empty() {
-            self.denylist
-                .revoke_sessions(&evicted, self.access_token_horizon())
-                .await
-                .map_err(ApiError::unavailable)?;
-        }
+        self.deny_sessions(&evicted).await?;
         self.audit(
             AuditKind::LoginSucceeded,
             Some(user.id),
@@ -257,13 +252,7 @@ impl AuthService {
         // Reuse after the window: treat as theft and end the whole session.
         let sid = state.grant.session_id;
         tracing::warn!(session_id = %sid, "refresh token reuse detected; revoking session");
-        self.store
-            .revoke_session(sid, "refresh_token_reuse")
-            .await?;
-        self.denylist
-            .revoke_sessions(&[sid], self.access_token_horizon())
-            .await
-            .map_err(ApiError::unavailable)?;
+        self.end_session(sid, "refresh_token_reuse").await?;
         self.audit(
             AuditKind::RefreshReuseDetected,
             Some(state.grant.user_id),
@@ -300,9 +289,9 @@ impl AuthService {
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
         let ended = match scope {
+            // Even if it was already ended in the database, make sure of the mark.
             LogoutScope::Local => {
                 self.store.revoke_session(claims.sid, "logout").await?;
-                // Even if it was already ended in the database, make sure of the mark.
                 vec![claims.sid]
             }
             LogoutScope::Others => {
@@ -321,10 +310,7 @@ impl AuthService {
                 ended
             }
         };
-        self.denylist
-            .revoke_sessions(&ended, self.access_token_horizon())
-            .await
-            .map_err(ApiError::unavailable)?;
+        self.deny_sessions(&ended).await?;
         let scope_name = format!("{scope:?}").to_lowercase();
         self.audit(
             AuditKind::Logout,
@@ -338,18 +324,14 @@ impl AuthService {
     }
 
     /// RFC 7009: a refresh token ends its session; an access token is revoked by `jti`.
-    /// Unknown, malformed or expired tokens are silently accepted.
+    /// Unknown, malformed or expired tokens are silently accepted. The two token formats
+    /// cannot be confused, so `token_type_hint` is not needed.
     #[tracing::instrument(skip_all)]
-    /// The two token formats cannot be confused, so `token_type_hint` is not needed.
     pub async fn revoke(&self, token: &str, client: &ClientInfo) -> Result<(), ApiError> {
         if let Some(refresh) = RefreshToken::parse(token) {
             if let Some(state) = self.store.refresh_state(&refresh.hash()).await? {
                 let sid = state.grant.session_id;
-                self.store.revoke_session(sid, "revoked").await?;
-                self.denylist
-                    .revoke_sessions(&[sid], self.access_token_horizon())
-                    .await
-                    .map_err(ApiError::unavailable)?;
+                self.end_session(sid, "revoked").await?;
                 self.audit(
                     AuditKind::Revoke,
                     Some(state.grant.user_id),
@@ -396,6 +378,20 @@ impl AuthService {
             Some(user) if !user.disabled => Ok(user),
             _ => Err(ApiError::InvalidToken),
         }
+    }
+
+    /// Ends one session: the database first (its refresh token fails), then the
+    /// denylist (its access tokens fail on every instance).
+    async fn end_session(&self, sid: SessionId, reason: &str) -> Result<(), ApiError> {
+        self.store.revoke_session(sid, reason).await?;
+        self.deny_sessions(&[sid]).await
+    }
+
+    async fn deny_sessions(&self, sids: &[SessionId]) -> Result<(), ApiError> {
+        self.denylist
+            .revoke_sessions(sids, self.access_token_horizon())
+            .await
+            .map_err(ApiError::unavailable)
     }
 
     fn token_grant(&self, grant: &Grant, refresh: RefreshToken) -> Result<TokenGrant, ApiError> {

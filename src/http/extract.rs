@@ -122,66 +122,56 @@ fn describe_form(msg: &str) -> String {
     "request body has invalid fields".into()
 }
 
-impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
-    type Error = ApiError;
-    type Future = Boxed<Self>;
-
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let req = req.clone();
-        let payload = payload.take();
-        Box::pin(async move {
-            if content_kind(&req)? != Some(Kind::Json) {
-                return Err(ApiError::InvalidRequest(
-                    "Content-Type must be application/json".into(),
-                ));
-            }
-            let body = read_body(&req, payload).await?;
-            parse(Kind::Json, &body).map(Json)
-        })
+/// Reads and parses a body. JSON is always accepted, forms only with `accept_form`; an
+/// empty body is `None` only when `optional`.
+async fn body<T: DeserializeOwned>(
+    req: HttpRequest,
+    payload: Payload,
+    accept_form: bool,
+    optional: bool,
+) -> Result<Option<T>, ApiError> {
+    let kind = content_kind(&req)?;
+    let body = read_body(&req, payload).await?;
+    if optional && body.is_empty() {
+        return Ok(None);
+    }
+    match kind {
+        Some(Kind::Json) => parse(Kind::Json, &body).map(Some),
+        Some(Kind::Form) if accept_form => parse(Kind::Form, &body).map(Some),
+        _ if accept_form => Err(ApiError::InvalidRequest(
+            "Content-Type must be application/x-www-form-urlencoded".into(),
+        )),
+        _ => Err(ApiError::InvalidRequest(
+            "Content-Type must be application/json".into(),
+        )),
     }
 }
 
-impl<T: DeserializeOwned + 'static> FromRequest for OptionalJson<T> {
-    type Error = ApiError;
-    type Future = Boxed<Self>;
-
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let req = req.clone();
-        let payload = payload.take();
-        Box::pin(async move {
-            let kind = content_kind(&req)?;
-            let body = read_body(&req, payload).await?;
-            if body.is_empty() {
-                return Ok(OptionalJson(None));
-            }
-            if kind != Some(Kind::Json) {
-                return Err(ApiError::InvalidRequest(
-                    "Content-Type must be application/json".into(),
-                ));
-            }
-            parse(Kind::Json, &body).map(|v| OptionalJson(Some(v)))
-        })
-    }
+fn required<T>(value: Option<T>) -> Result<T, ApiError> {
+    value.ok_or_else(|| ApiError::InvalidRequest("request body is required".into()))
 }
 
-impl<T: DeserializeOwned + 'static> FromRequest for Form<T> {
-    type Error = ApiError;
-    type Future = Boxed<Self>;
+macro_rules! body_extractor {
+    ($name:ident, accept_form: $form:expr, optional: $optional:expr, $wrap:expr) => {
+        impl<T: DeserializeOwned + 'static> FromRequest for $name<T> {
+            type Error = ApiError;
+            type Future = Boxed<Self>;
 
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let req = req.clone();
-        let payload = payload.take();
-        Box::pin(async move {
-            let Some(kind) = content_kind(&req)? else {
-                return Err(ApiError::InvalidRequest(
-                    "Content-Type must be application/x-www-form-urlencoded".into(),
-                ));
-            };
-            let body = read_body(&req, payload).await?;
-            parse(kind, &body).map(Form)
-        })
-    }
+            fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+                let (req, payload) = (req.clone(), payload.take());
+                Box::pin(async move {
+                    body::<T>(req, payload, $form, $optional)
+                        .await
+                        .and_then($wrap)
+                })
+            }
+        }
+    };
 }
+
+body_extractor!(Json, accept_form: false, optional: false, |v| required(v).map(Json));
+body_extractor!(OptionalJson, accept_form: false, optional: true, |v| Ok(OptionalJson(v)));
+body_extractor!(Form, accept_form: true, optional: false, |v| required(v).map(Form));
 
 /// A verified, unrevoked access token from `Authorization: Bearer`.
 pub struct Authenticated(pub Claims);

@@ -41,15 +41,7 @@ async fn forged_access_tokens_are_refused() {
         forgeries.push(format!("{}.{}.{}", b64(&h), b64(&admin_claims), signature));
     }
     // HS256 signed with the server's public key (as JWK JSON, and as raw x||y bytes).
-    let jwks: Value = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = app.jwks().await;
     let jwk = &jwks["keys"][0];
     let mut raw_point = vec![4u8];
     raw_point.extend(URL_SAFE_NO_PAD.decode(jwk["x"].as_str().unwrap()).unwrap());

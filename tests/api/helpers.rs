@@ -187,6 +187,17 @@ impl TestApp {
         req.send().await.unwrap()
     }
 
+    pub async fn jwks(&self) -> Value {
+        let res = self
+            .client
+            .get(self.url("/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json().await.unwrap()
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(redis_url())
             .unwrap()
@@ -226,6 +237,22 @@ pub async fn assert_error(res: Response, status: StatusCode, code: &str) -> Valu
         "body: {body}"
     );
     body
+}
+
+pub async fn assert_unavailable(res: Response) {
+    assert_eq!(
+        res.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .as_deref(),
+        Some("1")
+    );
+    assert_error(
+        res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
 }
 
 pub async fn assert_invalid_grant(res: Response, reason: &str) {

@@ -5,12 +5,11 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// Runs the real `tessera` binary against the test's settings.
-fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
+/// The real `tessera` binary, configured like the test's server.
+fn cli(app: &TestApp) -> Command {
     use secrecy::ExposeSecret;
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .env("TESSERA__KEYS__DIR", keys_dir(app))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.env("TESSERA__KEYS__DIR", keys_dir(app))
         .env(
             "TESSERA__DATABASE__URL",
             app.settings.database.url.expose_secret(),
@@ -18,9 +17,13 @@ fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
         .env("TESSERA__PASSWORD__MEMORY_KIB", "256")
         .env("TESSERA__PASSWORD__ITERATIONS", "1")
         .env("TESSERA__PASSWORD__ALLOW_WEAK", "true")
-        .env("TESSERA__LOG__LEVEL", "warn")
-        .output()
-        .unwrap();
+        .env("TESSERA__LOG__LEVEL", "warn");
+    cmd
+}
+
+/// Runs `tessera args...` and asserts it succeeded.
+fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let out = cli(app).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "tessera {args:?} failed: {}",
@@ -30,15 +33,7 @@ fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
 }
 
 async fn jwks_kids(app: &TestApp) -> Vec<String> {
-    let body: Value = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = app.jwks().await;
     body["keys"]
         .as_array()
         .unwrap()
@@ -116,8 +111,7 @@ async fn keys_generate_is_idempotent_and_key_files_are_private() {
 async fn the_cli_creates_users_that_can_log_in() {
     use std::io::Write;
     let app = spawn_app().await;
-    use secrecy::ExposeSecret;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+    let mut child = cli(&app)
         .args([
             "user",
             "create",
@@ -128,13 +122,6 @@ async fn the_cli_creates_users_that_can_log_in() {
             "--role",
             "user",
         ])
-        .env(
-            "TESSERA__DATABASE__URL",
-            app.settings.database.url.expose_secret(),
-        )
-        .env("TESSERA__PASSWORD__MEMORY_KIB", "256")
-        .env("TESSERA__PASSWORD__ITERATIONS", "1")
-        .env("TESSERA__PASSWORD__ALLOW_WEAK", "true")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

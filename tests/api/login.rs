@@ -70,15 +70,7 @@ async fn access_tokens_are_rfc9068_jwts_that_verify_against_the_jwks() {
     assert_eq!(header.typ.as_deref(), Some("at+jwt"));
     let kid = header.kid.expect("kid in every header");
 
-    let jwks: jsonwebtoken::jwk::JwkSet = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(app.jwks().await).unwrap();
     let jwk = jwks.find(&kid).expect("signing key is published");
     let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
@@ -265,13 +257,7 @@ async fn a_full_hashing_queue_answers_503_with_retry_after_at_once() {
         let res = res.unwrap();
         match res.status() {
             StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!(res.headers()["retry-after"], "1");
-                assert_error(
-                    res,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "temporarily_unavailable",
-                )
-                .await;
+                assert_unavailable(res).await;
                 refused += 1;
             }
             StatusCode::UNAUTHORIZED => answered += 1,
