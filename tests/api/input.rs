@@ -157,6 +157,28 @@ async fn bodies_over_64_kib_get_413_whether_announced_or_streamed() {
     let (status, body) = raw(&app, request).await;
     assert_eq!(status, 413, "{body}");
 
+    // Every endpoint that takes a body enforces the limit, with any content type.
+    for (path, ct) in [
+        ("/users", "application/json"),
+        ("/refresh", "application/json"),
+        ("/logout", "application/json"),
+        ("/token", "application/x-www-form-urlencoded"),
+        ("/revoke", "application/x-www-form-urlencoded"),
+        ("/introspect", "application/x-www-form-urlencoded"),
+    ] {
+        let res = send(&app, path, Some(ct), vec![b'a'; 65 * 1024]).await;
+        let status = res.status();
+        // /logout authenticates before it reads the body: refused either way.
+        if status != StatusCode::PAYLOAD_TOO_LARGE {
+            assert!(
+                path == "/logout" && status == StatusCode::UNAUTHORIZED,
+                "{path}: {status}"
+            );
+            continue;
+        }
+        assert_error(res, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request").await;
+    }
+
     // Just under the limit is fine (and then fails on its merits).
     let ok = format!(r#"{{"email":"a@b.io","password":"{}"}}"#, "x".repeat(1000));
     assert_eq!(

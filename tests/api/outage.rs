@@ -41,6 +41,13 @@ async fn postgres_down_gives_503_and_the_server_recovers() {
     // /me reads the user from Postgres, so it is unavailable too.
     let me = app.me(&t.access).await;
     assert_unavailable(me).await;
+    assert_unavailable(app.register("late@example.com", PASSWORD).await).await;
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", t.refresh.as_str()),
+    ];
+    assert_unavailable(app.post_form("/token", &form).await).await;
+    assert_unavailable(app.post_form("/revoke", &[("token", &t.refresh)]).await).await;
 
     proxy.restore();
     eventually("login works again", || async {
@@ -57,6 +64,7 @@ async fn redis_down_gives_503_and_the_server_recovers() {
     let mut settings = test_settings();
     settings.redis.url = format!("redis://{}", proxy.addr).into();
     settings.redis.timeout_ms = 500;
+    settings.introspection.clients = vec!["api:secret".to_owned().into()];
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;
@@ -67,6 +75,16 @@ async fn redis_down_gives_503_and_the_server_recovers() {
     assert_unavailable(me).await;
     let res = app.logout(&t.access, None).await;
     assert_unavailable(res).await;
+    assert_unavailable(app.post_form("/revoke", &[("token", &t.access)]).await).await;
+    let introspect = app
+        .client
+        .post(app.url("/introspect"))
+        .basic_auth("api", Some("secret"))
+        .form(&[("token", &t.access)])
+        .send()
+        .await
+        .unwrap();
+    assert_unavailable(introspect).await;
     let ready = app
         .client
         .get(app.url("/health/ready"))

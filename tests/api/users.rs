@@ -118,3 +118,15 @@ async fn me_without_a_valid_bearer_token_is_401_with_a_challenge() {
         .unwrap();
     assert_invalid_token(basic).await;
 }
+
+#[tokio::test]
+async fn registration_shares_the_per_ip_budget() {
+    let mut settings = test_settings();
+    settings.login.per_ip_per_minute = 2;
+    let app = spawn_app_with(settings).await;
+    app.new_user().await;
+    app.new_user().await;
+    let res = app.register("third@example.com", PASSWORD).await;
+    assert!(res.headers().contains_key("retry-after"));
+    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+}
