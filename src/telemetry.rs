@@ -17,6 +17,7 @@ pub fn init(settings: &LogSettings) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .try_init()
     } else {
         builder.try_init()

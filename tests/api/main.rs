@@ -10,6 +10,7 @@ mod introspect;
 mod keys;
 mod login;
 mod logout;
+mod logs;
 mod multi_instance;
 mod outage;
 mod refresh;
