@@ -108,9 +108,11 @@ impl Application {
         .run();
 
         spawn_periodic(Arc::downgrade(&keys), reload_every, |k| k.reload());
-        spawn_periodic(state.clone().into_inner(), Duration::from_secs(60), |s| {
-            s.auth.throttle.purge()
-        });
+        spawn_periodic(
+            Arc::downgrade(&state.clone().into_inner()),
+            Duration::from_secs(60),
+            |s| s.auth.throttle.purge(),
+        );
         Ok(Application {
             port,
             server,
@@ -137,36 +139,21 @@ impl Application {
 
 /// Runs `f` every `every` for as long as its target is alive.
 fn spawn_periodic<T: Send + Sync + 'static>(
-    target: impl Into<WeakRef<T>>,
+    target: Weak<T>,
     every: Duration,
     f: impl Fn(&T) + Send + 'static,
 ) {
-    let target = target.into();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
             tick.tick().await;
-            match target.0.upgrade() {
+            match target.upgrade() {
                 Some(t) => f(&t),
                 None => return,
             }
         }
     });
-}
-
-struct WeakRef<T>(Weak<T>);
-
-impl<T> From<Weak<T>> for WeakRef<T> {
-    fn from(w: Weak<T>) -> Self {
-        WeakRef(w)
-    }
-}
-
-impl<T> From<Arc<T>> for WeakRef<T> {
-    fn from(a: Arc<T>) -> Self {
-        WeakRef(Arc::downgrade(&a))
-    }
 }
 
 fn routes(cfg: &mut web::ServiceConfig) {

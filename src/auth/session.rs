@@ -25,9 +25,7 @@ use crate::config::Settings;
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::store::denylist::Denylist;
-use crate::store::{
-    AuditEvent, AuditKind, ClientInfo, Grant, NewSession, Rotation, Store, StoreError, User,
-};
+use crate::store::{AuditEvent, AuditKind, ClientInfo, Grant, NewSession, Rotation, Store, User};
 
 /// What login and refresh hand back to the client.
 pub struct TokenGrant {
@@ -427,7 +425,6 @@ impl AuthService {
             detail,
         };
         if let Err(e) = self.store.record_audit(event).await {
-            let e: StoreError = e;
             tracing::warn!(error = %e, kind = kind.as_str(), "audit write failed");
         }
     }
