@@ -39,6 +39,7 @@ pub struct ServerSettings {
     pub port: u16,
     pub trusted_proxies: Vec<String>,
     pub workers: usize,
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +184,17 @@ impl Settings {
             crate::http::extract::IpRange::parse(proxy)
                 .with_context(|| format!("server.trusted_proxies: {proxy:?}"))?;
         }
+        for origin in &self.server.cors_allowed_origins {
+            let ok = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+                .is_some_and(|host| !host.is_empty() && !host.contains(['/', '*', ' ']));
+            if !ok {
+                bail!(
+                    "server.cors_allowed_origins: {origin:?} must look like https://app.example.com"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -291,6 +303,15 @@ mod tests {
         assert!(Settings::load_from(None, env(&[("TESSERA__SERVER__PORT", "x")])).is_err());
         assert!(Settings::load_from(None, env(&[("TESSERA__TOKENS__ALGORITHM", "none")])).is_err());
         assert!(Settings::load_from(None, env(&[("TESSERA__PASSWORD__ITERATIONS", "1")])).is_err());
+        for origin in [
+            "*",
+            "app.example.com",
+            "https://app.example.com/path",
+            "https://",
+        ] {
+            let vars = env(&[("TESSERA__SERVER__CORS_ALLOWED_ORIGINS", origin)]);
+            assert!(Settings::load_from(None, vars).is_err(), "{origin}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use actix_cors::Cors;
 use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
 use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
@@ -65,6 +66,7 @@ impl Application {
             n => n,
         };
         let reload_every = Duration::from_secs(settings.keys.reload_secs.max(1));
+        let cors_origins = settings.server.cors_allowed_origins.clone();
 
         let auth = AuthService::new(settings, store, denylist, tokens, hasher);
         let state = web::Data::new(AppState {
@@ -78,6 +80,7 @@ impl Application {
                 .app_data(app_state.clone())
                 .configure(routes)
                 .default_service(web::to(|| async { ApiError::NotFound.error_response() }))
+                .wrap(cors(&cors_origins))
                 .wrap(ErrorHandlers::new().default_handler(contract_error_body))
                 .wrap_fn(|req, srv| {
                     let request_id = uuid::Uuid::new_v4();
@@ -175,6 +178,20 @@ fn routes(cfg: &mut web::ServiceConfig) {
         ))
         .service(resource("/health/live", web::get().to(health::live)))
         .service(resource("/health/ready", web::get().to(health::ready)));
+}
+
+/// CORS for SPAs on other origins: only the configured origins, no credentials (tokens
+/// never travel in cookies), and the headers a client needs to read exposed.
+fn cors(origins: &[String]) -> Cors {
+    let mut cors = Cors::default()
+        .allowed_methods(["GET", "POST", "PUT", "PATCH", "DELETE"])
+        .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+        .max_age(3600);
+    for origin in origins {
+        cors = cors.allowed_origin(origin);
+    }
+    cors
 }
 
 /// A path with one method; any other method gets 405 in the contract's error shape.

@@ -93,3 +93,67 @@ async fn unknown_routes_and_wrong_methods_get_contract_errors() {
     let res = app.client.delete(app.url("/me")).send().await.unwrap();
     assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
 }
+
+#[tokio::test]
+async fn cors_answers_only_configured_origins() {
+    let mut settings = test_settings();
+    settings.server.cors_allowed_origins = vec!["https://app.example.com".into()];
+    let app = spawn_app_with(settings).await;
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/login"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let res = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert!(
+        res.headers()["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert!(
+        res.headers()
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    let res = preflight("https://evil.example.com").await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    let email = app.new_user().await;
+    let res = app
+        .client
+        .post(app.url("/login"))
+        .header("origin", "https://app.example.com")
+        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+}
+
+#[tokio::test]
+async fn without_configured_origins_no_cors_headers_are_sent() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .get(app.url("/health/live"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}
