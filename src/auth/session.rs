@@ -142,9 +142,15 @@ impl AuthService {
 
         let credentials = self.store.find_credentials(&email).await?;
         let hash = credentials.as_ref().map(|c| c.password_hash.clone());
-        let matches = self.hasher.verify(password, hash).await?;
+        let verification = self.hasher.verify(password, hash).await?;
         let user = match credentials {
-            Some(c) if matches && !c.user.disabled => c.user,
+            Some(c) if verification.matches && !c.user.disabled => {
+                if let Some(new_hash) = verification.upgraded_hash {
+                    self.upgrade_hash(c.user.id, &c.password_hash, &new_hash)
+                        .await;
+                }
+                c.user
+            }
             other => {
                 let user_id = other.map(|c| c.user.id);
                 self.audit(AuditKind::LoginFailed, user_id, None, client, json!({}))
@@ -406,6 +412,16 @@ impl AuthService {
             refresh_token_expires_in: remaining.min(idle),
             session_id: grant.session_id,
         })
+    }
+
+    /// Replaces a hash made with outdated parameters; best effort, like audit rows.
+    async fn upgrade_hash(&self, user: UserId, old: &str, new: &str) {
+        match self.store.replace_password_hash(user, old, new).await {
+            Ok(()) => {
+                tracing::info!(user_id = %user, "password hash upgraded to current parameters")
+            }
+            Err(e) => tracing::warn!(error = %e, "password hash upgrade failed"),
+        }
     }
 
     /// Audit rows are best effort: a failure is logged, never shown to the client.

@@ -139,6 +139,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<User>;
     async fn find_credentials(&self, email: &Email) -> StoreResult<Option<Credentials>>;
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>>;
+    /// Swaps a user's password hash, only if it is still `old`.
+    async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()>;
 
     /// Creates a session with its first refresh token; returns the sessions that the
     /// per-user cap ended to make room.

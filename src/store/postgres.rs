@@ -207,6 +207,20 @@ impl Store for PgStore {
         Ok(row.map(|r| user_from(r.id, r.email, r.roles, r.disabled, r.created_at)))
     }
 
+    async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()> {
+        sqlx::query!(
+            r#"UPDATE users SET password_hash = $3, updated_at = now()
+               WHERE id = $1 AND password_hash = $2"#,
+            user.0,
+            old,
+            new,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
     async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Vec<SessionId>> {
         // One statement: the session, its first refresh token, and the eviction of the
         // least recently used sessions past the cap (the new one is not visible to the

@@ -130,3 +130,41 @@ async fn registration_shares_the_per_ip_budget() {
     assert!(res.headers().contains_key("retry-after"));
     assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
 }
+
+#[tokio::test]
+async fn stored_hashes_follow_the_configured_parameters_on_login() {
+    let old = spawn_app().await;
+    let email = old.new_user().await;
+    let mut settings = old.settings.clone();
+    settings.password.memory_kib = 512;
+    let new = spawn_app_with(settings).await;
+    let mut db = new.db().await;
+    let stored = || sqlx::query_scalar::<_, String>("SELECT password_hash FROM users");
+    assert!(
+        stored()
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+            .contains("m=256,")
+    );
+    assert_eq!(
+        new.login(&email, "wrong password").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(
+        stored()
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+            .contains("m=256,"),
+        "no upgrade on a failed login"
+    );
+    new.login_ok(&email).await;
+    let upgraded = stored().fetch_one(&mut db).await.unwrap();
+    assert!(
+        upgraded.starts_with("$argon2id$v=19$m=512,t=1,p=1$"),
+        "{upgraded}"
+    );
+    new.login_ok(&email).await;
+    old.login_ok(&email).await;
+}
