@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use actix_cors::Cors;
 use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
 use actix_web::http::{StatusCode, header};
-use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::middleware::{DefaultHeaders, ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use anyhow::Context;
 use tracing::Instrument;
@@ -81,6 +81,7 @@ impl Application {
                 .configure(routes)
                 .default_service(web::to(|| async { ApiError::NotFound.error_response() }))
                 .wrap(cors(&cors_origins))
+                .wrap(DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")))
                 .wrap(ErrorHandlers::new().default_handler(contract_error_body))
                 .wrap_fn(|req, srv| {
                     let request_id = uuid::Uuid::new_v4();

@@ -13,6 +13,7 @@ async fn health_endpoints_answer() {
         .await
         .unwrap();
     assert_eq!(live.status(), StatusCode::OK);
+    assert_eq!(live.headers()["x-content-type-options"], "nosniff");
     let ready = app
         .client
         .get(app.url("/health/ready"))
