@@ -9,17 +9,22 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
 
-# Each test makes its own database; drop those left by earlier runs.
-if command -v psql >/dev/null; then
-  base=${TESSERA_TEST_POSTGRES:-postgres://postgres:postgres@127.0.0.1:5432}
+# Each test makes its own database (tessera_test_*). Drop them before the run (left by
+# an interrupted or failed run, kept for inspection) and after a successful one.
+base=${TESSERA_TEST_POSTGRES:-postgres://postgres:postgres@127.0.0.1:5432}
+drop_test_databases() {
+  command -v psql >/dev/null || return 0
+  local stale
   stale=$(psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'tessera\_test\_%'" 2>/dev/null || true)
-  if [ -n "$stale" ]; then
-    say "dropping $(echo "$stale" | wc -l) test databases from earlier runs"
-    for db in $stale; do psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
-  fi
-fi
+  [ -n "$stale" ] || return 0
+  [ "${1:-}" = quiet ] || say "dropping $(echo "$stale" | wc -l) test databases"
+  for db in $stale; do echo "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE);"; done |
+    psql -q "$base/postgres" >/dev/null 2>&1 || true
+}
+drop_test_databases
 
 # Queries are checked at compile time against the committed .sqlx/ data.
 export SQLX_OFFLINE=true
 say "building and running the test suite ..."
 cargo test --workspace --tests "$@"
+drop_test_databases quiet

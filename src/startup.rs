@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
-use actix_web::dev::{Server, ServerHandle, Service, ServiceResponse};
+use actix_web::dev::{Server, Service, ServiceResponse};
 use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{DefaultHeaders, ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
@@ -130,10 +130,6 @@ impl Application {
 
     pub fn state(&self) -> web::Data<AppState> {
         self.state.clone()
-    }
-
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
