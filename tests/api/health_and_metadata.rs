@@ -6,32 +6,17 @@ use crate::helpers::*;
 #[tokio::test]
 async fn health_endpoints_answer() {
     let app = spawn_app().await;
-    let live = app
-        .client
-        .get(app.url("/health/live"))
-        .send()
-        .await
-        .unwrap();
+    let live = app.get("/health/live").await;
     assert_eq!(live.status(), StatusCode::OK);
     assert_eq!(live.headers()["x-content-type-options"], "nosniff");
-    let ready = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/health/ready").await;
     assert_eq!(ready.status(), StatusCode::OK);
 }
 
 #[tokio::test]
 async fn the_jwks_is_cacheable_and_publishes_only_public_keys() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .get(app.url("/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/.well-known/jwks.json").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["cache-control"], "public, max-age=300");
     let body: Value = res.json().await.unwrap();
@@ -51,11 +36,8 @@ async fn authorization_server_metadata_follows_rfc8414() {
     settings.tokens.issuer = "https://auth.example.com".into();
     let app = spawn_app_with(settings).await;
     let body: Value = app
-        .client
-        .get(app.url("/.well-known/oauth-authorization-server"))
-        .send()
+        .get("/.well-known/oauth-authorization-server")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -82,14 +64,9 @@ async fn authorization_server_metadata_follows_rfc8414() {
 #[tokio::test]
 async fn unknown_routes_and_wrong_methods_get_contract_errors() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .get(app.url("/no/such/thing"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.get("/no/such/thing").await;
     assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
-    let res = app.client.get(app.url("/login")).send().await.unwrap();
+    let res = app.get("/login").await;
     assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
     let res = app.client.delete(app.url("/me")).send().await.unwrap();
     assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;

@@ -108,6 +108,10 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {
         self.client
             .post(self.url(path))
@@ -214,6 +218,22 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// Asserts that every response is a 200 token response carrying the same refresh
+/// token (no forked chain); returns each response's tokens.
+pub async fn assert_one_successor(responses: Vec<Response>) -> Vec<Tokens> {
+    let mut successors = Vec::new();
+    for res in responses {
+        assert_eq!(res.status(), StatusCode::OK);
+        successors.push(Tokens::from_body(res.json().await.unwrap()));
+    }
+    let first = &successors[0].refresh;
+    assert!(
+        successors.iter().all(|t| &t.refresh == first),
+        "forked chain"
+    );
+    successors
 }
 
 /// Asserts the contract's error shape and code; returns the body.

@@ -37,18 +37,7 @@ async fn concurrent_refreshes_across_instances_never_fork() {
             }
         });
         let responses = futures_util::future::join_all(requests).await;
-        let mut successors = Vec::new();
-        for res in responses {
-            assert_eq!(res.status(), StatusCode::OK);
-            successors.push(Tokens::from_body(res.json().await.unwrap()));
-        }
-        assert!(
-            successors
-                .iter()
-                .all(|s| s.refresh == successors[0].refresh),
-            "forked chain"
-        );
-        current = successors.remove(0);
+        current = assert_one_successor(responses).await.remove(0);
     }
     let mut db = a.db().await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refresh_tokens")

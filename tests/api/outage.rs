@@ -31,12 +31,7 @@ async fn postgres_down_gives_503_and_the_server_recovers() {
     assert_unavailable(res).await;
     let res = app.refresh(&t.refresh).await;
     assert_unavailable(res).await;
-    let ready = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/health/ready").await;
     assert_unavailable(ready).await;
     // /me reads the user from Postgres, so it is unavailable too.
     let me = app.me(&t.access).await;
@@ -85,12 +80,7 @@ async fn redis_down_gives_503_and_the_server_recovers() {
         .await
         .unwrap();
     assert_unavailable(introspect).await;
-    let ready = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/health/ready").await;
     assert_unavailable(ready).await;
 
     proxy.restore();

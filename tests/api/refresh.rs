@@ -91,18 +91,7 @@ async fn eight_concurrent_refreshes_of_one_token_all_get_the_same_successor() {
     let email = app.new_user().await;
     let tokens = app.login_ok(&email).await;
     let requests = (0..8).map(|_| app.refresh(&tokens.refresh));
-    let responses = futures_util::future::join_all(requests).await;
-    let mut successors = Vec::new();
-    for res in responses {
-        assert_eq!(res.status(), StatusCode::OK);
-        successors.push(Tokens::from_body(res.json().await.unwrap()));
-    }
-    assert!(
-        successors
-            .iter()
-            .all(|t| t.refresh == successors[0].refresh),
-        "no forked chains"
-    );
+    let successors = assert_one_successor(futures_util::future::join_all(requests).await).await;
     for t in &successors {
         assert_eq!(app.me(&t.access).await.status(), StatusCode::OK);
     }

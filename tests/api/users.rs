@@ -107,7 +107,7 @@ async fn me_returns_the_current_user_and_session() {
 #[tokio::test]
 async fn me_without_a_valid_bearer_token_is_401_with_a_challenge() {
     let app = spawn_app().await;
-    assert_invalid_token(app.client.get(app.url("/me")).send().await.unwrap()).await;
+    assert_invalid_token(app.get("/me").await).await;
     assert_invalid_token(app.me("garbage").await).await;
     let basic = app
         .client
