@@ -9,10 +9,12 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
 
-# Each test makes its own database (tessera_test_*). Drop them before the run (left by
-# an interrupted or failed run, kept for inspection) and after a successful one.
+# Each test makes its own database (tessera_test_*) and keys directory. Remove them
+# before the run (left by an interrupted or failed run, kept for inspection) and after
+# a successful one.
 base=${TESSERA_TEST_POSTGRES:-postgres://postgres:postgres@127.0.0.1:5432}
 drop_test_databases() {
+  rm -rf "${TMPDIR:-/tmp}"/tessera-test-keys-*
   command -v psql >/dev/null || return 0
   local stale
   stale=$(psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'tessera\_test\_%'" 2>/dev/null || true)
