@@ -225,7 +225,18 @@ impl AuthService {
             return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
         };
         let t = &self.settings.tokens;
-        if state.revoked || state.disabled {
+        if let Some(revoked_at) = state.revoked_at {
+            // If the denylist write that went with the revocation failed (Redis down),
+            // this is the chance to repair it while its access tokens may still live.
+            if state.now - revoked_at
+                < chrono::Duration::from_std(self.access_token_horizon()).unwrap_or_default()
+                && let Err(e) = self.deny_sessions(&[state.grant.session_id]).await
+            {
+                tracing::warn!(error = %e, "could not re-mark a revoked session");
+            }
+            return Err(ApiError::InvalidGrant(GrantFailure::Revoked));
+        }
+        if state.disabled {
             return Err(ApiError::InvalidGrant(GrantFailure::Revoked));
         }
         if state.now >= state.grant.expires_at {
@@ -292,6 +303,7 @@ impl AuthService {
         scope: LogoutScope,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
+        let recent = self.access_token_horizon().as_secs() as i64;
         let ended = match scope {
             // Even if it was already ended in the database, make sure of the mark.
             LogoutScope::Local => {
@@ -300,13 +312,13 @@ impl AuthService {
             }
             LogoutScope::Others => {
                 self.store
-                    .revoke_user_sessions(claims.sub, Some(claims.sid), "logout_others")
+                    .revoke_user_sessions(claims.sub, Some(claims.sid), "logout_others", recent)
                     .await?
             }
             LogoutScope::Global => {
                 let mut ended = self
                     .store
-                    .revoke_user_sessions(claims.sub, None, "logout_global")
+                    .revoke_user_sessions(claims.sub, None, "logout_global", recent)
                     .await?;
                 if !ended.contains(&claims.sid) {
                     ended.push(claims.sid);

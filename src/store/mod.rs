@@ -87,7 +87,8 @@ pub struct RefreshState {
     pub rotated_at: Option<DateTime<Utc>>,
     pub successor_sealed: Option<Vec<u8>>,
     pub last_used_at: DateTime<Utc>,
-    pub revoked: bool,
+    /// When the session was ended, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
     pub disabled: bool,
     /// The database's clock, so every instance judges lifetimes by one clock.
     pub now: DateTime<Utc>,
@@ -150,12 +151,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends one session; returns its user if it was live.
     async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>>;
-    /// Ends every live session of a user, but `except`; returns the ended ids.
+    /// Ends every live session of a user, but `except`. Returns the sessions it ended
+    /// and those already ended within the last `recent_secs`: a retry after a failed
+    /// denylist write marks them all again, so none keeps working by accident.
     async fn revoke_user_sessions(
         &self,
         user: UserId,
         except: Option<SessionId>,
         reason: &str,
+        recent_secs: i64,
     ) -> StoreResult<Vec<SessionId>>;
 
     async fn record_audit(&self, event: AuditEvent<'_>) -> StoreResult<()>;

@@ -309,7 +309,7 @@ impl Store for PgStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at,
-                      s.revoked_at IS NOT NULL AS "revoked!",
+                      s.revoked_at,
                       u.roles, u.disabled, now() AS "now!"
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
@@ -330,7 +330,7 @@ impl Store for PgStore {
             rotated_at: r.rotated_at,
             successor_sealed: r.successor_sealed,
             last_used_at: r.last_used_at,
-            revoked: r.revoked,
+            revoked_at: r.revoked_at,
             disabled: r.disabled,
             now: r.now,
         }))
@@ -355,15 +355,26 @@ impl Store for PgStore {
         user: UserId,
         except: Option<SessionId>,
         reason: &str,
+        recent_secs: i64,
     ) -> StoreResult<Vec<SessionId>> {
+        // The second SELECT reads the snapshot before the UPDATE (CTE semantics), so it
+        // finds only sessions ended earlier, within the window.
         let ids = sqlx::query_scalar!(
-            r#"UPDATE sessions SET revoked_at = now(), revoked_reason = $3
-               WHERE user_id = $1 AND revoked_at IS NULL
-                 AND ($2::uuid IS NULL OR id <> $2)
-               RETURNING id"#,
+            r#"WITH ended AS (
+                   UPDATE sessions SET revoked_at = now(), revoked_reason = $3
+                   WHERE user_id = $1 AND revoked_at IS NULL
+                     AND ($2::uuid IS NULL OR id <> $2)
+                   RETURNING id
+               )
+               SELECT id AS "id!" FROM ended
+               UNION
+               SELECT id FROM sessions
+               WHERE user_id = $1 AND ($2::uuid IS NULL OR id <> $2)
+                 AND revoked_at > now() - make_interval(secs => $4::float8)"#,
             user.0,
             except.map(|s| s.0),
             reason,
+            recent_secs as f64,
         )
         .fetch_all(&self.pool)
         .await

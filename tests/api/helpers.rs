@@ -10,6 +10,7 @@ use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use tessera::config::Settings;
 use tessera::startup::{AppState, Application};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use uuid::Uuid;
@@ -294,9 +295,12 @@ pub async fn assert_invalid_token(res: Response) {
 
 /// A TCP proxy in front of Postgres or Redis that a test can cut and restore, to see
 /// the server answer 503 while a backing service is down and recover when it is back.
+/// It can also drop only the connections that send a given command (e.g. Redis SETEX),
+/// to fail the second half of an operation whose first half succeeded.
 pub struct Proxy {
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
+    poison: Arc<Mutex<Option<Vec<u8>>>>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
@@ -305,22 +309,53 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicBool::new(false));
+        let poison = Arc::new(Mutex::new(None::<Vec<u8>>));
         let conns = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
-        let (d, c) = (down.clone(), conns.clone());
+        let (d, p, c) = (down.clone(), poison.clone(), conns.clone());
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
+                let poison = p.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let upstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_client.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            let poisoned = poison.lock().unwrap().as_ref().is_some_and(|needle| {
+                                buf[..n]
+                                    .windows(needle.len())
+                                    .any(|w| w == needle.as_slice())
+                            });
+                            if poisoned || to_server.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let downstream = tokio::io::copy(&mut from_server, &mut to_client);
+                    tokio::select! {
+                        _ = upstream => {}
+                        _ = downstream => {}
                     }
                 });
                 c.lock().unwrap().push(task.abort_handle());
             }
         });
-        Proxy { addr, down, conns }
+        Proxy {
+            addr,
+            down,
+            poison,
+            conns,
+        }
     }
 
     pub fn cut(&self) {
@@ -332,6 +367,12 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
+        *self.poison.lock().unwrap() = None;
+    }
+
+    /// Drops any connection that sends `needle` (until `restore`).
+    pub fn drop_connections_sending(&self, needle: &[u8]) {
+        *self.poison.lock().unwrap() = Some(needle.to_vec());
     }
 }
 

@@ -94,3 +94,60 @@ async fn redis_down_gives_503_and_the_server_recovers() {
     );
     assert_invalid_token(app.me(&t.access).await).await;
 }
+
+async fn app_behind_redis_proxy(grace_secs: u64) -> (TestApp, Proxy) {
+    let proxy = Proxy::start(addr_of(&redis_url())).await;
+    let mut settings = test_settings();
+    settings.redis.url = format!("redis://{}", proxy.addr).into();
+    settings.redis.timeout_ms = 500;
+    settings.tokens.refresh_reuse_grace_secs = grace_secs;
+    (spawn_app_with(settings).await, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_logout_retried_after_a_redis_outage_ends_every_access_token() {
+    let (app, proxy) = app_behind_redis_proxy(10).await;
+    let email = app.new_user().await;
+    let here = app.login_ok(&email).await;
+    let there = app.login_ok(&email).await;
+
+    // Redis answers the token check but loses the connection on the denylist write:
+    // the database part succeeds, the denylist part does not, the client must retry.
+    proxy.drop_connections_sending(b"SETEX");
+    assert_unavailable(app.logout(&here.access, Some("global")).await).await;
+    proxy.restore();
+    assert_eq!(
+        app.me(&there.access).await.status(),
+        StatusCode::OK,
+        "not marked yet"
+    );
+    assert_eq!(
+        app.logout(&here.access, Some("global")).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    // The retry marked the sessions that the first attempt had already ended.
+    assert_invalid_token(app.me(&there.access).await).await;
+    assert_invalid_token(app.me(&here.access).await).await;
+    assert_invalid_grant(app.refresh(&there.refresh).await, "revoked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_detected_while_redis_is_down_is_completed_by_the_next_attempt() {
+    let (app, proxy) = app_behind_redis_proxy(0).await;
+    let email = app.new_user().await;
+    let login = app.login_ok(&email).await;
+    let stolen = app.refresh_ok(&login.refresh).await;
+
+    proxy.drop_connections_sending(b"SETEX");
+    assert_unavailable(app.refresh(&login.refresh).await).await;
+    proxy.restore();
+    assert_eq!(
+        app.me(&stolen.access).await.status(),
+        StatusCode::OK,
+        "not marked yet"
+    );
+    // The session's refresh tokens died with the first attempt ...
+    assert_invalid_grant(app.refresh(&stolen.refresh).await, "revoked").await;
+    // ... and that attempt also repaired the missing denylist mark.
+    assert_invalid_token(app.me(&stolen.access).await).await;
+}
