@@ -178,6 +178,7 @@ impl AuthService {
                 refresh_hash: &refresh.hash(),
                 client,
                 max_per_user: self.settings.sessions.max_per_user,
+                recent_secs: self.access_token_horizon().as_secs() as i64,
             })
             .await?;
         self.deny_sessions(&evicted).await?;

@@ -59,6 +59,9 @@ pub struct NewSession<'a> {
     pub client: &'a ClientInfo,
     /// Live sessions allowed per user (0: no cap); the least recently used are ended.
     pub max_per_user: u32,
+    /// Sessions the cap ended this long ago or less are returned again, so that a
+    /// retried login repairs a denylist write that failed (see `revoke_user_sessions`).
+    pub recent_secs: i64,
 }
 
 /// What [`Store::rotate_refresh`] asks for.
@@ -142,7 +145,7 @@ pub trait Store: Send + Sync + 'static {
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()>;
 
     /// Creates a session with its first refresh token; returns the sessions that the
-    /// per-user cap ended to make room.
+    /// per-user cap ended to make room, now or within `recent_secs`.
     async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Vec<SessionId>>;
     /// Rotates a live, unrotated refresh token in one statement. `None` when the token is
     /// unknown, already rotated, or its session is not live: see [`Store::refresh_state`].

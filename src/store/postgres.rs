@@ -244,7 +244,11 @@ impl Store for PgStore {
                    )
                    RETURNING id
                )
-               SELECT id AS "id!" FROM evicted"#,
+               SELECT id AS "id!" FROM evicted
+               UNION
+               SELECT id FROM sessions
+               WHERE user_id = $2 AND revoked_reason = 'session_cap'
+                 AND revoked_at > now() - make_interval(secs => $9::float8)"#,
             new.id.0,
             new.user_id.0,
             new.remember_me,
@@ -253,6 +257,7 @@ impl Store for PgStore {
             new.client.user_agent.as_deref(),
             new.refresh_hash,
             new.max_per_user as i32,
+            new.recent_secs as f64,
         )
         .fetch_all(&self.pool)
         .await

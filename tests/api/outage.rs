@@ -151,3 +151,27 @@ async fn reuse_detected_while_redis_is_down_is_completed_by_the_next_attempt() {
     // ... and that attempt also repaired the missing denylist mark.
     assert_invalid_token(app.me(&stolen.access).await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_evicted_by_the_cap_while_redis_fails_are_marked_by_the_next_login() {
+    let proxy = Proxy::start(addr_of(&redis_url())).await;
+    let mut settings = test_settings();
+    settings.redis.url = format!("redis://{}", proxy.addr).into();
+    settings.redis.timeout_ms = 500;
+    settings.sessions.max_per_user = 1;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let first = app.login_ok(&email).await;
+
+    proxy.drop_connections_sending(b"SETEX");
+    assert_unavailable(app.login(&email, PASSWORD).await).await;
+    proxy.restore();
+    // Ended in the database but not yet marked in Redis: the access token still works.
+    eventually("Redis is back", || async {
+        app.me(&first.access).await.status() == StatusCode::OK
+    })
+    .await;
+    app.login_ok(&email).await;
+    assert_invalid_token(app.me(&first.access).await).await;
+    assert_invalid_grant(app.refresh(&first.refresh).await, "revoked").await;
+}
