@@ -1,7 +1,6 @@
 use std::net::SocketAddr;
 
 use reqwest::StatusCode;
-
 use tessera::config::Settings;
 
 use crate::helpers::*;
