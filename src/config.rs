@@ -298,6 +298,34 @@ mod tests {
     }
 
     #[test]
+    fn every_key_can_be_overridden_from_the_environment() {
+        let defaults: toml::Table = DEFAULT_TOML.parse().unwrap();
+        let mut count = 0;
+        for (section, keys) in &defaults {
+            for (key, value) in keys.as_table().unwrap() {
+                let raw = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Array(items) => items
+                        .iter()
+                        .map(|i| i.as_str().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                let name = format!(
+                    "TESSERA__{}__{}",
+                    section.to_uppercase(),
+                    key.to_uppercase()
+                );
+                let loaded = Settings::load_from(None, vec![(name.clone(), raw)]);
+                assert!(loaded.is_ok(), "{name}: {:#}", loaded.unwrap_err());
+                count += 1;
+            }
+        }
+        assert!(count >= 30, "only {count} keys found");
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_fail_loudly() {
         assert!(Settings::load_from(None, env(&[("TESSERA__SERVER__PROT", "1")])).is_err());
         assert!(Settings::load_from(None, env(&[("TESSERA__SERVER__PORT", "x")])).is_err());
