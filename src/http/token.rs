@@ -60,11 +60,11 @@ pub async fn token(
     Ok(token_response(&grant))
 }
 
+/// `token_type_hint` may be sent (RFC 7009) and is ignored like any other extra field:
+/// the two token formats cannot be confused.
 #[derive(Deserialize)]
 pub struct RevokeRequest {
     token: String,
-    #[allow(dead_code)]
-    token_type_hint: Option<String>,
 }
 
 pub async fn revoke(

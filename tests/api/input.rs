@@ -196,25 +196,19 @@ async fn absurd_headers_get_4xx_and_the_server_keeps_working() {
     let email = app.new_user().await;
     let huge_token = "a".repeat(20 * 1024);
     assert_invalid_token(app.me(&huge_token).await).await;
-    let res = app
-        .client
-        .get(app.url("/me"))
-        .header(
-            "authorization",
-            reqwest::header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_invalid_token(res).await;
-    let res = app
-        .client
-        .get(app.url("/me"))
-        .header("authorization", "Bearer")
-        .send()
-        .await
-        .unwrap();
-    assert_invalid_token(res).await;
+    for authorization in [
+        reqwest::header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap(),
+        reqwest::header::HeaderValue::from_static("Bearer"),
+    ] {
+        let res = app
+            .client
+            .get(app.url("/me"))
+            .header("authorization", authorization)
+            .send()
+            .await
+            .unwrap();
+        assert_invalid_token(res).await;
+    }
     let res = app
         .client
         .post(app.url("/login"))
