@@ -29,6 +29,7 @@ pub struct Settings {
     pub registration: RegistrationSettings,
     pub introspection: IntrospectionSettings,
     pub sessions: SessionSettings,
+    pub cleanup: CleanupSettings,
     pub log: LogSettings,
 }
 
@@ -98,6 +99,10 @@ pub struct PasswordSettings {
 pub struct LoginSettings {
     pub per_ip_per_minute: u32,
     pub per_account_per_minute: u32,
+    pub free_failures: u32,
+    pub delay_base_secs: u64,
+    pub delay_max_secs: u64,
+    pub failure_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +121,15 @@ pub struct IntrospectionSettings {
 #[serde(deny_unknown_fields)]
 pub struct SessionSettings {
     pub max_per_user: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupSettings {
+    pub interval_secs: u64,
+    pub batch_size: u32,
+    pub session_retention_secs: u64,
+    pub audit_retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +190,23 @@ impl Settings {
         }
         if self.login.per_ip_per_minute == 0 || self.login.per_account_per_minute == 0 {
             bail!("login.per_ip_per_minute and login.per_account_per_minute must be positive");
+        }
+        let l = &self.login;
+        if l.delay_max_secs < l.delay_base_secs || l.failure_window_secs < l.delay_max_secs {
+            bail!(
+                "login: need delay_base_secs <= delay_max_secs <= failure_window_secs, \
+                 or a delayed attempt could never come"
+            );
+        }
+        let c = &self.cleanup;
+        if c.interval_secs == 0 || c.batch_size == 0 {
+            bail!("cleanup.interval_secs and cleanup.batch_size must be positive");
+        }
+        if c.session_retention_secs < t.access_ttl_secs + t.leeway_secs {
+            bail!(
+                "cleanup.session_retention_secs must be at least tokens.access_ttl_secs + \
+                 tokens.leeway_secs, so ended sessions outlive their access tokens"
+            );
         }
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             bail!("log.format must be \"pretty\" or \"json\"");

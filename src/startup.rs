@@ -22,7 +22,7 @@ use crate::config::Settings;
 use crate::error::ApiError;
 use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
-use crate::http::{auth, health, token, users, well_known};
+use crate::http::{admin, auth, health, sessions, token, users, well_known};
 use crate::store::denylist::Denylist;
 use crate::store::postgres::PgStore;
 
@@ -67,6 +67,7 @@ impl Application {
         };
         let reload_every = Duration::from_secs(settings.keys.reload_secs.max(1));
         let cors_origins = settings.server.cors_allowed_origins.clone();
+        let cleanup_every = Duration::from_secs(settings.cleanup.interval_secs);
 
         let auth = AuthService::new(settings, store, denylist, tokens, hasher);
         let state = web::Data::new(AppState {
@@ -112,11 +113,11 @@ impl Application {
         .run();
 
         spawn_periodic(Arc::downgrade(&keys), reload_every, |k| k.reload());
-        spawn_periodic(
-            Arc::downgrade(&state.clone().into_inner()),
-            Duration::from_secs(60),
-            |s| s.auth.throttle.purge(),
-        );
+        let shared = state.clone().into_inner();
+        spawn_periodic(Arc::downgrade(&shared), Duration::from_secs(60), |s| {
+            s.auth.throttle.purge()
+        });
+        spawn_cleanup(Arc::downgrade(&shared), cleanup_every);
         Ok(Application {
             port,
             server,
@@ -156,6 +157,24 @@ fn spawn_periodic<T: Send + Sync + 'static>(
     });
 }
 
+/// Runs the cleanup every `every` (first pass one interval after start) for as long as
+/// the application is alive; a failed pass (database down) is logged and retried.
+fn spawn_cleanup(target: Weak<AppState>, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(state) = target.upgrade() else {
+                return;
+            };
+            if let Err(e) = state.auth.cleanup().await {
+                tracing::warn!(error = %e, "cleanup pass failed; will retry");
+            }
+        }
+    });
+}
+
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/users", web::post().to(users::register)))
         .service(resource("/login", web::post().to(auth::login)))
@@ -165,6 +184,24 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/revoke", web::post().to(token::revoke)))
         .service(resource("/introspect", web::post().to(token::introspect)))
         .service(resource("/me", web::get().to(users::me)))
+        .service(resource(
+            "/me/password",
+            web::put().to(users::change_password),
+        ))
+        .service(resource("/sessions", web::get().to(sessions::list)))
+        .service(resource("/sessions/{id}", web::delete().to(sessions::end)))
+        .service(
+            resource(
+                "/admin/users/{id}/sessions",
+                web::get().to(admin::user_sessions),
+            )
+            .route(web::delete().to(admin::end_user_sessions)),
+        )
+        .service(resource(
+            "/admin/users/{id}",
+            web::patch().to(admin::update_user),
+        ))
+        .service(resource("/admin/audit", web::get().to(admin::audit)))
         .service(resource(
             "/.well-known/jwks.json",
             web::get().to(well_known::jwks),

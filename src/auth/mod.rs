@@ -1,6 +1,10 @@
-//! The domain: passwords, access and refresh tokens, signing keys, sessions, throttling.
+//! The domain: passwords, access and refresh tokens, signing keys, sessions, throttling,
+//! the account and admin operations built on them, and the periodic cleanup.
 
 pub mod access_token;
+pub mod account;
+pub mod admin;
+pub mod cleanup;
 pub mod keys;
 pub mod password;
 pub mod refresh_token;

@@ -25,6 +25,7 @@ use crate::config::Settings;
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::store::denylist::Denylist;
+use crate::store::login_failures::LoginFailures;
 use crate::store::{AuditEvent, AuditKind, ClientInfo, Grant, NewSession, Rotation, Store, User};
 
 /// What login and refresh hand back to the client.
@@ -49,6 +50,7 @@ pub struct AuthService {
     pub tokens: AccessTokens,
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
+    pub failures: LoginFailures,
     settings: Settings,
 }
 
@@ -72,12 +74,15 @@ impl AuthService {
         hasher: PasswordHasherPool,
     ) -> Self {
         let throttle = LoginThrottle::new(&settings.login);
+        let failures =
+            LoginFailures::new(denylist.connection(), denylist.prefix(), &settings.login);
         AuthService {
             store,
             denylist,
             tokens,
             hasher,
             throttle,
+            failures,
             settings,
         }
     }
@@ -88,7 +93,7 @@ impl AuthService {
 
     /// How long a session's denylist mark must live: until every access token issued
     /// under it has expired, leeway included.
-    fn access_token_horizon(&self) -> Duration {
+    pub(super) fn access_token_horizon(&self) -> Duration {
         Duration::from_secs(
             self.settings.tokens.access_ttl_secs + self.settings.tokens.leeway_secs + 1,
         )
@@ -131,26 +136,13 @@ impl AuthService {
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<TokenGrant, ApiError> {
-        let throttled = self
-            .throttle
-            .check_ip(ip)
-            .and_then(|()| self.throttle.check_account(&email.normalized()));
-        if let Err(t) = throttled {
-            tracing::warn!(by_account = t.by_account, "login throttled");
-            return Err(ApiError::RateLimited(t.retry_after_secs));
-        }
+        self.gate_password_attempt(&email, ip, client).await?;
 
         let credentials = self.store.find_credentials(&email).await?;
         let hash = credentials.as_ref().map(|c| c.password_hash.clone());
         let verification = self.hasher.verify(password, hash).await?;
-        let user = match credentials {
-            Some(c) if verification.matches && !c.user.disabled => {
-                if let Some(new_hash) = verification.upgraded_hash {
-                    self.upgrade_hash(c.user.id, &c.password_hash, &new_hash)
-                        .await;
-                }
-                c.user
-            }
+        let (user, password_hash) = match credentials {
+            Some(c) if verification.matches && !c.user.disabled => (c.user, c.password_hash),
             other => {
                 let user_id = other.map(|c| c.user.id);
                 self.audit(AuditKind::LoginFailed, user_id, None, client, json!({}))
@@ -168,7 +160,7 @@ impl AuthService {
         let session_id = SessionId(uuid::Uuid::new_v4());
         let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
         let refresh = RefreshToken::generate();
-        let evicted = self
+        let created = self
             .store
             .create_session(NewSession {
                 id: session_id,
@@ -176,18 +168,35 @@ impl AuthService {
                 remember_me,
                 expires_at,
                 refresh_hash: &refresh.hash(),
+                password_hash: &password_hash,
                 client,
                 max_per_user: self.settings.sessions.max_per_user,
                 recent_secs: self.access_token_horizon().as_secs() as i64,
             })
             .await?;
+        let Some(evicted) = created else {
+            // The password changed or the user was disabled while we were hashing.
+            self.audit(
+                AuditKind::LoginFailed,
+                Some(user.id),
+                None,
+                client,
+                json!({}),
+            )
+            .await;
+            return Err(ApiError::InvalidCredentials);
+        };
         self.deny_sessions(&evicted).await?;
+        self.reset_failures(&email).await;
+        if let Some(new_hash) = verification.upgraded_hash {
+            self.upgrade_hash(user.id, &password_hash, &new_hash).await;
+        }
         self.audit(
             AuditKind::LoginSucceeded,
             Some(user.id),
             Some(session_id),
             client,
-            json!({"remember_me": remember_me}),
+            json!({"remember_me": remember_me, "sessions_evicted": evicted.len()}),
         )
         .await;
         let grant = Grant {
@@ -288,7 +297,7 @@ impl AuthService {
         })?;
         let revoked = self
             .denylist
-            .is_revoked(claims.sid, &claims.jti)
+            .is_revoked(claims.sid, &claims.jti, claims.sub, claims.issued_at_ms())
             .await
             .map_err(ApiError::unavailable)?;
         if revoked {
@@ -399,12 +408,12 @@ impl AuthService {
 
     /// Ends one session: the database first (its refresh token fails), then the
     /// denylist (its access tokens fail on every instance).
-    async fn end_session(&self, sid: SessionId, reason: &str) -> Result<(), ApiError> {
+    pub(super) async fn end_session(&self, sid: SessionId, reason: &str) -> Result<(), ApiError> {
         self.store.revoke_session(sid, reason).await?;
         self.deny_sessions(&[sid]).await
     }
 
-    async fn deny_sessions(&self, sids: &[SessionId]) -> Result<(), ApiError> {
+    pub(super) async fn deny_sessions(&self, sids: &[SessionId]) -> Result<(), ApiError> {
         self.denylist
             .revoke_sessions(sids, self.access_token_horizon())
             .await
@@ -437,8 +446,72 @@ impl AuthService {
         }
     }
 
+    /// Every check that must pass before a password is hashed, for login and password
+    /// change alike: the per-process burst limits (IP, account), then the per-account
+    /// budget shared through Redis, which also counts this attempt.
+    pub(super) async fn gate_password_attempt(
+        &self,
+        email: &Email,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let account = email.normalized();
+        let throttled = self
+            .throttle
+            .check_ip(ip)
+            .map_err(|t| (t.retry_after_secs, "ip"))
+            .and_then(|()| {
+                self.throttle
+                    .check_account(&account)
+                    .map_err(|t| (t.retry_after_secs, "account"))
+            });
+        let throttled = match throttled {
+            Ok(()) => match self.failures.attempt(&account).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(wait)) => (
+                    wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                    "failures",
+                ),
+                Err(e) => return Err(ApiError::unavailable(e)),
+            },
+            Err(hit) => hit,
+        };
+        let (retry_after, by) = throttled;
+        tracing::warn!(by, "login attempt throttled");
+        let audit_key = match by {
+            "ip" => format!("ip:{ip}"),
+            _ => format!("account:{account}"),
+        };
+        if self.throttle.should_audit(&audit_key) {
+            let user_id = match by {
+                "ip" => None,
+                _ => match self.store.find_credentials(email).await {
+                    Ok(found) => found.map(|c| c.user.id),
+                    Err(_) => None,
+                },
+            };
+            self.audit(
+                AuditKind::LoginThrottled,
+                user_id,
+                None,
+                client,
+                json!({"by": by, "retry_after_secs": retry_after}),
+            )
+            .await;
+        }
+        Err(ApiError::RateLimited(retry_after.max(1)))
+    }
+
+    /// A successful password check: the account's shared failure count starts afresh.
+    /// Best effort: if Redis fails here the count simply runs out on its own.
+    pub(super) async fn reset_failures(&self, email: &Email) {
+        if let Err(e) = self.failures.reset(&email.normalized()).await {
+            tracing::warn!(error = %e, "could not reset the login failure count");
+        }
+    }
+
     /// Audit rows are best effort: a failure is logged, never shown to the client.
-    async fn audit(
+    pub(super) async fn audit(
         &self,
         kind: AuditKind,
         user_id: Option<UserId>,
@@ -446,13 +519,19 @@ impl AuthService {
         client: &ClientInfo,
         detail: serde_json::Value,
     ) {
-        let event = AuditEvent {
+        self.record(AuditEvent {
             kind,
             user_id,
             session_id,
+            actor_id: None,
             client,
             detail,
-        };
+        })
+        .await
+    }
+
+    pub(super) async fn record(&self, event: AuditEvent<'_>) {
+        let kind = event.kind;
         if let Err(e) = self.store.record_audit(event).await {
             tracing::warn!(error = %e, kind = kind.as_str(), "audit write failed");
         }

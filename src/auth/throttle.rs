@@ -1,8 +1,13 @@
 //! Login throttling with `governor`: one keyed limiter per client IP, one per account.
+//! These are per-process burst limiters; the per-account budget that holds across
+//! instances is [`crate::store::login_failures`].
 //!
 //! The account key is the normalized email as submitted, whether or not the account
 //! exists, so a 429 says nothing about which accounts exist. Both checks run before
 //! any password hashing. Idle keys are dropped periodically so memory stays bounded.
+//!
+//! A throttled attempt is audited, but at most once a minute per key and process, so
+//! a flood cannot turn into a flood of audit rows.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -19,6 +24,7 @@ type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 pub struct LoginThrottle {
     per_ip: Keyed<IpAddr>,
     per_account: Keyed<String>,
+    audited: Keyed<String>,
     clock: DefaultClock,
 }
 
@@ -35,6 +41,7 @@ impl LoginThrottle {
         LoginThrottle {
             per_ip: RateLimiter::keyed(quota(settings.per_ip_per_minute)),
             per_account: RateLimiter::keyed(quota(settings.per_account_per_minute)),
+            audited: RateLimiter::keyed(quota(1)),
             clock: DefaultClock::default(),
         }
     }
@@ -59,12 +66,19 @@ impl LoginThrottle {
             })
     }
 
+    /// Whether a throttled attempt on `key` should be audited (once a minute per key).
+    pub fn should_audit(&self, key: &str) -> bool {
+        self.audited.check_key(&key.to_owned()).is_ok()
+    }
+
     /// Forgets keys whose buckets are full again; run periodically.
     pub fn purge(&self) {
         self.per_ip.retain_recent();
         self.per_account.retain_recent();
+        self.audited.retain_recent();
         self.per_ip.shrink_to_fit();
         self.per_account.shrink_to_fit();
+        self.audited.shrink_to_fit();
     }
 }
 
@@ -81,6 +95,10 @@ mod tests {
         let t = LoginThrottle::new(&LoginSettings {
             per_ip_per_minute: 2,
             per_account_per_minute: 1,
+            free_failures: 5,
+            delay_base_secs: 1,
+            delay_max_secs: 300,
+            failure_window_secs: 900,
         });
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(t.check_ip(ip).is_ok());

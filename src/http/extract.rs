@@ -116,6 +116,16 @@ fn describe_form(msg: &str) -> String {
         let field = rest.split(' ').next().unwrap_or_default();
         return format!("missing field {field}");
     }
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        let field: String = rest
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(66)
+            .collect();
+        return format!("unknown field {field}");
+    }
     if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
         return "a field has the wrong type".into();
     }
@@ -173,6 +183,21 @@ body_extractor!(Json, accept_form: false, optional: false, |v| required(v).map(J
 body_extractor!(OptionalJson, accept_form: false, optional: true, |v| Ok(OptionalJson(v)));
 body_extractor!(Form, accept_form: true, optional: false, |v| required(v).map(Form));
 
+/// The query string, parsed like a form body (sanitized errors, 400 on bad input).
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest for Query<T> {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let parsed = serde_urlencoded::from_str(req.query_string())
+            .map(Query)
+            .map_err(|e| ApiError::InvalidRequest(describe_form(&e.to_string())));
+        std::future::ready(parsed)
+    }
+}
+
 /// A verified, unrevoked access token from `Authorization: Bearer`.
 pub struct Authenticated(pub Claims);
 
@@ -187,6 +212,30 @@ impl FromRequest for Authenticated {
             let state = state.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no app state")))?;
             let token = token.ok_or(ApiError::InvalidToken)?;
             state.auth.authenticate(&token).await.map(Authenticated)
+        })
+    }
+}
+
+/// An authenticated caller holding the `admin` role: 401 without a valid token, 403
+/// `insufficient_scope` without the role. Roles come from the token; a role change
+/// revokes the user's earlier tokens at once, so they cannot be stale.
+pub struct Admin(pub Claims);
+
+pub const ADMIN_ROLE: &str = "admin";
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Boxed<Self>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let authenticated = Authenticated::from_request(req, payload);
+        Box::pin(async move {
+            let Authenticated(claims) = authenticated.await?;
+            if claims.roles.iter().any(|r| r == ADMIN_ROLE) {
+                Ok(Admin(claims))
+            } else {
+                Err(ApiError::InsufficientScope)
+            }
         })
     }
 }

@@ -1,9 +1,11 @@
 //! HTTP layer: one module per resource. Handlers parse input, call the domain
 //! ([`crate::auth`]) and map the result; they hold no SQL and no crypto.
 
+pub mod admin;
 pub mod auth;
 pub mod extract;
 pub mod health;
+pub mod sessions;
 pub mod token;
 pub mod users;
 pub mod well_known;

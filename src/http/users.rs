@@ -1,4 +1,4 @@
-//! `POST /users` (registration) and `GET /me`.
+//! `POST /users` (registration), `GET /me` and `PUT /me/password`.
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -65,4 +65,27 @@ pub async fn me(
             roles: user.roles,
             session_id: claims.sid,
         }))
+}
+
+#[derive(Deserialize)]
+pub struct PasswordChange {
+    current_password: String,
+    new_password: String,
+}
+
+pub async fn change_password(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Authenticated(claims): Authenticated,
+    Json(body): Json<PasswordChange>,
+) -> Result<HttpResponse, ApiError> {
+    let current = Password::parse_existing(body.current_password)
+        .map_err(|e| ApiError::InvalidRequest(format!("current_password: {e}")))?;
+    let new = Password::parse_new(body.new_password)
+        .map_err(|e| ApiError::InvalidRequest(format!("new_password: {e}")))?;
+    state
+        .auth
+        .change_password(&claims, current, new, caller.ip, &caller.info)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
 }

@@ -4,9 +4,14 @@
 //! token it covers would have expired:
 //! - `{prefix}revoked:sid:{session}`: every access token carrying that `sid` (one write
 //!   per ended session, however many tokens were issued under it);
-//! - `{prefix}revoked:jti:{jti}`: one access token.
+//! - `{prefix}revoked:jti:{jti}`: one access token;
+//! - `{prefix}revoked:user:{user}`: every access token of that user issued at or
+//!   before the stored Unix time in milliseconds (a role change or disable: one write
+//!   however many sessions the user has; tokens issued afterwards are unaffected).
 //!
-//! A check is one `EXISTS` of both keys: one round trip per request.
+//! A check is one `MGET` of the three keys: one round trip per request. A token's
+//! issue time in milliseconds comes from its `jti`, a UUIDv7 (see
+//! [`crate::auth::access_token::Claims::issued_at_ms`]).
 
 use std::time::Duration;
 
@@ -15,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
 
 use crate::config::RedisSettings;
-use crate::domain::SessionId;
+use crate::domain::{SessionId, UserId};
 
 #[derive(Clone)]
 pub struct Denylist {
@@ -49,6 +54,19 @@ impl Denylist {
 
     pub fn token_key(&self, jti: &str) -> String {
         format!("{}revoked:jti:{}", self.prefix, jti)
+    }
+
+    pub fn user_key(&self, user: UserId) -> String {
+        format!("{}revoked:user:{}", self.prefix, user.0)
+    }
+
+    /// The shared connection, for other Redis-backed state (login failure counters).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -85,14 +103,42 @@ impl Denylist {
         Ok(())
     }
 
-    /// True when the token's session or the token itself is revoked.
-    pub async fn is_revoked(&self, sid: SessionId, jti: &str) -> anyhow::Result<bool> {
+    /// Revokes every access token of `user` issued at or before `at_ms` (Unix time in
+    /// milliseconds), for `ttl` (the longest such a token can still live).
+    pub async fn revoke_user_tokens(
+        &self,
+        user: UserId,
+        at_ms: i64,
+        ttl: Duration,
+    ) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
-        let hits: u32 = redis::cmd("EXISTS")
-            .arg(self.session_key(sid))
-            .arg(self.token_key(jti))
+        let _: () = redis::cmd("SET")
+            .arg(self.user_key(user))
+            .arg(at_ms)
+            .arg("EX")
+            .arg(ttl.as_secs().max(1))
             .query_async(&mut conn)
             .await?;
-        Ok(hits > 0)
+        Ok(())
+    }
+
+    /// True when the token's session, the token itself, or every token of its user
+    /// issued up to its issue time (`issued_ms`) is revoked.
+    pub async fn is_revoked(
+        &self,
+        sid: SessionId,
+        jti: &str,
+        user: UserId,
+        issued_ms: i64,
+    ) -> anyhow::Result<bool> {
+        let mut conn = self.conn.clone();
+        let (session, token, user_mark): (Option<String>, Option<String>, Option<i64>) =
+            redis::cmd("MGET")
+                .arg(self.session_key(sid))
+                .arg(self.token_key(jti))
+                .arg(self.user_key(user))
+                .query_async(&mut conn)
+                .await?;
+        Ok(session.is_some() || token.is_some() || user_mark.is_some_and(|t| issued_ms <= t))
     }
 }

@@ -6,6 +6,7 @@
 //! is the Redis side: short-lived revocation marks that every instance reads.
 
 pub mod denylist;
+pub mod login_failures;
 pub mod postgres;
 
 use chrono::{DateTime, Utc};
@@ -56,6 +57,8 @@ pub struct NewSession<'a> {
     pub remember_me: bool,
     pub expires_at: DateTime<Utc>,
     pub refresh_hash: &'a [u8],
+    /// The hash the password was verified against.
+    pub password_hash: &'a str,
     pub client: &'a ClientInfo,
     /// Live sessions allowed per user (0: no cap); the least recently used are ended.
     pub max_per_user: u32,
@@ -97,14 +100,54 @@ pub struct RefreshState {
     pub now: DateTime<Utc>,
 }
 
+/// A live session as its owner (or an admin) sees it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub remember_me: bool,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: DateTime<Utc>,
+    /// When the session ends if nothing else happens: the earlier of its absolute
+    /// expiry and the end of its idle lifetime.
+    pub expires_at: DateTime<Utc>,
+    pub login_ip: Option<String>,
+    pub login_user_agent: Option<String>,
+    pub last_ip: Option<String>,
+    pub last_user_agent: Option<String>,
+}
+
+/// What an admin may change on a user (`None`: leave as is).
+#[derive(Debug, Clone, Default)]
+pub struct UserChange {
+    pub disabled: Option<bool>,
+    pub roles: Option<Vec<String>>,
+}
+
+/// The result of [`Store::update_user`].
+#[derive(Debug, Clone)]
+pub struct UserUpdate {
+    pub user: User,
+    pub roles_changed: bool,
+    /// Sessions ended because the user was disabled.
+    pub ended: Vec<SessionId>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditKind {
     UserCreated,
     LoginSucceeded,
     LoginFailed,
+    LoginThrottled,
+    /// Written by [`Store::rotate_refresh`] in the same statement as the rotation.
+    Refresh,
     RefreshReuseDetected,
     Logout,
     Revoke,
+    SessionEnded,
+    PasswordChanged,
+    PasswordChangeFailed,
+    AdminSessionsEnded,
+    AdminUserUpdated,
 }
 
 impl AuditKind {
@@ -113,9 +156,16 @@ impl AuditKind {
             AuditKind::UserCreated => "user_created",
             AuditKind::LoginSucceeded => "login_succeeded",
             AuditKind::LoginFailed => "login_failed",
+            AuditKind::LoginThrottled => "login_throttled",
+            AuditKind::Refresh => "refresh",
             AuditKind::RefreshReuseDetected => "refresh_reuse_detected",
             AuditKind::Logout => "logout",
             AuditKind::Revoke => "revoke",
+            AuditKind::SessionEnded => "session_ended",
+            AuditKind::PasswordChanged => "password_changed",
+            AuditKind::PasswordChangeFailed => "password_change_failed",
+            AuditKind::AdminSessionsEnded => "admin_sessions_ended",
+            AuditKind::AdminUserUpdated => "admin_user_updated",
         }
     }
 }
@@ -123,10 +173,44 @@ impl AuditKind {
 /// One audit row. Never holds a password, a token or a hash.
 pub struct AuditEvent<'a> {
     pub kind: AuditKind,
+    /// The user the event is about.
     pub user_id: Option<UserId>,
     pub session_id: Option<SessionId>,
+    /// Who acted, when not the user themself (an admin).
+    pub actor_id: Option<UserId>,
     pub client: &'a ClientInfo,
     pub detail: serde_json::Value,
+}
+
+/// A stored audit row, as `GET /admin/audit` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub kind: String,
+    pub user_id: Option<Uuid>,
+    pub session_id: Option<Uuid>,
+    pub actor_id: Option<Uuid>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// A page of the audit trail, newest first.
+#[derive(Debug, Clone)]
+pub struct AuditQuery {
+    /// Events about this user or performed by them.
+    pub user: Option<UserId>,
+    pub before: Option<AuditCursor>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum AuditCursor {
+    /// Events with a smaller id (the `id` of the last event of the previous page).
+    Id(i64),
+    /// Events that happened earlier.
+    Time(DateTime<Utc>),
 }
 
 #[async_trait::async_trait]
@@ -144,11 +228,15 @@ pub trait Store: Send + Sync + 'static {
     /// Swaps a user's password hash, only if it is still `old`.
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()>;
 
-    /// Creates a session with its first refresh token; returns the sessions that the
-    /// per-user cap ended to make room, now or within `recent_secs`.
-    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Vec<SessionId>>;
-    /// Rotates a live, unrotated refresh token in one statement. `None` when the token is
-    /// unknown, already rotated, or its session is not live: see [`Store::refresh_state`].
+    /// Creates a session with its first refresh token, but only if the user is still
+    /// enabled and still has `password_hash` (the one the login was verified against),
+    /// so a login racing a password change or a disable cannot outlive it. Returns
+    /// `None` if refused, else the sessions that the per-user cap ended to make room,
+    /// now or within `recent_secs`.
+    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<Vec<SessionId>>>;
+    /// Rotates a live, unrotated refresh token in one statement (which also writes the
+    /// `refresh` audit row). `None` when the token is unknown, already rotated, or its
+    /// session is not live: see [`Store::refresh_state`].
     async fn rotate_refresh(&self, rotation: Rotation<'_>) -> StoreResult<Option<Grant>>;
     async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>>;
 
@@ -165,7 +253,51 @@ pub trait Store: Send + Sync + 'static {
         recent_secs: i64,
     ) -> StoreResult<Vec<SessionId>>;
 
+    /// The user's live sessions, most recently used first.
+    async fn list_sessions(
+        &self,
+        user: UserId,
+        idle_ttl_secs: i64,
+    ) -> StoreResult<Vec<SessionInfo>>;
+    /// Ends one session if it belongs to `user`. True if it was live, or was ended within
+    /// `recent_secs` (so a retry after a failed denylist write can mark it again).
+    async fn revoke_own_session(
+        &self,
+        user: UserId,
+        id: SessionId,
+        reason: &str,
+        recent_secs: i64,
+    ) -> StoreResult<bool>;
+    /// Replaces the password hash if it is still `old`, and ends every other session of
+    /// the user in the same statement. `None` if the hash changed meanwhile.
+    async fn change_password(
+        &self,
+        user: UserId,
+        old: &str,
+        new: &str,
+        keep: SessionId,
+    ) -> StoreResult<Option<Vec<SessionId>>>;
+    /// Applies an admin's change; disabling also ends every session. `None`: no such user.
+    async fn update_user(
+        &self,
+        user: UserId,
+        change: &UserChange,
+    ) -> StoreResult<Option<UserUpdate>>;
+
     async fn record_audit(&self, event: AuditEvent<'_>) -> StoreResult<()>;
+    async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
+
+    /// Deletes up to `batch` sessions (their refresh tokens cascade) that ended more
+    /// than `retention_secs` ago; returns how many. Run repeatedly until it returns
+    /// less than `batch`; `SKIP LOCKED` keeps instances from waiting on each other.
+    async fn delete_ended_sessions(
+        &self,
+        idle_ttl_secs: i64,
+        retention_secs: i64,
+        batch: i64,
+    ) -> StoreResult<u64>;
+    /// Deletes up to `batch` audit rows older than `retention_secs`; returns how many.
+    async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64>;
 }
 
 /// Helper for ids coming back from SQL.

@@ -12,8 +12,9 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
 use super::{
-    AuditEvent, ClientInfo, Credentials, Grant, NewSession, RefreshState, Rotation, Store,
-    StoreError, StoreResult, User, session_ids,
+    AuditCursor, AuditEvent, AuditQuery, AuditRecord, ClientInfo, Credentials, Grant, NewSession,
+    RefreshState, Rotation, SessionInfo, Store, StoreError, StoreResult, User, UserChange,
+    UserUpdate, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -221,22 +222,28 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Vec<SessionId>> {
+    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<Vec<SessionId>>> {
         // One statement: the session, its first refresh token, and the eviction of the
         // least recently used sessions past the cap (the new one is not visible to the
-        // eviction's snapshot, hence cap - 1 others are kept).
-        let evicted = sqlx::query_scalar!(
-            r#"WITH session AS (
+        // eviction's snapshot, hence cap - 1 others are kept). `FOR SHARE` makes a
+        // concurrent password change or disable wait for this login and then end its
+        // session, or makes this login see the change and create nothing.
+        let row = sqlx::query!(
+            r#"WITH allowed AS (
+                   SELECT id FROM users
+                   WHERE id = $2 AND password_hash = $10 AND NOT disabled
+                   FOR SHARE
+               ), session AS (
                    INSERT INTO sessions (id, user_id, remember_me, expires_at,
                                          login_ip, login_user_agent, last_ip, last_user_agent)
-                   VALUES ($1, $2, $3, $4, $5, $6, $5, $6)
+                   SELECT $1, id, $3, $4, $5, $6, $5, $6 FROM allowed
                    RETURNING id
                ), token AS (
                    INSERT INTO refresh_tokens (token_hash, session_id)
                    SELECT $7, id FROM session
                ), evicted AS (
                    UPDATE sessions SET revoked_at = now(), revoked_reason = 'session_cap'
-                   WHERE $8::int4 > 0 AND id IN (
+                   WHERE $8::int4 > 0 AND EXISTS (SELECT 1 FROM allowed) AND id IN (
                        SELECT id FROM sessions
                        WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > now()
                        ORDER BY last_used_at DESC
@@ -244,11 +251,13 @@ impl Store for PgStore {
                    )
                    RETURNING id
                )
-               SELECT id AS "id!" FROM evicted
-               UNION
-               SELECT id FROM sessions
-               WHERE user_id = $2 AND revoked_reason = 'session_cap'
-                 AND revoked_at > now() - make_interval(secs => $9::float8)"#,
+               SELECT EXISTS (SELECT 1 FROM allowed) AS "created!",
+                      ARRAY(SELECT id FROM evicted
+                            UNION
+                            SELECT id FROM sessions
+                            WHERE user_id = $2 AND revoked_reason = 'session_cap'
+                              AND revoked_at > now() - make_interval(secs => $9::float8)
+                      ) AS "evicted!""#,
             new.id.0,
             new.user_id.0,
             new.remember_me,
@@ -258,11 +267,12 @@ impl Store for PgStore {
             new.refresh_hash,
             new.max_per_user as i32,
             new.recent_secs as f64,
+            new.password_hash,
         )
-        .fetch_all(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(classify)?;
-        Ok(session_ids(evicted))
+        Ok(row.created.then(|| session_ids(row.evicted)))
     }
 
     async fn rotate_refresh(&self, r: Rotation<'_>) -> StoreResult<Option<Grant>> {
@@ -288,6 +298,9 @@ impl Store for PgStore {
                ), inserted AS (
                    INSERT INTO refresh_tokens (token_hash, session_id)
                    SELECT $2, session_id FROM rotated
+               ), audited AS (
+                   INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent)
+                   SELECT 'refresh', user_id, session_id, $5, $6 FROM rotated
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!"
@@ -387,14 +400,173 @@ impl Store for PgStore {
         Ok(session_ids(ids))
     }
 
+    async fn list_sessions(
+        &self,
+        user: UserId,
+        idle_ttl_secs: i64,
+    ) -> StoreResult<Vec<SessionInfo>> {
+        let rows = sqlx::query!(
+            r#"SELECT id, remember_me, created_at, last_used_at,
+                      least(expires_at, last_used_at + make_interval(secs => $2::float8))
+                          AS "expires_at!",
+                      login_ip, login_user_agent, last_ip, last_user_agent
+               FROM sessions
+               WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now()
+                 AND last_used_at > now() - make_interval(secs => $2::float8)
+               ORDER BY last_used_at DESC
+               LIMIT 1000"#,
+            user.0,
+            idle_ttl_secs as f64,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SessionInfo {
+                id: SessionId(r.id),
+                remember_me: r.remember_me,
+                created_at: r.created_at,
+                last_used_at: r.last_used_at,
+                expires_at: r.expires_at,
+                login_ip: r.login_ip,
+                login_user_agent: r.login_user_agent,
+                last_ip: r.last_ip,
+                last_user_agent: r.last_user_agent,
+            })
+            .collect())
+    }
+
+    async fn revoke_own_session(
+        &self,
+        user: UserId,
+        id: SessionId,
+        reason: &str,
+        recent_secs: i64,
+    ) -> StoreResult<bool> {
+        let found = sqlx::query_scalar!(
+            r#"WITH ended AS (
+                   UPDATE sessions SET revoked_at = now(), revoked_reason = $3
+                   WHERE id = $2 AND user_id = $1 AND revoked_at IS NULL
+                   RETURNING id
+               )
+               SELECT EXISTS (SELECT 1 FROM ended)
+                   OR EXISTS (SELECT 1 FROM sessions
+                              WHERE id = $2 AND user_id = $1
+                                AND revoked_at > now() - make_interval(secs => $4::float8))
+                   AS "found!""#,
+            user.0,
+            id.0,
+            reason,
+            recent_secs as f64,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(found)
+    }
+
+    async fn change_password(
+        &self,
+        user: UserId,
+        old: &str,
+        new: &str,
+        keep: SessionId,
+    ) -> StoreResult<Option<Vec<SessionId>>> {
+        // Two statements in one transaction: the second takes its snapshot after the
+        // first has waited out any login holding the user row (see create_session), so
+        // a session such a login created is ended too.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let changed = sqlx::query_scalar!(
+            r#"UPDATE users SET password_hash = $3, updated_at = now()
+               WHERE id = $1 AND password_hash = $2 AND NOT disabled
+               RETURNING id"#,
+            user.0,
+            old,
+            new,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if changed.is_none() {
+            return Ok(None);
+        }
+        let ended = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'password_changed'
+               WHERE user_id = $1 AND revoked_at IS NULL AND id <> $2
+               RETURNING id"#,
+            user.0,
+            keep.0,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Some(session_ids(ended)))
+    }
+
+    async fn update_user(
+        &self,
+        user: UserId,
+        change: &UserChange,
+    ) -> StoreResult<Option<UserUpdate>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let Some(row) = sqlx::query!(
+            r#"UPDATE users u
+               SET disabled = coalesce($2, u.disabled),
+                   roles = coalesce($3, u.roles),
+                   updated_at = now()
+               FROM (SELECT id, roles FROM users WHERE id = $1 FOR UPDATE) old
+               WHERE u.id = old.id
+               RETURNING u.id, u.email, u.roles, u.disabled, u.created_at,
+                         old.roles AS old_roles"#,
+            user.0,
+            change.disabled,
+            change.roles.as_deref(),
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        else {
+            return Ok(None);
+        };
+        let ended = if row.disabled {
+            sqlx::query_scalar!(
+                r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'user_disabled'
+                   WHERE user_id = $1 AND revoked_at IS NULL
+                   RETURNING id"#,
+                user.0,
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await.map_err(classify)?;
+        let sorted = |mut roles: Vec<String>| {
+            roles.sort();
+            roles.dedup();
+            roles
+        };
+        let roles_changed = sorted(row.old_roles) != sorted(row.roles.clone());
+        Ok(Some(UserUpdate {
+            user: user_from(row.id, row.email, row.roles, row.disabled, row.created_at),
+            roles_changed,
+            ended: session_ids(ended),
+        }))
+    }
+
     async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
         let ClientInfo { ip, user_agent } = e.client;
         sqlx::query!(
-            r#"INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent, detail)
-               VALUES ($1, $2, $3, $4, $5, $6)"#,
+            r#"INSERT INTO audit_events (kind, user_id, session_id, actor_id, ip, user_agent,
+                                         detail)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
             e.kind.as_str(),
             e.user_id.map(|u| u.0),
             e.session_id.map(|s| s.0),
+            e.actor_id.map(|u| u.0),
             ip.as_deref(),
             user_agent.as_deref(),
             e.detail,
@@ -403,5 +575,75 @@ impl Store for PgStore {
         .await
         .map_err(classify)?;
         Ok(())
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let (before_id, before_time) = match q.before {
+            Some(AuditCursor::Id(id)) => (Some(id), None),
+            Some(AuditCursor::Time(t)) => (None, Some(t)),
+            None => (None, None),
+        };
+        let rows = sqlx::query_as!(
+            AuditRecord,
+            r#"SELECT id, occurred_at, kind, user_id, session_id, actor_id, ip, user_agent,
+                      detail
+               FROM audit_events
+               WHERE ($1::uuid IS NULL OR user_id = $1 OR actor_id = $1)
+                 AND ($2::int8 IS NULL OR id < $2)
+                 AND ($3::timestamptz IS NULL OR occurred_at < $3)
+               ORDER BY id DESC
+               LIMIT $4"#,
+            q.user.map(|u| u.0),
+            before_id,
+            before_time,
+            q.limit,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows)
+    }
+
+    async fn delete_ended_sessions(
+        &self,
+        idle_ttl_secs: i64,
+        retention_secs: i64,
+        batch: i64,
+    ) -> StoreResult<u64> {
+        let done = sqlx::query!(
+            r#"WITH doomed AS (
+                   SELECT id FROM sessions
+                   WHERE revoked_at < now() - make_interval(secs => $2::float8)
+                      OR expires_at < now() - make_interval(secs => $2::float8)
+                      OR last_used_at < now() - make_interval(secs => $1::float8 + $2::float8)
+                   LIMIT $3
+                   FOR UPDATE SKIP LOCKED
+               )
+               DELETE FROM sessions s USING doomed WHERE s.id = doomed.id"#,
+            idle_ttl_secs as f64,
+            retention_secs as f64,
+            batch,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64> {
+        let done = sqlx::query!(
+            r#"DELETE FROM audit_events WHERE id IN (
+                   SELECT id FROM audit_events
+                   WHERE occurred_at < now() - make_interval(secs => $1::float8)
+                   LIMIT $2
+                   FOR UPDATE SKIP LOCKED
+               )"#,
+            retention_secs as f64,
+            batch,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
     }
 }

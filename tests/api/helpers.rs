@@ -52,6 +52,7 @@ pub fn test_settings() -> Settings {
     s.password.workers = 2;
     s.login.per_ip_per_minute = 10_000;
     s.login.per_account_per_minute = 10_000;
+    s.login.free_failures = 10_000;
     s.log.level = "warn".into();
     s
 }
@@ -155,7 +156,11 @@ impl TestApp {
     }
 
     pub async fn login_ok(&self, email: &str) -> Tokens {
-        let res = self.login(email, PASSWORD).await;
+        self.login_ok_with(email, PASSWORD).await
+    }
+
+    pub async fn login_ok_with(&self, email: &str, password: &str) -> Tokens {
+        let res = self.login(email, password).await;
         assert_eq!(res.status(), StatusCode::OK);
         Tokens::from_body(res.json().await.unwrap())
     }
@@ -190,6 +195,71 @@ impl TestApp {
             None => req,
         };
         req.send().await.unwrap()
+    }
+
+    /// `method path` with a bearer token and an optional JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Response {
+        let req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(token);
+        let req = match body {
+            Some(body) => req.json(body),
+            None => req,
+        };
+        req.send().await.unwrap()
+    }
+
+    pub async fn sessions(&self, token: &str) -> Vec<Value> {
+        let res = self
+            .call(reqwest::Method::GET, "/sessions", token, None)
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json().await.unwrap()
+    }
+
+    pub async fn change_password(&self, token: &str, current: &str, new: &str) -> Response {
+        let body = json!({"current_password": current, "new_password": new});
+        self.call(reqwest::Method::PUT, "/me/password", token, Some(&body))
+            .await
+    }
+
+    /// Gives `email` the roles `user` and `admin` directly in the database (the CLI way
+    /// is tested on its own) and logs in.
+    pub async fn admin(&self) -> Tokens {
+        let email = self.new_user().await;
+        let mut db = self.db().await;
+        sqlx::query("UPDATE users SET roles = '{user,admin}' WHERE email = $1")
+            .bind(&email)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        self.login_ok(&email).await
+    }
+
+    /// The id of the user `email`.
+    pub async fn user_id(&self, email: &str) -> Uuid {
+        let mut db = self.db().await;
+        sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+            .bind(email)
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+    }
+
+    /// The kinds of the audit rows, oldest first.
+    pub async fn audit_kinds(&self) -> Vec<String> {
+        let mut db = self.db().await;
+        sqlx::query_scalar("SELECT kind FROM audit_events ORDER BY id")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
     }
 
     pub async fn jwks(&self) -> Value {

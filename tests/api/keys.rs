@@ -108,7 +108,7 @@ async fn keys_generate_is_idempotent_and_key_files_are_private() {
 }
 
 #[tokio::test]
-async fn the_cli_creates_users_that_can_log_in() {
+async fn the_cli_creates_users_that_can_log_in_and_a_first_admin() {
     use std::io::Write;
     let app = spawn_app().await;
     let mut child = cli(&app)
@@ -142,6 +142,11 @@ async fn the_cli_creates_users_that_can_log_in() {
     let tokens = app.login_ok("admin@example.com").await;
     let me: Value = app.me(&tokens.access).await.json().await.unwrap();
     assert_eq!(me["roles"], serde_json::json!(["admin", "user"]));
+    // The first admin can use the admin routes.
+    let res = app
+        .call(reqwest::Method::GET, "/admin/audit", &tokens.access, None)
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
 }
 
 #[tokio::test]

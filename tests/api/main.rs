@@ -1,7 +1,9 @@
 //! Black-box tests: every test spawns the real application over HTTP against real
 //! PostgreSQL and Redis, with its own database and Redis key prefix.
 
+mod admin;
 mod audit;
+mod cleanup;
 mod forged_tokens;
 mod health_and_metadata;
 mod helpers;
@@ -13,6 +15,9 @@ mod logout;
 mod logs;
 mod multi_instance;
 mod outage;
+mod password;
 mod refresh;
 mod revoke;
+mod sessions;
+mod shared_throttle;
 mod users;

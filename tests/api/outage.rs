@@ -67,6 +67,8 @@ async fn redis_down_gives_503_and_the_server_recovers() {
     proxy.cut();
     let me = app.me(&t.access).await;
     assert_unavailable(me).await;
+    // The per-account login budget lives in Redis: without it, no guessing.
+    assert_unavailable(app.login(&email, PASSWORD).await).await;
     let res = app.logout(&t.access, None).await;
     assert_unavailable(res).await;
     assert_unavailable(app.post_form("/revoke", &[("token", &t.access)]).await).await;

@@ -1,0 +1,117 @@
+//! What a signed-in user can do about their own account: see and end their sessions,
+//! and change their password (which ends every other session at once).
+
+use std::net::IpAddr;
+
+use serde_json::json;
+
+use super::access_token::Claims;
+use super::session::AuthService;
+use crate::domain::{Email, Password, SessionId};
+use crate::error::ApiError;
+use crate::store::{AuditKind, ClientInfo, SessionInfo};
+
+impl AuthService {
+    /// The caller's live sessions, most recently used first.
+    pub async fn sessions(&self, claims: &Claims) -> Result<Vec<SessionInfo>, ApiError> {
+        let idle = self.settings().tokens.refresh_idle_ttl_secs as i64;
+        Ok(self.store.list_sessions(claims.sub, idle).await?)
+    }
+
+    /// Ends one of the caller's own sessions: its refresh token at once and its access
+    /// tokens on every instance. Anyone else's session id is `NotFound`, exactly like an
+    /// id that does not exist.
+    #[tracing::instrument(skip_all, fields(session_id = %id))]
+    pub async fn end_own_session(
+        &self,
+        claims: &Claims,
+        id: SessionId,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let recent = self.access_token_horizon().as_secs() as i64;
+        if !self
+            .store
+            .revoke_own_session(claims.sub, id, "ended_by_user", recent)
+            .await?
+        {
+            return Err(ApiError::NotFound);
+        }
+        self.deny_sessions(&[id]).await?;
+        self.audit(
+            AuditKind::SessionEnded,
+            Some(claims.sub),
+            Some(id),
+            client,
+            json!({"by_session": claims.sid}),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Changes the caller's password after checking the current one, under the same
+    /// throttling as login (a stolen access token must not become a password oracle).
+    /// Every other session ends at once; the caller's own session goes on.
+    ///
+    /// The database change comes first; if the denylist write then fails the caller gets
+    /// 503, the new password is in force and the other sessions cannot refresh, but their
+    /// access tokens live until they expire unless `POST /logout {"scope":"others"}`
+    /// (which re-marks recently ended sessions) succeeds.
+    #[tracing::instrument(skip_all, fields(user_id = %claims.sub))]
+    pub async fn change_password(
+        &self,
+        claims: &Claims,
+        current: Password,
+        new: Password,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let user = self.current_user(claims.sub).await?;
+        let email = Email::parse(&user.email)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        self.gate_password_attempt(&email, ip, client).await?;
+        let credentials = self
+            .store
+            .find_credentials(&email)
+            .await?
+            .filter(|c| c.user.id == claims.sub)
+            .ok_or(ApiError::InvalidToken)?;
+        let verification = self
+            .hasher
+            .verify(current, Some(credentials.password_hash.clone()))
+            .await?;
+        if !verification.matches {
+            self.audit(
+                AuditKind::PasswordChangeFailed,
+                Some(claims.sub),
+                Some(claims.sid),
+                client,
+                json!({}),
+            )
+            .await;
+            return Err(ApiError::InvalidCredentials);
+        }
+        let new_hash = self.hasher.hash(new).await?;
+        let ended = self
+            .store
+            .change_password(
+                claims.sub,
+                &credentials.password_hash,
+                &new_hash,
+                claims.sid,
+            )
+            .await?
+            // Changed or disabled by someone else meanwhile.
+            .ok_or(ApiError::InvalidCredentials)?;
+        self.reset_failures(&email).await;
+        self.deny_sessions(&ended).await?;
+        self.audit(
+            AuditKind::PasswordChanged,
+            Some(claims.sub),
+            Some(claims.sid),
+            client,
+            json!({"sessions_ended": ended.len()}),
+        )
+        .await;
+        Ok(())
+    }
+}
