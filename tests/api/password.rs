@@ -109,3 +109,60 @@ async fn password_change_attempts_share_the_login_budget() {
     assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     assert_eq!(app.state.auth.hasher.argon2_runs(), hashes, "no hashing");
 }
+
+async fn stored_hash(db: &mut sqlx::PgConnection, email: &str) -> String {
+    sqlx::query_scalar("SELECT password_hash FROM users WHERE email = $1")
+        .bind(email)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// What a login does once the password is verified: create the session, on condition
+/// that the user still has the `verified` hash and is enabled.
+async fn create_session(app: &TestApp, user: uuid::Uuid, verified: &str) -> bool {
+    use tessera::domain::{SessionId, UserId};
+    use tessera::store::{ClientInfo, NewSession};
+    let created = app
+        .state
+        .auth
+        .store
+        .create_session(NewSession {
+            id: SessionId(uuid::Uuid::new_v4()),
+            user_id: UserId(user),
+            remember_me: false,
+            expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+            refresh_hash: uuid::Uuid::new_v4().as_bytes(),
+            password_hash: verified,
+            client: &ClientInfo::default(),
+            max_per_user: 0,
+            recent_secs: 0,
+        })
+        .await
+        .unwrap();
+    created.is_some()
+}
+
+/// The end of a login that verified the password just before it was changed (or the
+/// user disabled): no session may come out of the outdated verification.
+#[tokio::test]
+async fn a_login_verified_against_an_outdated_hash_creates_no_session() {
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let id = app.user_id(&email).await;
+    let mut db = app.db().await;
+    let verified = stored_hash(&mut db, &email).await;
+    assert!(create_session(&app, id, &verified).await, "current hash");
+
+    let t = app.login_ok(&email).await;
+    let res = app.change_password(&t.access, PASSWORD, NEW_PASSWORD).await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert!(!create_session(&app, id, &verified).await, "outdated hash");
+
+    let current = stored_hash(&mut db, &email).await;
+    sqlx::query("UPDATE users SET disabled = true")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert!(!create_session(&app, id, &current).await, "disabled user");
+}
