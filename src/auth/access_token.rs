@@ -37,6 +37,8 @@ impl Claims {
     /// UUIDv7, so that a per-user "revoked up to T" mark can tell a token issued just
     /// before a role change from one issued just after it within the same second.
     /// A `jti` that is not a UUIDv7 counts as issued at the start of its `iat` second.
+    /// `tessera_verify::Claims::issued_at_ms` must read it the same way (the downstream
+    /// tests revoke by a role change and check that the verifier agrees).
     pub fn issued_at_ms(&self) -> i64 {
         Uuid::parse_str(&self.jti)
             .ok()

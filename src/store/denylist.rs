@@ -9,7 +9,12 @@
 //!   before the stored Unix time in milliseconds (a role change or disable: one write
 //!   however many sessions the user has; tokens issued afterwards are unaffected).
 //!
-//! A check is one `MGET` of the three keys: one round trip per request. A token's
+//! A check is one `MGET` of the three keys: one round trip per request.
+//!
+//! Every mark is also published on `{prefix}revocations` as `"<key without prefix>
+//! <value> <ttl secs>"`, in the same pipeline as the write, so that downstream APIs
+//! using `tessera-verify` keep a local copy of the denylist current without asking
+//! Redis per request. A token's
 //! issue time in milliseconds comes from its `jti`, a UUIDv7 (see
 //! [`crate::auth::access_token::Claims::issued_at_ms`]).
 
@@ -60,6 +65,19 @@ impl Denylist {
         format!("{}revoked:user:{}", self.prefix, user.0)
     }
 
+    pub fn channel(&self) -> String {
+        format!("{}revocations", self.prefix)
+    }
+
+    /// Adds "set `key` to `value` for `secs`, and tell subscribers" to `pipe`.
+    fn mark(&self, pipe: &mut redis::Pipeline, key: String, value: impl ToString, secs: u64) {
+        let value = value.to_string();
+        let short = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
+        pipe.set_ex(&key, &value, secs).ignore();
+        pipe.publish(self.channel(), format!("{short} {value} {secs}"))
+            .ignore();
+    }
+
     /// The shared connection, for other Redis-backed state (login failure counters).
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
@@ -83,7 +101,7 @@ impl Denylist {
         let secs = ttl.as_secs().max(1);
         let mut pipe = redis::pipe();
         for sid in sids {
-            pipe.set_ex(self.session_key(*sid), 1, secs).ignore();
+            self.mark(&mut pipe, self.session_key(*sid), 1, secs);
         }
         let mut conn = self.conn.clone();
         let _: () = pipe.query_async(&mut conn).await?;
@@ -92,14 +110,10 @@ impl Denylist {
 
     /// Marks one access token revoked until it expires.
     pub async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<()> {
+        let mut pipe = redis::pipe();
+        self.mark(&mut pipe, self.token_key(jti), 1, ttl.as_secs().max(1));
         let mut conn = self.conn.clone();
-        let _: () = redis::cmd("SET")
-            .arg(self.token_key(jti))
-            .arg(1)
-            .arg("EX")
-            .arg(ttl.as_secs().max(1))
-            .query_async(&mut conn)
-            .await?;
+        let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 
@@ -111,14 +125,10 @@ impl Denylist {
         at_ms: i64,
         ttl: Duration,
     ) -> anyhow::Result<()> {
+        let mut pipe = redis::pipe();
+        self.mark(&mut pipe, self.user_key(user), at_ms, ttl.as_secs().max(1));
         let mut conn = self.conn.clone();
-        let _: () = redis::cmd("SET")
-            .arg(self.user_key(user))
-            .arg(at_ms)
-            .arg("EX")
-            .arg(ttl.as_secs().max(1))
-            .query_async(&mut conn)
-            .await?;
+        let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::helpers::*;
 
 /// The real `tessera` binary, configured like the test's server.
-fn cli(app: &TestApp) -> Command {
+pub fn cli(app: &TestApp) -> Command {
     use secrecy::ExposeSecret;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
     cmd.env("TESSERA__KEYS__DIR", keys_dir(app))
@@ -22,7 +22,7 @@ fn cli(app: &TestApp) -> Command {
 }
 
 /// Runs `tessera args...` and asserts it succeeded.
-fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
+pub fn tessera(app: &TestApp, args: &[&str]) -> std::process::Output {
     let out = cli(app).args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -42,7 +42,7 @@ async fn jwks_kids(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
-fn kid_of(token: &str) -> String {
+pub fn kid_of(token: &str) -> String {
     jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
 }
 

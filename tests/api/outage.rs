@@ -5,7 +5,7 @@ use tessera::config::Settings;
 
 use crate::helpers::*;
 
-fn addr_of(url: &str) -> SocketAddr {
+pub fn addr_of(url: &str) -> SocketAddr {
     let rest = url.split("://").nth(1).unwrap();
     let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
     use std::net::ToSocketAddrs;
