@@ -376,3 +376,33 @@ async fn a_flood_of_random_kids_causes_at_most_one_jwks_fetch_per_interval() {
     assert!(verifier.verify(&t.access).await.is_ok());
     assert_eq!(verifier.jwks_fetches(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_cached_per_cache_control_and_served_stale_while_the_issuer_is_down() {
+    let mut settings = test_settings();
+    settings.keys.jwks_max_age_secs = 1;
+    let app = spawn_app_with(settings).await;
+    let proxy = Proxy::start(addr_of(&app.base)).await;
+    let mut config = config_for(&app);
+    config.revocation = None;
+    config.refetch_interval = Duration::from_millis(100);
+    config.jwks_url = Some(format!("http://{}/.well-known/jwks.json", proxy.addr));
+    let verifier = Verifier::new(config).unwrap();
+    let t = app.login_ok(&app.new_user().await).await;
+
+    assert!(verifier.verify(&t.access).await.is_ok());
+    assert!(verifier.verify(&t.access).await.is_ok());
+    assert_eq!(verifier.jwks_fetches(), 1, "cached within max-age=1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(verifier.verify(&t.access).await.is_ok());
+    assert_eq!(verifier.jwks_fetches(), 2, "refetched once max-age passed");
+
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        verifier.verify(&t.access).await.is_ok(),
+        "stale keys still serve"
+    );
+    assert_eq!(verifier.jwks_fetches(), 3, "a refetch was tried and failed");
+    proxy.restore();
+}
