@@ -82,6 +82,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: UserCommand::Create { email, roles },
         } => {
             let email = Email::parse(&email).map_err(anyhow::Error::msg)?;
+            let roles = if roles.is_empty() {
+                vec!["user".to_owned()]
+            } else {
+                crate::auth::admin::parse_roles(roles)
+                    .map_err(|e| anyhow::anyhow!("--role: {e}"))?
+            };
             let password = Password::parse_new(read_password()?).map_err(anyhow::Error::msg)?;
             PgStore::prepare(&settings.database, true).await?;
             let store = PgStore::connect_lazy(&settings.database)?;
@@ -91,11 +97,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .hash(password)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let roles = if roles.is_empty() {
-                vec!["user".to_owned()]
-            } else {
-                roles
-            };
             let user = store
                 .create_user(&email, &hash, &roles)
                 .await

@@ -51,10 +51,11 @@ impl AuthService {
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
         self.existing_user(user).await?;
-        let recent = self.access_token_horizon().as_secs() as i64;
+        // No re-mark window needed: the per-user mark below covers every session, and a
+        // retry after a failed Redis write simply writes it again.
         let ended = self
             .store
-            .revoke_user_sessions(user, None, "ended_by_admin", recent)
+            .revoke_user_sessions(user, None, "ended_by_admin", 0)
             .await?;
         self.revoke_user_tokens(user).await?;
         self.admin_audit(

@@ -20,7 +20,7 @@ use serde_json::json;
 use super::access_token::{AccessTokens, Claims};
 use super::password::{HashError, PasswordHasherPool};
 use super::refresh_token::RefreshToken;
-use super::throttle::LoginThrottle;
+use super::throttle::{self, LoginThrottle};
 use crate::config::Settings;
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
@@ -456,39 +456,39 @@ impl AuthService {
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
         let account = email.normalized();
-        let throttled = self
-            .throttle
-            .check_ip(ip)
-            .map_err(|t| (t.retry_after_secs, "ip"))
-            .and_then(|()| {
-                self.throttle
-                    .check_account(&account)
-                    .map_err(|t| (t.retry_after_secs, "account"))
-            });
-        let throttled = match throttled {
-            Ok(()) => match self.failures.attempt(&account).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(wait)) => (
-                    wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-                    "failures",
-                ),
-                Err(e) => return Err(ApiError::unavailable(e)),
+        let (retry_after, by) = match self.throttle.check_ip(ip) {
+            Err(t) => (t.retry_after_secs, "ip"),
+            Ok(()) => match self.throttle.check_account(&account) {
+                Err(t) => (t.retry_after_secs, "account"),
+                Ok(()) => match self
+                    .failures
+                    .attempt(&account)
+                    .await
+                    .map_err(ApiError::unavailable)?
+                {
+                    Ok(()) => return Ok(()),
+                    Err(wait) => (throttle::secs(wait), "failures"),
+                },
             },
-            Err(hit) => hit,
         };
-        let (retry_after, by) = throttled;
         tracing::warn!(by, "login attempt throttled");
-        let audit_key = match by {
-            "ip" => format!("ip:{ip}"),
-            _ => format!("account:{account}"),
+        let by_ip = by == "ip";
+        let audit_key = if by_ip {
+            format!("ip:{ip}")
+        } else {
+            format!("account:{account}")
         };
         if self.throttle.should_audit(&audit_key) {
-            let user_id = match by {
-                "ip" => None,
-                _ => match self.store.find_credentials(email).await {
-                    Ok(found) => found.map(|c| c.user.id),
-                    Err(_) => None,
-                },
+            // Name the account in the audit row when it exists (at most once a minute).
+            let user_id = match by_ip {
+                true => None,
+                false => self
+                    .store
+                    .find_credentials(email)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|c| c.user.id),
             };
             self.audit(
                 AuditKind::LoginThrottled,

@@ -82,7 +82,8 @@ impl LoginThrottle {
     }
 }
 
-fn secs(wait: Duration) -> u64 {
+/// Whole seconds to wait, rounded up (a `Retry-After` value).
+pub(crate) fn secs(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 

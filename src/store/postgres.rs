@@ -12,9 +12,9 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEvent, AuditQuery, AuditRecord, ClientInfo, Credentials, Grant, NewSession,
-    RefreshState, Rotation, SessionInfo, Store, StoreError, StoreResult, User, UserChange,
-    UserUpdate, session_ids,
+    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, Credentials, Grant,
+    NewSession, RefreshState, Rotation, SessionInfo, Store, StoreError, StoreResult, User,
+    UserChange, UserUpdate, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -300,7 +300,7 @@ impl Store for PgStore {
                    SELECT $2, session_id FROM rotated
                ), audited AS (
                    INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent)
-                   SELECT 'refresh', user_id, session_id, $5, $6 FROM rotated
+                   SELECT $7, user_id, session_id, $5, $6 FROM rotated
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!"
@@ -311,6 +311,7 @@ impl Store for PgStore {
             r.idle_ttl_secs as f64,
             r.client.ip.as_deref(),
             r.client.user_agent.as_deref(),
+            AuditKind::Refresh.as_str(),
         )
         .fetch_optional(&self.pool)
         .await

@@ -27,12 +27,7 @@ async fn every_auth_event_is_audited_without_secrets() {
         app.login(&email, "wrong password").await.status(),
         StatusCode::TOO_MANY_REQUESTS
     );
-    app.state
-        .auth
-        .failures
-        .reset(&email.to_lowercase())
-        .await
-        .unwrap();
+    app.forget_login_failures(&email).await;
     let first = app.login_ok(&email).await;
     let second = app.refresh_ok(&first.refresh).await;
     app.refresh(&first.refresh).await; // reuse
@@ -46,12 +41,7 @@ async fn every_auth_event_is_audited_without_secrets() {
         .change_password(&last.access, "not it", NEW_PASSWORD)
         .await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    app.state
-        .auth
-        .failures
-        .reset(&email.to_lowercase())
-        .await
-        .unwrap();
+    app.forget_login_failures(&email).await;
     let res = app
         .change_password(&last.access, PASSWORD, NEW_PASSWORD)
         .await;

@@ -253,6 +253,12 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Clears the shared per-account login failure count of `email` (as a success does).
+    pub async fn forget_login_failures(&self, email: &str) {
+        let account = tessera::domain::Email::parse(email).unwrap().normalized();
+        self.state.auth.failures.reset(&account).await.unwrap();
+    }
+
     /// The kinds of the audit rows, oldest first.
     pub async fn audit_kinds(&self) -> Vec<String> {
         let mut db = self.db().await;

@@ -142,6 +142,21 @@ async fn the_cli_creates_users_that_can_log_in_and_a_first_admin() {
     let tokens = app.login_ok("admin@example.com").await;
     let me: Value = app.me(&tokens.access).await.json().await.unwrap();
     assert_eq!(me["roles"], serde_json::json!(["admin", "user"]));
+    // Role names are checked as the admin API checks them, before any prompt.
+    let out = cli(&app)
+        .args([
+            "user",
+            "create",
+            "--email",
+            "x@example.com",
+            "--role",
+            "has space",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--role"));
     // The first admin can use the admin routes.
     let res = app
         .call(reqwest::Method::GET, "/admin/audit", &tokens.access, None)
