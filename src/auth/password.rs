@@ -62,16 +62,21 @@ pub struct PasswordHasherPool {
     runs: Arc<AtomicU64>,
 }
 
+/// Argon2id (v19) with the configured parameters.
+pub fn argon2id(settings: &PasswordSettings) -> anyhow::Result<Argon2<'static>> {
+    let params = Params::new(
+        settings.memory_kib,
+        settings.iterations,
+        settings.parallelism,
+        None,
+    )
+    .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
 impl PasswordHasherPool {
     pub fn new(settings: &PasswordSettings) -> anyhow::Result<Self> {
-        let params = Params::new(
-            settings.memory_kib,
-            settings.iterations,
-            settings.parallelism,
-            None,
-        )
-        .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))?;
-        let argon2 = Arc::new(Argon2::new(Algorithm::Argon2id, Version::V0x13, params));
+        let argon2 = Arc::new(argon2id(settings)?);
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {

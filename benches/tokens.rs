@@ -1,0 +1,120 @@
+//! Micro-benchmarks of the per-request work that is Tessera's own: signing and verifying
+//! access tokens (every algorithm Tessera offers, through the server's own
+//! `AccessTokens`), generating, hashing and sealing refresh tokens (what one `/refresh`
+//! does before its database statement), and the denylist check (one Redis `MGET`).
+//!
+//! ```sh
+//! cargo bench --bench tokens     # the denylist case needs Redis (TESSERA__REDIS__URL)
+//! ```
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tessera::auth::access_token::AccessTokens;
+use tessera::auth::keys::{KeyStore, SharedKeyring};
+use tessera::auth::refresh_token::RefreshToken;
+use tessera::config::Settings;
+use tessera::domain::{SessionId, UserId};
+use tessera::store::denylist::Denylist;
+use uuid::Uuid;
+
+/// Settings from the environment with the keys in a fresh directory.
+fn settings(keys: &std::path::Path, algorithm: &str) -> Settings {
+    let env = std::env::vars()
+        .filter(|(k, _)| k != "TESSERA__KEYS__DIR" && k != "TESSERA__TOKENS__ALGORITHM")
+        .chain([
+            ("TESSERA__KEYS__DIR".to_owned(), keys.display().to_string()),
+            (
+                "TESSERA__TOKENS__ALGORITHM".to_owned(),
+                algorithm.to_owned(),
+            ),
+        ]);
+    Settings::load_from(None, env).expect("valid settings")
+}
+
+fn access_tokens(c: &mut Criterion) {
+    let mut group = c.benchmark_group("access token");
+    for algorithm in ["ES256", "EdDSA", "RS256", "HS256"] {
+        let dir = std::env::temp_dir().join(format!(
+            "tessera-bench-keys-{}-{algorithm}",
+            std::process::id()
+        ));
+        let settings = settings(&dir, algorithm);
+        let ring = SharedKeyring::open(KeyStore::from_settings(&settings).unwrap()).unwrap();
+        let tokens = AccessTokens::new(Arc::new(ring), &settings.tokens);
+        let (user, session) = (UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()));
+        let roles = vec!["user".to_owned()];
+        group.bench_function(format!("sign {algorithm}"), |b| {
+            b.iter(|| tokens.issue(black_box(user), session, &roles).unwrap())
+        });
+        let token = tokens.issue(user, session, &roles).unwrap();
+        group.bench_function(format!("verify {algorithm}"), |b| {
+            b.iter(|| tokens.verify(black_box(&token)).unwrap())
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    group.finish();
+}
+
+fn refresh_tokens(c: &mut Criterion) {
+    let mut group = c.benchmark_group("refresh token");
+    group.bench_function("generate", |b| b.iter(RefreshToken::generate));
+    let token = RefreshToken::generate();
+    group.bench_function("hash", |b| b.iter(|| black_box(&token).hash()));
+    // What /refresh computes before its statement: parse the presented token, hash it,
+    // make a successor, hash that and seal it for the reuse grace window.
+    let presented = token.expose().to_owned();
+    group.bench_function(
+        "one rotation's work (parse, generate, 2 hashes, seal)",
+        |b| {
+            b.iter(|| {
+                let current = RefreshToken::parse(black_box(&presented)).unwrap();
+                let successor = RefreshToken::generate();
+                (
+                    current.hash(),
+                    successor.hash(),
+                    current.seal_successor(&successor),
+                )
+            })
+        },
+    );
+    group.finish();
+}
+
+fn denylist(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!(
+        "tessera-bench-keys-{}-denylist",
+        std::process::id()
+    ));
+    let settings = settings(&dir, "ES256");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let denylist = runtime
+        .block_on(async { Denylist::connect_lazy(&settings.redis) })
+        .unwrap();
+    if let Err(e) = runtime.block_on(denylist.ping()) {
+        eprintln!("skipping the denylist benchmark: Redis is not reachable ({e:#})");
+        return;
+    }
+    let (user, session) = (UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()));
+    let jti = Uuid::now_v7().to_string();
+    c.bench_function("denylist check (one MGET round trip)", |b| {
+        b.iter(|| {
+            let revoked = runtime
+                .block_on(denylist.is_revoked(session, black_box(&jti), user, 0))
+                .unwrap();
+            assert!(!revoked);
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = access_tokens, refresh_tokens, denylist
+}
+criterion_main!(benches);

@@ -1,0 +1,157 @@
+//! The machine's own limits, measured in the same run as the scenarios, so each
+//! scenario can be reported as a fraction of what the hardware allows:
+//! - argon2 verifications per second with the configured parameters, one thread per core;
+//! - raw signatures and signature checks per second with the configured algorithm and
+//!   the server's own key, one thread per core;
+//! - the database work of a refresh (Tessera's own rotation statement, through its
+//!   store) at the refresh scenario's concurrency, with no HTTP, JSON or JWT around it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use argon2::{PasswordHasher, PasswordVerifier};
+use tessera::auth::keys::KeyStore;
+use tessera::auth::refresh_token::RefreshToken;
+use tessera::config::{PasswordSettings, Settings};
+use tessera::store::postgres::PgStore;
+use tessera::store::{ClientInfo, Rotation, Store};
+
+use crate::load::{Outcome, Stats};
+
+/// Runs `work` on one thread per core for `duration`; returns calls per second.
+fn per_second_on_all_cores(duration: Duration, work: impl Fn() + Sync) -> f64 {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        work();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Argon2id verifications per second with the configured parameters.
+pub fn argon2_verifications(
+    settings: &PasswordSettings,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let argon2 = tessera::auth::password::argon2id(settings)?;
+    let hash = argon2
+        .hash_password(b"bench-password-correct-horse")
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?
+        .to_string();
+    let parsed = argon2::PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(per_second_on_all_cores(duration, || {
+        assert!(
+            argon2
+                .verify_password(b"bench-password-correct-horse", &parsed)
+                .is_ok()
+        );
+    }))
+}
+
+/// Raw signatures and verifications per second with the server's signing key, over a
+/// message the size of a real access token's header and claims.
+pub fn sign_and_verify(settings: &Settings, duration: Duration) -> anyhow::Result<(f64, f64)> {
+    let ring = KeyStore::from_settings(settings)?.load()?;
+    let key = &ring.signing;
+    let alg = key.alg.jwt();
+    let message = concat!(
+        "eyJhbGciOiJFUzI1NiIsImtpZCI6IjAxOTM0YzU2LTc4OWEtN2JjZC1lZjAxLTIzNDU2Nzg5YWJjZCIsInR5cCI6ImF0K2p3dCJ9.",
+        "eyJpc3MiOiJodHRwOi8vMTI3LjAuMC4xOjgwODAiLCJzdWIiOiIwMTkzNGM1Ni03ODlhLTdiY2QtZWYwMS0yMzQ1Njc4OWFiY2QiLCJhdWQiOiJ0ZXNzZXJhIiwiZXhwIjoxNzY0MDAwOTAwLCJpYXQiOjE3NjQwMDAwMDAsIm5iZiI6MTc2NDAwMDAwMCwianRpIjoiMDE5MzRjNTYtNzg5YS03YmNkLWVmMDEtMjM0NTY3ODlhYmNkIiwic2lkIjoiMDE5MzRjNTYtNzg5YS03YmNkLWVmMDEtMjM0NTY3ODlhYmNkIiwicm9sZXMiOltdfQ"
+    )
+    .as_bytes();
+    let signature = jsonwebtoken::crypto::sign(message, &key.encoding, alg)?;
+    anyhow::ensure!(
+        jsonwebtoken::crypto::verify(&signature, message, &key.decoding, alg)?,
+        "the signing key does not verify its own signature"
+    );
+    let signs = per_second_on_all_cores(duration, || {
+        assert!(jsonwebtoken::crypto::sign(message, &key.encoding, alg).is_ok());
+    });
+    let verifies = per_second_on_all_cores(duration, || {
+        assert!(
+            jsonwebtoken::crypto::verify(&signature, message, &key.decoding, alg).unwrap_or(false)
+        );
+    });
+    Ok((signs, verifies))
+}
+
+/// Tessera's refresh statement (rotate one token, touch the session, insert the
+/// successor and an audit row, in one transaction) run directly on the store, one task
+/// per chain, with the server's pool size: the database's ceiling for `/refresh`.
+pub async fn bare_refresh(
+    settings: &Settings,
+    chains: Vec<String>,
+    duration: Duration,
+    warmup: Duration,
+) -> anyhow::Result<Outcome> {
+    let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
+    let idle_ttl_secs = settings.tokens.refresh_idle_ttl_secs as i64;
+    let client = Arc::new(ClientInfo {
+        ip: Some("127.0.0.1".to_owned()),
+        user_agent: Some("tessera-bench".to_owned()),
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for first in chains {
+        let store = store.clone();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stats = Stats::new();
+            let mut current = RefreshToken::parse(&first)
+                .ok_or_else(|| anyhow::anyhow!("a login gave a malformed refresh token"))?;
+            while start.elapsed() < duration {
+                let began = Instant::now();
+                let successor = RefreshToken::generate();
+                let rotation = Rotation {
+                    token_hash: &current.hash(),
+                    successor_hash: &successor.hash(),
+                    successor_sealed: &current.seal_successor(&successor),
+                    idle_ttl_secs,
+                    client: &client,
+                };
+                let rotated = store.rotate_refresh(rotation).await;
+                let ok = matches!(rotated, Ok(Some(_)));
+                if began.duration_since(start) >= warmup {
+                    stats.record(ok, 0, began.elapsed().as_micros() as u64);
+                }
+                if !ok {
+                    anyhow::bail!("the bare rotation failed: {rotated:?}");
+                }
+                current = successor;
+            }
+            anyhow::Ok(stats)
+        }));
+    }
+    let mut stats = Stats::new();
+    for task in tasks {
+        stats.merge(&task.await??);
+    }
+    let secs = start.elapsed().saturating_sub(warmup).as_secs_f64();
+    Ok(Outcome {
+        by_kind: [("bare refresh", stats)].into_iter().collect(),
+        secs,
+    })
+}
+
+/// Resident memory of a process, in KiB, from /proc (Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
