@@ -7,6 +7,8 @@
 #   BENCH_SECS         seconds per scenario and ceiling (default 10)
 #   BENCH_CONNECTIONS  connections of the closed-loop scenarios (default 32)
 #   BENCH_ARGS         more tessera-bench suite flags (see `tessera-bench suite --help`)
+#   BENCH_HOLD=1       start the servers, print how to run the suite by hand, and wait
+#                      (for profiling one scenario with --only)
 #   TESSERA__*         settings of the server under test, as for `tessera serve`
 #                      (e.g. TESSERA__TOKENS__ALGORITHM=EdDSA); the suite reads the same
 #                      ones for its ceilings (argon2 parameters, signing algorithm).
@@ -92,6 +94,15 @@ TESSERA__SERVER__PORT=$SETUP_PORT TESSERA__PASSWORD__MEMORY_KIB=8 TESSERA__PASSW
   target/release/tessera serve >"$work/server-$SETUP_PORT.log" 2>&1 &
 pids+=("$!")
 wait_ready "$SETUP_PORT" "$!"
+
+if [ -n "${BENCH_HOLD:-}" ]; then
+  # For profiling: keep both servers up with this environment and wait.
+  say "holding: server pid $server on 127.0.0.1:$PORT, setup instance on 127.0.0.1:$SETUP_PORT;"
+  say "  run: target/release/tessera-bench suite --addr 127.0.0.1:$PORT --setup-addr 127.0.0.1:$SETUP_PORT --server-pid $server --introspect-client bench:$secret --only ..."
+  say "  (with the TESSERA__* variables above exported); Ctrl-C stops"
+  wait "$server"
+  exit 0
+fi
 
 mkdir -p "$(dirname "$OUT")"
 # shellcheck disable=SC2086

@@ -92,6 +92,7 @@ pub struct PasswordSettings {
     pub allow_weak: bool,
     pub workers: usize,
     pub queue: usize,
+    pub low_priority: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -68,7 +68,7 @@ impl AuthService {
         let user = self.current_user(claims.sub).await?;
         let email = Email::parse(&user.email)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
-        self.gate_password_attempt(&email, ip, client).await?;
+        let slot = self.gate_password_attempt(&email, ip, client).await?;
         let credentials = self
             .store
             .find_credentials(&email)
@@ -77,7 +77,7 @@ impl AuthService {
             .ok_or(ApiError::InvalidToken)?;
         let verification = self
             .hasher
-            .verify(current, Some(credentials.password_hash.clone()))
+            .verify(slot, current, Some(credentials.password_hash.clone()))
             .await?;
         if !verification.matches {
             self.audit(

@@ -4,6 +4,10 @@
 //! would stall every other request, and an unbounded queue would let a login flood
 //! exhaust memory. The pool has about one thread per core and a bounded queue; when the
 //! queue is full the caller gets [`HashError::Busy`] at once (503 + `Retry-After`).
+//! A caller takes its place in the pool ([`PasswordHasherPool::reserve`]) before doing
+//! any other work for the attempt, so that under a login flood the attempts the pool
+//! cannot take are refused before they cost a Redis or database round trip (which the
+//! refreshes and token checks of everyone else need).
 //! Unknown users are checked against a dummy hash made with the same parameters, so
 //! they cost the same time as known ones.
 
@@ -12,8 +16,11 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
-use tokio::sync::oneshot;
+use argon2::{
+    Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
+};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::config::PasswordSettings;
 use crate::domain::Password;
@@ -52,14 +59,34 @@ fn is_outdated(argon2: &Argon2<'_>, hash: &str) -> bool {
     !same
 }
 
+/// A place in the pool (a thread or a queue slot), held from before an attempt's
+/// database and Redis work until its argon2 job has run.
+pub struct HashSlot {
+    /// Released when dropped: after the job ran, or at once if the attempt stops first.
+    _permit: OwnedSemaphorePermit,
+}
+
 pub struct PasswordHasherPool {
     queue: SyncSender<Job>,
+    /// Places: threads plus queue slots.
+    slots: Arc<Semaphore>,
     argon2: Arc<Argon2<'static>>,
     dummy_hash: Arc<str>,
     /// Jobs taken up by a thread.
     jobs: Arc<AtomicU64>,
     /// Argon2 evaluations actually computed (hashes and verifications).
     runs: Arc<AtomicU64>,
+}
+
+/// Threads that hash: `password.workers`, or by default one per core but one (at
+/// least one thread), so that a login flood always leaves a core to refreshes and
+/// token checks: with every core hashing, their p99 rose 10-20× under a flood even at
+/// the lowest priority; with one core left it stayed within 2× (docs/performance.md).
+pub fn hashing_threads(settings: &PasswordSettings) -> usize {
+    match settings.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+        n => n,
+    }
 }
 
 /// Argon2id (v19) with the configured parameters.
@@ -77,23 +104,26 @@ pub fn argon2id(settings: &PasswordSettings) -> anyhow::Result<Argon2<'static>> 
 impl PasswordHasherPool {
     pub fn new(settings: &PasswordSettings) -> anyhow::Result<Self> {
         let argon2 = Arc::new(argon2id(settings)?);
-        let workers = if settings.workers == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            settings.workers
-        };
+        let workers = hashing_threads(settings);
         let capacity = if settings.queue == 0 {
-            workers * 16
+            workers * 64
         } else {
             settings.queue
         };
-        let (queue, rx) = sync_channel::<Job>(capacity);
+        // Never full: a job needs a slot, and there are no more slots than this.
+        let (queue, rx) = sync_channel::<Job>(capacity + workers);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers {
             let rx = rx.clone();
+            let low_priority = settings.low_priority;
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || worker(rx))
+                .spawn(move || {
+                    if low_priority {
+                        lower_priority();
+                    }
+                    worker(rx)
+                })
                 .context("cannot start password hashing threads")?;
         }
         let mut random = [0u8; 24];
@@ -105,6 +135,7 @@ impl PasswordHasherPool {
             .to_string();
         Ok(PasswordHasherPool {
             queue,
+            slots: Arc::new(Semaphore::new(capacity + workers)),
             argon2,
             dummy_hash: dummy_hash.into(),
             jobs: Arc::new(AtomicU64::new(0)),
@@ -124,13 +155,24 @@ impl PasswordHasherPool {
         self.jobs.load(Ordering::Relaxed)
     }
 
+    /// Takes a place in the pool, or refuses at once when every thread is busy and
+    /// the queue is full.
+    pub fn reserve(&self) -> Result<HashSlot, HashError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map(|permit| HashSlot { _permit: permit })
+            .map_err(|_| HashError::Busy)
+    }
+
     /// Hashes a new password into a PHC string.
     pub async fn hash(&self, password: Password) -> Result<String, HashError> {
         let (argon2, runs) = (self.argon2.clone(), self.runs.clone());
-        self.run(move || {
-            counted(&runs, || argon2.hash_password(password.expose().as_bytes()))
-                .map(|h| h.to_string())
-                .map_err(|e| HashError::Failed(anyhow::anyhow!("{e}")))
+        self.run(self.reserve()?, move || {
+            counted(&runs, || {
+                hash_in_thread_memory(&argon2, password.expose().as_bytes())
+            })
+            .map_err(HashError::Failed)
         })
         .await?
     }
@@ -142,22 +184,19 @@ impl PasswordHasherPool {
     /// configuration as users log in.
     pub async fn verify(
         &self,
+        slot: HashSlot,
         password: Password,
         hash: Option<String>,
     ) -> Result<Verification, HashError> {
         let (argon2, runs) = (self.argon2.clone(), self.runs.clone());
         let is_real = hash.is_some();
         let hash: Arc<str> = hash.map_or_else(|| self.dummy_hash.clone(), Arc::from);
-        self.run(move || {
+        self.run(slot, move || {
             let pw = password.expose().as_bytes();
             // Always verify, even against the dummy hash: that is the point of it.
-            let matches = counted(&runs, || argon2.verify_password(pw, &*hash).is_ok()) && is_real;
+            let matches = counted(&runs, || verify_in_thread_memory(&argon2, pw, &hash)) && is_real;
             let upgraded_hash = (matches && is_outdated(&argon2, &hash))
-                .then(|| {
-                    counted(&runs, || {
-                        argon2.hash_password(pw).ok().map(|h| h.to_string())
-                    })
-                })
+                .then(|| counted(&runs, || hash_in_thread_memory(&argon2, pw).ok()))
                 .flatten();
             Verification {
                 matches,
@@ -167,9 +206,10 @@ impl PasswordHasherPool {
         .await
     }
 
-    /// Queues `f` without waiting; refuses at once when the queue is full.
+    /// Queues `f` in the place `slot` holds; the place is freed when `f` has run.
     fn submit<T: Send + 'static>(
         &self,
+        slot: HashSlot,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<oneshot::Receiver<T>, HashError> {
         let (tx, rx) = oneshot::channel();
@@ -177,6 +217,7 @@ impl PasswordHasherPool {
         let job: Job = Box::new(move || {
             jobs.fetch_add(1, Ordering::Relaxed);
             let _ = tx.send(f());
+            drop(slot);
         });
         match self.queue.try_send(job) {
             Ok(()) => Ok(rx),
@@ -189,12 +230,85 @@ impl PasswordHasherPool {
 
     async fn run<T: Send + 'static>(
         &self,
+        slot: HashSlot,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let rx = self.submit(f)?;
+        let rx = self.submit(slot, f)?;
         rx.await
             .map_err(|_| HashError::Failed(anyhow::anyhow!("hashing job was dropped")))
     }
+}
+
+thread_local! {
+    /// A hashing thread's argon2 working memory, kept from one verification to the next.
+    /// Allocating and zeroing 19 MiB per login costs ~4,900 page faults and an munmap
+    /// (whose TLB shootdown interrupts every core), and glibc then leaves freed blocks
+    /// scattered over its per-thread arenas: the server grew to ~380 MB under a login
+    /// flood. With the memory kept, it stays at threads × m (docs/performance.md).
+    static MEMORY: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `argon2.hash_password(password)` (a random 16-byte salt, a 32-byte output, the PHC
+/// string), computed in this thread's kept memory.
+fn hash_in_thread_memory(argon2: &Argon2<'_>, password: &[u8]) -> anyhow::Result<String> {
+    use argon2::password_hash::phc::{Output, ParamsString, Salt};
+    let mut salt = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut salt).map_err(|_| anyhow::anyhow!("random generator failed"))?;
+    let mut output = [0u8; 32];
+    let blocks = argon2.params().block_count();
+    MEMORY
+        .with_borrow_mut(|memory| {
+            memory.resize(blocks.max(memory.len()), Block::new());
+            argon2.hash_password_into_with_memory(
+                password,
+                &salt,
+                &mut output,
+                &mut memory[..blocks],
+            )
+        })
+        .map_err(|e| anyhow::anyhow!("argon2 failed: {e}"))?;
+    let phc = PasswordHash {
+        algorithm: argon2::ARGON2ID_IDENT,
+        version: Some(0x13),
+        params: ParamsString::try_from(argon2.params()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        salt: Some(Salt::new(&salt).map_err(|e| anyhow::anyhow!("{e}"))?),
+        hash: Some(Output::new(&output).map_err(|e| anyhow::anyhow!("{e}"))?),
+    };
+    Ok(phc.to_string())
+}
+
+/// `argon2.verify_password(password, hash)`, computed in this thread's kept memory
+/// when the hash needs no more of it than the configured parameters (the hashes
+/// Tessera makes); other hashes take the allocating path. The comparison of the
+/// outputs is constant-time.
+fn verify_in_thread_memory(argon2: &Argon2<'_>, password: &[u8], hash: &str) -> bool {
+    let Ok(phc) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&phc.salt, &phc.hash) else {
+        return false;
+    };
+    let params = match Params::try_from(&phc) {
+        Ok(p) if p.block_count() <= argon2.params().block_count() => p,
+        _ => return argon2.verify_password(password, hash).is_ok(),
+    };
+    let (Ok(algorithm), Ok(version)) = (
+        Algorithm::try_from(phc.algorithm.as_str()),
+        Version::try_from(phc.version.unwrap_or(0x13)),
+    ) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let hasher = Argon2::new(algorithm, version, params);
+    let mut output = [0u8; 64];
+    let Some(output) = output.get_mut(..expected.len()) else {
+        return false;
+    };
+    let computed = MEMORY.with_borrow_mut(|memory| {
+        memory.resize(blocks.max(memory.len()), Block::new());
+        hasher.hash_password_into_with_memory(password, salt, output, &mut memory[..blocks])
+    });
+    computed.is_ok() && bool::from(output.ct_eq(expected.as_bytes()))
 }
 
 /// Runs one argon2 evaluation and counts it, so the count cannot drift from the work.
@@ -202,6 +316,16 @@ fn counted<T>(runs: &AtomicU64, evaluation: impl FnOnce() -> T) -> T {
     let out = evaluation();
     runs.fetch_add(1, Ordering::Relaxed);
     out
+}
+
+/// Gives the calling thread the lowest priority of the normal scheduling policy (nice
+/// 19 on Linux): any other runnable thread of the machine goes first. Needs no
+/// privileges; if it fails anyway, hashing simply keeps the normal priority.
+fn lower_priority() {
+    use thread_priority::{ThreadPriority, set_current_thread_priority};
+    if let Err(e) = set_current_thread_priority(ThreadPriority::Min) {
+        tracing::warn!(error = ?e, "could not lower the priority of a hashing thread");
+    }
 }
 
 fn worker(rx: Arc<Mutex<Receiver<Job>>>) {
@@ -229,6 +353,7 @@ mod tests {
             allow_weak: true,
             workers: 1,
             queue,
+            low_priority: true,
         }
     }
 
@@ -245,6 +370,7 @@ mod tests {
             .unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"));
         let ok = pool.verify(
+            pool.reserve().unwrap(),
             Password::parse_existing("correct horse".into()).unwrap(),
             Some(hash.clone()),
         );
@@ -255,11 +381,13 @@ mod tests {
             "current parameters: nothing to upgrade"
         );
         let wrong = pool.verify(
+            pool.reserve().unwrap(),
             Password::parse_existing("Correct horse".into()).unwrap(),
             Some(hash),
         );
         assert!(!wrong.await.unwrap().matches);
         let nobody = pool.verify(
+            pool.reserve().unwrap(),
             Password::parse_existing("correct horse".into()).unwrap(),
             None,
         );
@@ -285,6 +413,7 @@ mod tests {
         let pool = pool(4);
         let check = |pw: &str| {
             pool.verify(
+                pool.reserve().unwrap(),
                 Password::parse_existing(pw.into()).unwrap(),
                 Some(hash.clone()),
             )
@@ -302,6 +431,7 @@ mod tests {
             "{upgraded}"
         );
         let again = pool.verify(
+            pool.reserve().unwrap(),
             Password::parse_existing("correct horse".into()).unwrap(),
             Some(upgraded),
         );
@@ -313,15 +443,119 @@ mod tests {
         let pool = pool(1);
         // Block the only worker, then fill the one queue slot.
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let blocker = pool.submit(move || release_rx.recv().ok()).unwrap();
+        let blocker = pool
+            .submit(pool.reserve().unwrap(), move || release_rx.recv().ok())
+            .unwrap();
         while pool.jobs_started() == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        let queued = pool.submit(|| ()).unwrap();
-        assert!(matches!(pool.submit(|| ()), Err(HashError::Busy)));
+        let queued = pool.submit(pool.reserve().unwrap(), || ()).unwrap();
+        assert!(matches!(pool.reserve(), Err(HashError::Busy)));
         release_tx.send(()).unwrap();
         blocker.await.unwrap().unwrap();
         queued.await.unwrap();
-        assert!(pool.submit(|| ()).is_ok(), "accepts again once drained");
+        assert!(pool.reserve().is_ok(), "accepts again once drained");
+    }
+
+    #[test]
+    fn verifying_in_kept_memory_agrees_with_the_argon2_crate() {
+        let argon2 = argon2id(&settings(1)).unwrap();
+        let smaller = argon2id(&PasswordSettings {
+            memory_kib: 512,
+            ..settings(1)
+        })
+        .unwrap();
+        let larger = argon2id(&PasswordSettings {
+            memory_kib: 2048,
+            ..settings(1)
+        })
+        .unwrap();
+        for maker in [&argon2, &smaller, &larger] {
+            let hash = maker.hash_password(b"correct horse").unwrap().to_string();
+            // Twice each, so the second run uses memory left by the first.
+            for _ in 0..2 {
+                for pw in [
+                    &b"correct horse"[..],
+                    b"correct horsf",
+                    b"",
+                    b"correct horse ",
+                ] {
+                    assert_eq!(
+                        verify_in_thread_memory(&argon2, pw, &hash),
+                        argon2.verify_password(pw, &*hash).is_ok(),
+                        "{hash}"
+                    );
+                }
+                assert!(verify_in_thread_memory(&argon2, b"correct horse", &hash));
+            }
+        }
+        assert!(!verify_in_thread_memory(&argon2, b"x", "not a phc string"));
+        // Hashes made in kept memory verify with the crate, and differ by salt.
+        let mine = hash_in_thread_memory(&argon2, b"correct horse").unwrap();
+        assert!(mine.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{mine}");
+        assert!(argon2.verify_password(b"correct horse", &*mine).is_ok());
+        assert!(argon2.verify_password(b"correct horsf", &*mine).is_err());
+        assert_ne!(
+            mine,
+            hash_in_thread_memory(&argon2, b"correct horse").unwrap()
+        );
+        // Another output under the same salt: first character of the output changed.
+        let good = argon2.hash_password(b"correct horse").unwrap().to_string();
+        let at = good.rfind('$').unwrap() + 1;
+        let other = if good[at..].starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
+        let tampered = format!("{}{other}{}", &good[..at], &good[at + 1..]);
+        assert!(verify_in_thread_memory(&argon2, b"correct horse", &good));
+        assert!(!verify_in_thread_memory(
+            &argon2,
+            b"correct horse",
+            &tampered
+        ));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn hashing_threads_run_at_the_lowest_priority() {
+        let _pool = pool(1);
+        let nice_of_hashing_threads = || -> Vec<i64> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|task| {
+                    let dir = task.ok()?.path();
+                    let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                    // Fields after "(comm)": state is field 3, nice field 19.
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    let nice = after.split_whitespace().nth(16)?.parse().ok()?;
+                    comm.starts_with("argon2-").then_some(nice)
+                })
+                .collect()
+        };
+        // The thread lowers its own priority as it starts.
+        let mut seen = nice_of_hashing_threads();
+        for _ in 0..100 {
+            if !seen.is_empty() && seen.iter().all(|&n| n == 19) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            seen = nice_of_hashing_threads();
+        }
+        assert!(!seen.is_empty(), "no hashing thread found");
+        assert!(seen.iter().all(|&n| n == 19), "nice values {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reserved_place_counts_before_its_job_is_queued() {
+        let pool = pool(1);
+        let held = [pool.reserve().unwrap(), pool.reserve().unwrap()];
+        assert!(matches!(pool.reserve(), Err(HashError::Busy)));
+        drop(held);
+        assert!(
+            pool.reserve().is_ok(),
+            "a dropped reservation frees its place"
+        );
     }
 }

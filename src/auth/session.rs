@@ -18,7 +18,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::access_token::{AccessTokens, Claims};
-use super::password::{HashError, PasswordHasherPool};
+use super::password::{HashError, HashSlot, PasswordHasherPool};
 use super::refresh_token::RefreshToken;
 use super::throttle::{self, LoginThrottle};
 use crate::config::Settings;
@@ -136,11 +136,11 @@ impl AuthService {
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<TokenGrant, ApiError> {
-        self.gate_password_attempt(&email, ip, client).await?;
+        let slot = self.gate_password_attempt(&email, ip, client).await?;
 
         let credentials = self.store.find_credentials(&email).await?;
         let hash = credentials.as_ref().map(|c| c.password_hash.clone());
-        let verification = self.hasher.verify(password, hash).await?;
+        let verification = self.hasher.verify(slot, password, hash).await?;
         let (user, password_hash) = match credentials {
             Some(c) if verification.matches && !c.user.disabled => (c.user, c.password_hash),
             other => {
@@ -447,28 +447,33 @@ impl AuthService {
     }
 
     /// Every check that must pass before a password is hashed, for login and password
-    /// change alike: the per-process burst limits (IP, account), then the per-account
-    /// budget shared through Redis, which also counts this attempt.
+    /// change alike: the per-process burst limits (IP, account), a place in the hashing
+    /// pool (503 at once when it is full, before any round trip: a flood costs the
+    /// other endpoints as little as possible), then the per-account budget shared
+    /// through Redis, which also counts this attempt. Returns the place to hash in.
     pub(super) async fn gate_password_attempt(
         &self,
         email: &Email,
         ip: IpAddr,
         client: &ClientInfo,
-    ) -> Result<(), ApiError> {
+    ) -> Result<HashSlot, ApiError> {
         let account = email.normalized();
         let (retry_after, by) = match self.throttle.check_ip(ip) {
             Err(t) => (t.retry_after_secs, "ip"),
             Ok(()) => match self.throttle.check_account(&account) {
                 Err(t) => (t.retry_after_secs, "account"),
-                Ok(()) => match self
-                    .failures
-                    .attempt(&account)
-                    .await
-                    .map_err(ApiError::unavailable)?
-                {
-                    Ok(()) => return Ok(()),
-                    Err(wait) => (throttle::secs(wait), "failures"),
-                },
+                Ok(()) => {
+                    let slot = self.hasher.reserve()?;
+                    match self
+                        .failures
+                        .attempt(&account)
+                        .await
+                        .map_err(ApiError::unavailable)?
+                    {
+                        Ok(()) => return Ok(slot),
+                        Err(wait) => (throttle::secs(wait), "failures"),
+                    }
+                }
             },
         };
         tracing::warn!(by, "login attempt throttled");

@@ -19,9 +19,17 @@ use tessera::store::{ClientInfo, Rotation, Store};
 
 use crate::load::{Outcome, Stats};
 
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// Runs `work` on one thread per core for `duration`; returns calls per second.
 fn per_second_on_all_cores(duration: Duration, work: impl Fn() + Sync) -> f64 {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    per_second(cores(), duration, work)
+}
+
+/// Runs `work` on `threads` threads for `duration`; returns calls per second.
+fn per_second(threads: usize, duration: Duration, work: impl Fn() + Sync) -> f64 {
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let total: u64 = std::thread::scope(|scope| {
@@ -44,9 +52,11 @@ fn per_second_on_all_cores(duration: Duration, work: impl Fn() + Sync) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Argon2id verifications per second with the configured parameters.
+/// Argon2id verifications per second with the configured parameters, on `threads`
+/// threads (the argon2 crate's own `verify_password`).
 pub fn argon2_verifications(
     settings: &PasswordSettings,
+    threads: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
     let argon2 = tessera::auth::password::argon2id(settings)?;
@@ -55,7 +65,7 @@ pub fn argon2_verifications(
         .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?
         .to_string();
     let parsed = argon2::PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(per_second_on_all_cores(duration, || {
+    Ok(per_second(threads, duration, || {
         assert!(
             argon2
                 .verify_password(b"bench-password-correct-horse", &parsed)

@@ -100,6 +100,11 @@ struct SuiteArgs {
     /// Start of each scenario that is not recorded.
     #[arg(long, default_value_t = 1)]
     warmup_secs: u64,
+    /// Run only these parts (comma-separated): ceilings, empty, login, refresh, me
+    /// (with /introspect), logout, mixed, flood. Ratios against a ceiling that was not
+    /// run show as not measured.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write the table (it is printed as well).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -176,41 +181,60 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         warmup: Duration::from_secs(args.warmup_secs),
     };
     let c = args.connections;
+    let alg = &settings.tokens.algorithm;
     let mut rows = Vec::new();
 
     // Ceilings of the machine, with nothing else running.
-    step("ceiling: argon2 verifications on all cores");
-    let argon2 = ceiling::argon2_verifications(&settings.password, secs)?;
-    step("ceiling: raw signatures and verifications on all cores");
-    let (signs, verifies) = ceiling::sign_and_verify(&settings, secs / 2)?;
-    let alg = &settings.tokens.algorithm;
-    rows.push(Row::ceiling(
-        "ceiling: argon2id verifications (configured params, all cores)",
-        argon2,
-    ));
-    rows.push(Row::ceiling(
-        format!("ceiling: raw {alg} signatures (all cores)"),
-        signs,
-    ));
-    rows.push(Row::ceiling(
-        format!("ceiling: raw {alg} verifications (all cores)"),
-        verifies,
-    ));
+    let (mut argon2, mut argon2_pool, mut empty_rate) = (f64::NAN, f64::NAN, f64::NAN);
+    let pool_threads = tessera::auth::password::hashing_threads(&settings.password);
+    if args.wants("ceilings") {
+        step("ceiling: argon2 verifications on all cores");
+        argon2 = ceiling::argon2_verifications(&settings.password, ceiling::cores(), secs)?;
+        argon2_pool = match pool_threads == ceiling::cores() {
+            true => argon2,
+            false => {
+                step("ceiling: argon2 verifications on the server's hashing threads");
+                ceiling::argon2_verifications(&settings.password, pool_threads, secs)?
+            }
+        };
+        step("ceiling: raw signatures and verifications on all cores");
+        let (signs, verifies) = ceiling::sign_and_verify(&settings, secs / 2)?;
+        rows.push(Row::ceiling(
+            "ceiling: argon2id verifications (configured params, all cores)",
+            argon2,
+        ));
+        rows.push(Row::ceiling(
+            format!(
+                "ceiling: argon2id verifications on the server's {pool_threads} hashing thread(s)"
+            ),
+            argon2_pool,
+        ));
+        rows.push(Row::ceiling(
+            format!("ceiling: raw {alg} signatures (all cores)"),
+            signs,
+        ));
+        rows.push(Row::ceiling(
+            format!("ceiling: raw {alg} verifications (all cores)"),
+            verifies,
+        ));
+    }
 
-    step("ceiling: empty handler (GET /health/live)");
-    let empty = load::run(
-        "empty",
-        args.addr,
-        closed,
-        repeat(c, "empty", Request::get("/health/live"), StatusCode::OK),
-    )
-    .await?;
-    let empty_rate = empty.rate("empty");
-    rows.push(Row::measured(
-        format!("ceiling: empty handler, GET /health/live ({c} conns)"),
-        empty_rate,
-        empty.kind("empty"),
-    ));
+    if args.wants("empty") {
+        step("ceiling: empty handler (GET /health/live)");
+        let empty = load::run(
+            "empty",
+            args.addr,
+            closed,
+            repeat(c, "empty", Request::get("/health/live"), StatusCode::OK),
+        )
+        .await?;
+        empty_rate = empty.rate("empty");
+        rows.push(Row::measured(
+            format!("ceiling: empty handler, GET /health/live ({c} conns)"),
+            empty_rate,
+            empty.kind("empty"),
+        ));
+    }
 
     // Users: the login users are hashed by the server under test (configured
     // parameters); the session users by the setup instance (cheap ones).
@@ -221,245 +245,271 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     scenario::register(args.addr, &login_users, args.login_connections).await?;
     scenario::register(args.setup_addr, &session_users, c).await?;
 
-    step("scenario: login");
-    let login = load::run(
-        "login",
-        args.addr,
-        closed,
-        (0..args.login_connections)
-            .map(|i| Logins {
-                users: login_users.clone(),
-                next: i * 31,
-            })
-            .collect(),
-    )
-    .await?;
-    let login_rate = login.rate("login");
-    rows.push(
-        Row::measured(
-            format!("POST /login ({} conns)", args.login_connections),
-            login_rate,
-            login.kind("login"),
+    if args.wants("login") {
+        step("scenario: login");
+        let login = load::run(
+            "login",
+            args.addr,
+            closed,
+            (0..args.login_connections)
+                .map(|i| Logins {
+                    users: login_users.clone(),
+                    next: i * 31,
+                })
+                .collect(),
         )
-        .against(login_rate, argon2, "argon2 ceiling", 0.9, false),
-    );
+        .await?;
+        let login_rate = login.rate("login");
+        rows.push(
+            Row::measured(
+                format!("POST /login ({} conns)", args.login_connections),
+                login_rate,
+                login.kind("login"),
+            )
+            .against(login_rate, argon2, "argon2 ceiling", 0.9, false),
+        );
+        rows.push(
+            Row::measured(
+                format!("POST /login, against the hashing threads' ceiling ({pool_threads})"),
+                login_rate,
+                login.kind("login"),
+            )
+            .against(
+                login_rate,
+                argon2_pool,
+                "argon2 on the pool's threads",
+                0.9,
+                false,
+            ),
+        );
+    }
 
-    step("scenario: refresh (one chain per connection)");
-    let chains = sessions(&args, &session_users, c).await?;
-    let refresh = load::run(
-        "refresh",
-        args.addr,
-        closed,
-        chains
-            .into_iter()
-            .map(|s| RefreshChain {
-                token: Some(s.refresh_token),
-            })
-            .collect(),
-    )
-    .await?;
-    step("ceiling: the refresh transaction alone, same concurrency");
-    let chains = sessions(&args, &session_users, c).await?;
-    let bare = ceiling::bare_refresh(
-        &settings,
-        chains.into_iter().map(|s| s.refresh_token).collect(),
-        secs,
-        closed.warmup,
-    )
-    .await?;
-    let bare_rate = bare.rate("bare refresh");
-    let refresh_rate = refresh.rate("refresh");
-    rows.push(Row::measured(
-        format!(
-            "ceiling: refresh transaction on the store, no HTTP ({c} tasks, pool {})",
-            settings.database.max_connections
-        ),
-        bare_rate,
-        bare.kind("bare refresh"),
-    ));
-    rows.push(
-        Row::measured(
-            format!("POST /refresh ({c} conns, own chains)"),
-            refresh_rate,
-            refresh.kind("refresh"),
+    if args.wants("refresh") {
+        step("scenario: refresh (one chain per connection)");
+        let chains = sessions(&args, &session_users, c).await?;
+        let refresh = load::run(
+            "refresh",
+            args.addr,
+            closed,
+            chains
+                .into_iter()
+                .map(|s| RefreshChain {
+                    token: Some(s.refresh_token),
+                })
+                .collect(),
         )
-        .against(refresh_rate, bare_rate, "bare transaction", 0.6, false),
-    );
-
-    step("scenario: /me");
-    let me_sessions = sessions(&args, &session_users, c).await?;
-    let me = load::run(
-        "me",
-        args.addr,
-        closed,
-        me_sessions
-            .iter()
-            .map(|s| Repeat {
-                kind: "me",
-                request: Request::get("/me").bearer(&s.access_token),
-                expect: StatusCode::OK,
-            })
-            .collect(),
-    )
-    .await?;
-    let me_rate = me.rate("me");
-    rows.push(
-        Row::measured(format!("GET /me ({c} conns)"), me_rate, me.kind("me")).against(
-            me_rate,
-            empty_rate,
-            "empty handler",
-            0.7,
-            false,
-        ),
-    );
-
-    step("scenario: /introspect");
-    let (id, secret) = args
-        .introspect_client
-        .split_once(':')
-        .ok_or_else(|| anyhow::anyhow!("--introspect-client must be id:secret"))?;
-    let introspect = load::run(
-        "introspect",
-        args.addr,
-        closed,
-        me_sessions
-            .iter()
-            .map(|s| Repeat {
-                kind: "introspect",
-                request: Request::post_form("/introspect", format!("token={}", s.access_token))
-                    .basic(id, secret),
-                expect: StatusCode::OK,
-            })
-            .collect(),
-    )
-    .await?;
-    rows.push(Row::measured(
-        format!("POST /introspect ({c} conns)"),
-        introspect.rate("introspect"),
-        introspect.kind("introspect"),
-    ));
-
-    step(&format!(
-        "scenario: logout ({} sessions)",
-        args.logout_sessions
-    ));
-    let to_end = sessions(&args, &session_users, args.logout_sessions).await?;
-    let mut per_conn: Vec<Logouts> = (0..c)
-        .map(|_| Logouts {
-            access_tokens: Vec::new(),
-        })
-        .collect();
-    for (i, s) in to_end.into_iter().enumerate() {
-        per_conn[i % c].access_tokens.push(s.access_token);
-    }
-    let logout = load::run(
-        "logout",
-        args.addr,
-        Plan {
-            warmup: Duration::ZERO,
-            ..closed
-        },
-        per_conn,
-    )
-    .await?;
-    rows.push(Row::measured(
-        format!("POST /logout ({c} conns)"),
-        logout.rate("logout"),
-        logout.kind("logout"),
-    ));
-
-    step("scenario: mixed SPA workload (1 login : 20 refresh : 200 /me)");
-    let mixed = load::run(
-        "mixed",
-        args.addr,
-        closed,
-        (0..c)
-            .map(|i| Spa {
-                users: login_users.clone(),
-                user: i * 7,
-                step: 0,
-                session: None,
-            })
-            .collect(),
-    )
-    .await?;
-    let mixed_total: f64 = ["login", "refresh", "me"]
-        .iter()
-        .map(|k| mixed.rate(k))
-        .sum();
-    let mut all = load::Stats::new();
-    for stats in mixed.by_kind.values() {
-        all.merge(stats);
-    }
-    rows.push(Row::measured(
-        format!("mixed SPA, all requests ({c} conns)"),
-        mixed_total,
-        &all,
-    ));
-    for kind in ["login", "refresh", "me"] {
+        .await?;
+        step("ceiling: the refresh transaction alone, same concurrency");
+        let chains = sessions(&args, &session_users, c).await?;
+        let bare = ceiling::bare_refresh(
+            &settings,
+            chains.into_iter().map(|s| s.refresh_token).collect(),
+            secs,
+            closed.warmup,
+        )
+        .await?;
+        let bare_rate = bare.rate("bare refresh");
+        let refresh_rate = refresh.rate("refresh");
         rows.push(Row::measured(
-            format!("mixed SPA: {kind}"),
-            mixed.rate(kind),
-            mixed.kind(kind),
-        ));
-    }
-
-    step("scenario: refresh and /me latency at a fixed rate, unloaded");
-    let unloaded = latency_probe(&args, &session_users, secs, None).await?;
-    step(&format!(
-        "scenario: the same while {} connections flood /login",
-        args.flood_connections
-    ));
-    let flood_plan = Plan {
-        pace: Pace::Closed,
-        ..closed
-    };
-    let flood_workloads: Vec<Logins> = (0..args.flood_connections)
-        .map(|i| Logins {
-            users: login_users.clone(),
-            next: i * 13,
-        })
-        .collect();
-    let flooded = latency_probe(
-        &args,
-        &session_users,
-        secs,
-        Some((flood_plan, flood_workloads)),
-    )
-    .await?;
-    for (kind, rate) in [("refresh", args.refresh_rate), ("me", args.me_rate)] {
-        let base = unloaded.probe.kind(kind).ms(0.99);
-        let under = flooded.probe.kind(kind);
-        rows.push(Row::measured(
-            format!("{kind} at {rate:.0}/s, unloaded"),
-            unloaded.probe.rate(kind),
-            unloaded.probe.kind(kind),
+            format!(
+                "ceiling: refresh transaction on the store, no HTTP ({c} tasks, pool {})",
+                settings.database.max_connections
+            ),
+            bare_rate,
+            bare.kind("bare refresh"),
         ));
         rows.push(
             Row::measured(
-                format!("{kind} at {rate:.0}/s, during the login flood"),
-                flooded.probe.rate(kind),
-                under,
+                format!("POST /refresh ({c} conns, own chains)"),
+                refresh_rate,
+                refresh.kind("refresh"),
             )
-            .against(under.ms(0.99), base, "unloaded p99", 2.0, true),
+            .against(refresh_rate, bare_rate, "bare transaction", 0.6, false),
         );
     }
-    if let Some(flood) = &flooded.flood {
-        rows.push(Row::measured(
-            format!(
-                "login flood ({} conns): accepted logins",
-                args.flood_connections
+
+    if args.wants("me") {
+        step("scenario: /me");
+        let me_sessions = sessions(&args, &session_users, c).await?;
+        let me = load::run(
+            "me",
+            args.addr,
+            closed,
+            me_sessions
+                .iter()
+                .map(|s| Repeat {
+                    kind: "me",
+                    request: Request::get("/me").bearer(&s.access_token),
+                    expect: StatusCode::OK,
+                })
+                .collect(),
+        )
+        .await?;
+        let me_rate = me.rate("me");
+        rows.push(
+            Row::measured(format!("GET /me ({c} conns)"), me_rate, me.kind("me")).against(
+                me_rate,
+                empty_rate,
+                "empty handler",
+                0.7,
+                false,
             ),
-            flood.rate("login"),
-            flood.kind("login"),
+        );
+
+        step("scenario: /introspect");
+        let (id, secret) = args
+            .introspect_client
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--introspect-client must be id:secret"))?;
+        let introspect = load::run(
+            "introspect",
+            args.addr,
+            closed,
+            me_sessions
+                .iter()
+                .map(|s| Repeat {
+                    kind: "introspect",
+                    request: Request::post_form("/introspect", format!("token={}", s.access_token))
+                        .basic(id, secret),
+                    expect: StatusCode::OK,
+                })
+                .collect(),
+        )
+        .await?;
+        rows.push(Row::measured(
+            format!("POST /introspect ({c} conns)"),
+            introspect.rate("introspect"),
+            introspect.kind("introspect"),
         ));
     }
-    rows.push(Row::bounded(
-        "peak resident memory of the server during the login flood",
-        flooded.peak_rss_kib as f64 / 1024.0,
-        150.0,
-        "MB",
-    ));
+
+    if args.wants("logout") {
+        step(&format!(
+            "scenario: logout ({} sessions)",
+            args.logout_sessions
+        ));
+        let to_end = sessions(&args, &session_users, args.logout_sessions).await?;
+        let mut per_conn: Vec<Logouts> = (0..c)
+            .map(|_| Logouts {
+                access_tokens: Vec::new(),
+            })
+            .collect();
+        for (i, s) in to_end.into_iter().enumerate() {
+            per_conn[i % c].access_tokens.push(s.access_token);
+        }
+        let logout = load::run(
+            "logout",
+            args.addr,
+            Plan {
+                warmup: Duration::ZERO,
+                ..closed
+            },
+            per_conn,
+        )
+        .await?;
+        rows.push(Row::measured(
+            format!("POST /logout ({c} conns)"),
+            logout.rate("logout"),
+            logout.kind("logout"),
+        ));
+    }
+
+    if args.wants("mixed") {
+        step("scenario: mixed SPA workload (1 login : 20 refresh : 200 /me)");
+        let mixed = load::run(
+            "mixed",
+            args.addr,
+            closed,
+            (0..c)
+                .map(|i| Spa {
+                    users: login_users.clone(),
+                    user: i * 7,
+                    step: 0,
+                    session: None,
+                })
+                .collect(),
+        )
+        .await?;
+        let mixed_total: f64 = ["login", "refresh", "me"]
+            .iter()
+            .map(|k| mixed.rate(k))
+            .sum();
+        let mut all = load::Stats::new();
+        for stats in mixed.by_kind.values() {
+            all.merge(stats);
+        }
+        rows.push(Row::measured(
+            format!("mixed SPA, all requests ({c} conns)"),
+            mixed_total,
+            &all,
+        ));
+        for kind in ["login", "refresh", "me"] {
+            rows.push(Row::measured(
+                format!("mixed SPA: {kind}"),
+                mixed.rate(kind),
+                mixed.kind(kind),
+            ));
+        }
+    }
+
+    if args.wants("flood") {
+        step("scenario: refresh and /me latency at a fixed rate, unloaded");
+        let unloaded = latency_probe(&args, &session_users, secs, None).await?;
+        step(&format!(
+            "scenario: the same while {} connections flood /login",
+            args.flood_connections
+        ));
+        let flood_plan = Plan {
+            pace: Pace::Closed,
+            ..closed
+        };
+        let flood_workloads: Vec<Logins> = (0..args.flood_connections)
+            .map(|i| Logins {
+                users: login_users.clone(),
+                next: i * 13,
+            })
+            .collect();
+        let flooded = latency_probe(
+            &args,
+            &session_users,
+            secs,
+            Some((flood_plan, flood_workloads)),
+        )
+        .await?;
+        for (kind, rate) in [("refresh", args.refresh_rate), ("me", args.me_rate)] {
+            let base = unloaded.probe.kind(kind).ms(0.99);
+            let under = flooded.probe.kind(kind);
+            rows.push(Row::measured(
+                format!("{kind} at {rate:.0}/s, unloaded"),
+                unloaded.probe.rate(kind),
+                unloaded.probe.kind(kind),
+            ));
+            rows.push(
+                Row::measured(
+                    format!("{kind} at {rate:.0}/s, during the login flood"),
+                    flooded.probe.rate(kind),
+                    under,
+                )
+                .against(under.ms(0.99), base, "unloaded p99", 2.0, true),
+            );
+        }
+        if let Some(flood) = &flooded.flood {
+            rows.push(Row::measured(
+                format!(
+                    "login flood ({} conns): accepted logins",
+                    args.flood_connections
+                ),
+                flood.rate("login"),
+                flood.kind("login"),
+            ));
+        }
+        rows.push(Row::bounded(
+            "peak resident memory of the server during the login flood",
+            flooded.peak_rss_kib as f64 / 1024.0,
+            150.0,
+            "MB",
+        ));
+    }
 
     let heading = format!(
         "Tessera benchmark, {}: {} cores; {alg}; argon2id m={} KiB t={} p={}; {}s per scenario after {}s warmup",
@@ -478,6 +528,12 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+impl SuiteArgs {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 fn repeat(n: usize, kind: &'static str, request: Request, expect: StatusCode) -> Vec<Repeat> {

@@ -142,9 +142,18 @@ pub fn table(heading: &str, rows: &[Row]) -> String {
         let ratio = row
             .ratio
             .as_ref()
-            .map_or(String::new(), |(r, base)| format!("{r:.2} × {base}"));
+            .map_or(String::new(), |(r, base)| match r.is_nan() {
+                true => format!("{base} not measured"),
+                false => format!("{r:.2} × {base}"),
+            });
+        let measured = row.ratio.as_ref().is_none_or(|(r, _)| !r.is_nan());
         let target = row.target.as_ref().map_or(String::new(), |(t, met)| {
-            format!("{t}: {}", if *met { "met" } else { "**missed**" })
+            let verdict = match (measured, met) {
+                (false, _) => "not measured",
+                (true, true) => "met",
+                (true, false) => "**missed**",
+            };
+            format!("{t}: {verdict}")
         });
         let _ = writeln!(
             out,
