@@ -2,8 +2,10 @@
 //!
 //! A hash costs ~20 ms of CPU and 19 MiB of memory, so hashing on the async workers
 //! would stall every other request, and an unbounded queue would let a login flood
-//! exhaust memory. The pool has about one thread per core and a bounded queue; when the
-//! queue is full the caller gets [`HashError::Busy`] at once (503 + `Retry-After`).
+//! exhaust memory. The pool has one thread per core but one (so a flood always leaves a
+//! core to everything else; the threads also run at the lowest priority), each keeping
+//! its argon2 memory between jobs, and a bounded queue; when the queue is full the
+//! caller gets [`HashError::Busy`] at once (503 + `Retry-After`).
 //! A caller takes its place in the pool ([`PasswordHasherPool::reserve`]) before doing
 //! any other work for the attempt, so that under a login flood the attempts the pool
 //! cannot take are refused before they cost a Redis or database round trip (which the
