@@ -48,12 +48,17 @@ impl Request {
     }
 
     pub fn post_json(path: &'static str, body: &serde_json::Value) -> Self {
+        Request::post_json_bytes(path, Bytes::from(body.to_string()))
+    }
+
+    /// A JSON body serialized beforehand (shared, not copied, between requests).
+    pub fn post_json_bytes(path: &'static str, body: Bytes) -> Self {
         Request {
             method: Method::POST,
             path,
             content_type: Some("application/json"),
             authorization: None,
-            body: Bytes::from(body.to_string()),
+            body,
         }
     }
 

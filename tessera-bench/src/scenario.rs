@@ -42,9 +42,10 @@ impl Users {
     }
 
     fn login(&self, i: usize) -> Request {
-        let mut request = Request::post_json("/login", &serde_json::Value::Null);
-        request.body = self.login_bodies[i % self.login_bodies.len()].clone();
-        request
+        Request::post_json_bytes(
+            "/login",
+            self.login_bodies[i % self.login_bodies.len()].clone(),
+        )
     }
 }
 
