@@ -246,16 +246,20 @@ async fn forwarded_for_from_a_trusted_proxy_picks_the_client_bucket() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_hashing_queue_answers_503_with_retry_after_at_once() {
+/// Slow hashes (hundreds of ms each), one thread, one waiting slot: a burst that
+/// arrives while the first hash runs must overflow.
+fn one_slow_hashing_thread() -> tessera::config::Settings {
     let mut settings = test_settings();
-    // Slow hashes (hundreds of ms each), one thread, one waiting slot: a burst that
-    // arrives while the first hash runs must overflow.
     settings.password.memory_kib = 19 * 1024;
     settings.password.iterations = 20;
     settings.password.workers = 1;
     settings.password.queue = 1;
-    let app = spawn_app_with(settings).await;
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hashing_queue_answers_503_with_retry_after_at_once() {
+    let app = spawn_app_with(one_slow_hashing_thread()).await;
     let body = json!({"email": "ghost@example.com", "password": "wrong password"});
     let requests = (0..12).map(|_| app.client.post(app.url("/login")).json(&body).send());
     let responses = futures_util::future::join_all(requests).await;
@@ -273,6 +277,32 @@ async fn a_full_hashing_queue_answers_503_with_retry_after_at_once() {
     }
     assert!(refused > 0, "some requests must be refused");
     assert!(answered >= 2, "the pool still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_refused_by_a_full_hashing_queue_do_not_use_up_the_accounts_free_failures() {
+    let mut settings = one_slow_hashing_thread();
+    settings.login.free_failures = 4;
+    settings.login.delay_base_secs = 60;
+    settings.login.delay_max_secs = 60;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let body = json!({"email": email, "password": "wrong password"});
+    let requests = (0..12).map(|_| app.client.post(app.url("/login")).json(&body).send());
+    let responses = futures_util::future::join_all(requests).await;
+    let (mut refused, mut answered) = (0, 0);
+    for res in responses {
+        match res.unwrap().status() {
+            StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+            StatusCode::UNAUTHORIZED => answered += 1,
+            other => panic!("unexpected {other}: a refused login must not count as a failure"),
+        }
+    }
+    assert!(refused > 0, "the burst must overflow the queue");
+    assert!(answered < 4, "only the hashed attempts count ({answered})");
+    // Twelve attempts arrived, but only the hashed ones were counted: the owner, with
+    // the right password, is not made to wait.
+    assert_eq!(app.login(&email, PASSWORD).await.status(), StatusCode::OK);
 }
 
 #[tokio::test]
