@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-request work that is Tessera's own: signing and verifying
 //! access tokens (every algorithm Tessera offers, through the server's own
-//! `AccessTokens`), generating, hashing and sealing refresh tokens (what one `/refresh`
+//! `AccessTokens`, in full and for a token presented before), generating, hashing and sealing refresh tokens (what one `/refresh`
 //! does before its database statement), and the denylist check (one Redis `MGET`).
 //!
 //! ```sh
@@ -42,8 +42,9 @@ fn access_tokens(c: &mut Criterion) {
             std::process::id()
         ));
         let settings = settings(&dir, algorithm);
-        let ring = SharedKeyring::open(KeyStore::from_settings(&settings).unwrap()).unwrap();
-        let tokens = AccessTokens::new(Arc::new(ring), &settings.tokens);
+        let ring =
+            Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings).unwrap()).unwrap());
+        let tokens = AccessTokens::new(ring.clone(), &settings.tokens);
         let (user, session) = (UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()));
         let roles = vec!["user".to_owned()];
         group.bench_function(format!("sign {algorithm}"), |b| {
@@ -52,6 +53,12 @@ fn access_tokens(c: &mut Criterion) {
         let token = tokens.issue(user, session, &roles).unwrap();
         group.bench_function(format!("verify {algorithm}"), |b| {
             b.iter(|| tokens.verify(black_box(&token)).unwrap())
+        });
+        // The server's configuration: a token presented again is found by its SHA-256.
+        let remembering = AccessTokens::new(ring, &settings.tokens).remembering(1000);
+        remembering.verify(&token).unwrap();
+        group.bench_function(format!("verify {algorithm}, presented before"), |b| {
+            b.iter(|| remembering.verify(black_box(&token)).unwrap())
         });
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -30,6 +30,7 @@ pub struct Settings {
     pub introspection: IntrospectionSettings,
     pub sessions: SessionSettings,
     pub cleanup: CleanupSettings,
+    pub cache: CacheSettings,
     pub log: LogSettings,
 }
 
@@ -131,6 +132,13 @@ pub struct CleanupSettings {
     pub batch_size: u32,
     pub session_retention_secs: u64,
     pub audit_retention_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    pub user_emails: usize,
+    pub verified_tokens: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

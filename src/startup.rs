@@ -45,7 +45,8 @@ impl Application {
         let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
         let denylist = Denylist::connect_lazy(&settings.redis)?;
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
-        let tokens = AccessTokens::new(keys.clone(), &settings.tokens);
+        let tokens = AccessTokens::new(keys.clone(), &settings.tokens)
+            .remembering(settings.cache.verified_tokens);
         let hasher = PasswordHasherPool::new(&settings.password)?;
         let trusted_proxies = settings
             .server

@@ -4,16 +4,29 @@
 //! from that key, never from the token (so `alg: none` and HS256-with-the-public-key
 //! forgeries fail); `typ` must be `at+jwt`; `iss`, `aud`, `exp`, `nbf` are checked
 //! with the configured leeway and every contract claim must be present.
+//!
+//! Checking an ES256 signature costs tens of microseconds, the largest single cost of
+//! a `GET /me`, and an SPA presents the same access token many times during its life.
+//! So a token that passed is remembered (by the SHA-256 of the whole token, with its
+//! claims and the kid and fingerprint of the key that verified it), and the same token
+//! presented again skips the signature and claim checks only: `exp` is checked on every
+//! use, and the entry counts only while the keyring still holds that very key (a key
+//! file removed from the directory, or replaced, takes its tokens with it at the next
+//! reload). Tokens that fail are not remembered, so forgeries always pay the full check
+//! and cannot push out good entries. Revocation is not affected: the denylist is asked
+//! on every request after this check.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use aws_lc_rs::digest::{SHA256, digest};
 use chrono::Utc;
 use jsonwebtoken::{Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::keys::SharedKeyring;
+use super::keys::{KeyMaterial, SharedKeyring};
+use super::recent::Recent;
 use crate::config::TokenSettings;
 use crate::domain::{SessionId, UserId};
 
@@ -58,6 +71,15 @@ pub struct AccessTokens {
     audience: String,
     ttl_secs: i64,
     leeway_secs: u64,
+    verified: Recent<[u8; 32], Verified>,
+}
+
+/// A token that passed every check: its claims and which key's signature it bears.
+#[derive(Clone)]
+struct Verified {
+    claims: Claims,
+    kid: String,
+    key: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +102,15 @@ impl AccessTokens {
             audience: settings.audience.clone(),
             ttl_secs: settings.access_ttl_secs as i64,
             leeway_secs: settings.leeway_secs,
+            verified: Recent::new(0),
         }
+    }
+
+    /// Remembers up to `capacity` tokens that passed (see the module doc); 0 (the
+    /// default of [`AccessTokens::new`]) checks every token in full every time.
+    pub fn remembering(mut self, capacity: usize) -> Self {
+        self.verified = Recent::new(capacity);
+        self
     }
 
     pub fn ttl_secs(&self) -> i64 {
@@ -122,6 +152,43 @@ impl AccessTokens {
         if token.len() > 8192 {
             return Err(TokenError::Malformed);
         }
+        let id: [u8; 32] = digest(&SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        if let Some(seen) = self.verified.get(&id) {
+            let key_kept = self
+                .keys
+                .current()
+                .verifying
+                .get(&seen.kid)
+                .is_some_and(|key| key.fingerprint == seen.key);
+            if !key_kept {
+                self.verified.remove(&id);
+            } else if seen.claims.exp < Utc::now().timestamp() - self.leeway_secs as i64 {
+                // The same test jsonwebtoken makes; the entry is dropped with the next
+                // generation (an expired token may well come back a few times).
+                return Err(TokenError::Invalid(
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature.into(),
+                ));
+            } else {
+                return Ok(seen.claims);
+            }
+        }
+        let (claims, key) = self.check(token)?;
+        self.verified.insert(
+            id,
+            Verified {
+                claims: claims.clone(),
+                kid: key.kid.clone(),
+                key: key.fingerprint,
+            },
+        );
+        Ok(claims)
+    }
+
+    /// The full check: header, key, signature, claims.
+    fn check(&self, token: &str) -> Result<(Claims, Arc<KeyMaterial>), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         let typ_ok = header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
@@ -143,9 +210,10 @@ impl AccessTokens {
             .into_iter()
             .map(String::from)
             .collect::<HashSet<_>>();
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map(|data| data.claims)
-            .map_err(TokenError::Invalid)
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+            .map_err(TokenError::Invalid)?
+            .claims;
+        Ok((claims, key))
     }
 }
 

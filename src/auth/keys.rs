@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SecureRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
@@ -86,6 +87,9 @@ pub struct KeyMaterial {
     pub decoding: DecodingKey,
     /// The public JWK; `None` for HMAC keys, which must never be published.
     pub jwk: Option<Jwk>,
+    /// SHA-256 of the key's bytes: tells whether a kid still names the same key after
+    /// a reload (remembered token verifications depend on it).
+    pub fingerprint: [u8; 32],
 }
 
 /// What one load of the key directory gives: the signing key, every key that still
@@ -354,6 +358,10 @@ fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
         (DecodingKey::from_jwk(&jwk)?, Some(jwk))
     };
+    let fingerprint = digest(&SHA256, &der)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes");
     Ok(KeyMaterial {
         kid: file.kid,
         alg,
@@ -362,6 +370,7 @@ fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
         encoding,
         decoding,
         jwk,
+        fingerprint,
     })
 }
 

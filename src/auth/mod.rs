@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cleanup;
 pub mod keys;
 pub mod password;
+pub mod recent;
 pub mod refresh_token;
 pub mod session;
 pub mod throttle;

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use super::access_token::{AccessTokens, Claims};
 use super::password::{HashError, HashSlot, PasswordHasherPool};
+use super::recent::Recent;
 use super::refresh_token::RefreshToken;
 use super::throttle::{self, LoginThrottle};
 use crate::config::Settings;
@@ -51,6 +52,7 @@ pub struct AuthService {
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
     pub failures: LoginFailures,
+    emails: Recent<UserId, Arc<str>>,
     settings: Settings,
 }
 
@@ -76,6 +78,7 @@ impl AuthService {
         let throttle = LoginThrottle::new(&settings.login);
         let failures =
             LoginFailures::new(denylist.connection(), denylist.prefix(), &settings.login);
+        let emails = Recent::new(settings.cache.user_emails);
         AuthService {
             store,
             denylist,
@@ -83,6 +86,7 @@ impl AuthService {
             hasher,
             throttle,
             failures,
+            emails,
             settings,
         }
     }
@@ -404,6 +408,23 @@ impl AuthService {
             Some(user) if !user.disabled => Ok(user),
             _ => Err(ApiError::InvalidToken),
         }
+    }
+
+    /// The email `GET /me` shows: from memory, or from the database on a miss, which
+    /// also turns away a disabled or unknown user.
+    ///
+    /// A remembered email cannot be stale: Tessera has no way to change an email or to
+    /// delete a user, and user ids are never reused. Whatever else decides whether the
+    /// caller may see it is in the token, which the denylist has just checked: disabling
+    /// a user revokes all their tokens.
+    pub async fn email_of(&self, user: UserId) -> Result<Arc<str>, ApiError> {
+        if let Some(email) = self.emails.get(&user) {
+            return Ok(email);
+        }
+        let user = self.current_user(user).await?;
+        let email: Arc<str> = user.email.into();
+        self.emails.insert(user.id, email.clone());
+        Ok(email)
     }
 
     /// Ends one session: the database first (its refresh token fails), then the

@@ -45,10 +45,10 @@ pub async fn register(
 }
 
 #[derive(Serialize)]
-struct Me {
+struct Me<'a> {
     id: UserId,
-    email: String,
-    roles: Vec<String>,
+    email: &'a str,
+    roles: &'a [String],
     session_id: SessionId,
 }
 
@@ -56,13 +56,15 @@ pub async fn me(
     state: web::Data<AppState>,
     Authenticated(claims): Authenticated,
 ) -> Result<HttpResponse, ApiError> {
-    let user = state.auth.current_user(claims.sub).await?;
+    // Roles come from the token: it has just passed the denylist, and a role change
+    // revokes every earlier token, so they are the user's current roles.
+    let email = state.auth.email_of(claims.sub).await?;
     Ok(HttpResponse::Ok()
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .json(Me {
-            id: user.id,
-            email: user.email,
-            roles: user.roles,
+            id: claims.sub,
+            email: &email,
+            roles: &claims.roles,
             session_id: claims.sid,
         }))
 }

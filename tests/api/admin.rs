@@ -104,6 +104,8 @@ async fn an_admin_lists_and_ends_a_users_sessions() {
 async fn disabling_a_user_ends_everything_and_login_fails_like_a_wrong_password() {
     let (app, admin, email, id) = admin_and_user().await;
     let t = app.login_ok(&email).await;
+    // /me before the disable too, so that the server already knows the user's email.
+    assert_eq!(app.me(&t.access).await.status(), StatusCode::OK);
     let wrong_password = app.login(&email, "wrong password").await;
     let wrong_password = (
         wrong_password.status(),
@@ -155,6 +157,8 @@ async fn a_role_change_invalidates_access_tokens_and_the_next_refresh_carries_it
     let one = app.login_ok(&email).await;
     let two = app.login_ok(&email).await;
     assert_eq!(roles_of(&one.access), json!(["user"]));
+    let me: Value = app.me(&one.access).await.json().await.unwrap();
+    assert_eq!(me["roles"], json!(["user"]));
 
     let change = json!({"roles": ["user", "editor"]});
     let res = app
@@ -182,6 +186,29 @@ async fn a_role_change_invalidates_access_tokens_and_the_next_refresh_carries_it
     // The other session's refresh token still works too and carries the new roles.
     let other = app.refresh_ok(&two.refresh).await;
     assert_eq!(app.me(&other.access).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn patching_the_same_roles_again_still_revokes_earlier_tokens() {
+    // So that an admin who got 503 (Redis down after the roles were stored) can retry
+    // the same request and the revocation is completed.
+    let (app, admin, email, id) = admin_and_user().await;
+    let before = app.login_ok(&email).await;
+    let res = app
+        .call(
+            Method::PATCH,
+            &format!("/admin/users/{id}"),
+            &admin.access,
+            Some(&json!({"roles": ["user"]})),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["roles"], json!(["user"]));
+    assert_invalid_token(app.me(&before.access).await).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let after = app.refresh_ok(&before.refresh).await;
+    assert_eq!(app.me(&after.access).await.status(), StatusCode::OK);
 }
 
 #[tokio::test]

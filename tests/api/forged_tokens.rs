@@ -27,6 +27,7 @@ async fn forged_access_tokens_are_refused() {
     let app = spawn_app().await;
     let email = app.new_user().await;
     let real = app.login_ok(&email).await;
+    // Accepted first, so the server remembers it: a forgery close to it must still fail.
     assert_eq!(app.me(&real.access).await.status(), 200);
     let (header, claims, signature) = parts(&real.access);
     let mut admin_claims = claims.clone();
@@ -126,4 +127,20 @@ async fn tokens_for_another_audience_or_issuer_or_expired_are_refused() {
     for c in cases {
         assert_invalid_token(app.me(&sign(&c)).await).await;
     }
+}
+
+#[tokio::test]
+async fn a_token_accepted_before_is_refused_once_it_expires() {
+    let mut settings = test_settings();
+    settings.tokens.access_ttl_secs = 1;
+    settings.tokens.leeway_secs = 0;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    // Accepted (and remembered) while it is valid...
+    assert_eq!(app.me(&t.access).await.status(), 200);
+    assert_eq!(app.me(&t.access).await.status(), 200);
+    // ...and refused after `exp` (issued at a whole second, valid for at most 2 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    assert_invalid_token(app.me(&t.access).await).await;
 }

@@ -82,6 +82,34 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_new_tokens_verify() {
     assert!(listing.contains("verify-only"), "{listing}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_key_file_ends_its_tokens_even_those_already_accepted() {
+    let mut settings = test_settings();
+    settings.keys.reload_secs = 1;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let before = app.login_ok(&email).await;
+    assert_eq!(app.me(&before.access).await.status(), StatusCode::OK);
+    let old_kid = kid_of(&before.access);
+
+    tessera(&app, &["keys", "rotate"]);
+    eventually("the server publishes the new key", || async {
+        jwks_kids(&app).await.len() == 2
+    })
+    .await;
+    let after = app.login_ok(&email).await;
+    assert_eq!(app.me(&before.access).await.status(), StatusCode::OK);
+
+    // An operator who believes the old key leaked deletes it.
+    std::fs::remove_file(keys_dir(&app).join(format!("{old_kid}.json"))).unwrap();
+    eventually("the server drops the old key", || async {
+        jwks_kids(&app).await == [kid_of(&after.access)]
+    })
+    .await;
+    assert_invalid_token(app.me(&before.access).await).await;
+    assert_eq!(app.me(&after.access).await.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn keys_survive_a_restart() {
     let settings = test_settings();

@@ -105,6 +105,36 @@ async fn me_returns_the_current_user_and_session() {
 }
 
 #[tokio::test]
+async fn me_gives_each_user_their_own_email_whether_the_server_remembers_it_or_not() {
+    // A cache smaller than the user count (entries come and go), one that holds them
+    // all, and none.
+    for capacity in [2, 1000, 0] {
+        let mut settings = test_settings();
+        settings.cache.user_emails = capacity;
+        let app = spawn_app_with(settings).await;
+        let mut users = Vec::new();
+        for _ in 0..5 {
+            let email = app.new_user().await;
+            let tokens = app.login_ok(&email).await;
+            users.push((email, tokens));
+        }
+        for round in 0..3 {
+            for (email, tokens) in &users {
+                let res = app.me(&tokens.access).await;
+                assert_eq!(res.status(), StatusCode::OK);
+                let body: Value = res.json().await.unwrap();
+                assert_eq!(
+                    body["email"],
+                    email.as_str(),
+                    "capacity {capacity}, round {round}"
+                );
+                assert_eq!(body["session_id"], tokens.session_id.as_str());
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn me_without_a_valid_bearer_token_is_401_with_a_challenge() {
     let app = spawn_app().await;
     assert_invalid_token(app.get("/me").await).await;
