@@ -245,4 +245,45 @@ mod tests {
         assert_eq!(claims(Uuid::new_v4().to_string(), 7).issued_at_ms(), 7000);
         assert_eq!(claims("not a uuid".into(), 9).issued_at_ms(), 9000);
     }
+
+    #[test]
+    fn a_remembered_token_counts_only_while_the_keyring_holds_that_very_key() {
+        use super::super::keys::{KeyAlgorithm, KeyStore};
+        use std::time::Duration;
+
+        let temp =
+            |name: &str| std::env::temp_dir().join(format!("tessera-{name}-{}", Uuid::new_v4()));
+        let (dir, other) = (temp("keys"), temp("other-keys"));
+        let store = KeyStore::new(&dir, KeyAlgorithm::Es256, Duration::from_secs(60));
+        let kid = store.ensure_active().unwrap().unwrap();
+        let ring = Arc::new(SharedKeyring::open(store).unwrap());
+        let settings = crate::config::Settings::load_from(None, Vec::new()).unwrap();
+        let tokens = AccessTokens::new(ring.clone(), &settings.tokens).remembering(10);
+        let token = tokens
+            .issue(UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()), &[])
+            .unwrap();
+        tokens.verify(&token).unwrap();
+        tokens.verify(&token).unwrap();
+
+        // Different key material under the same kid (a key file replaced by hand).
+        let other_kid = KeyStore::new(&other, KeyAlgorithm::Es256, Duration::from_secs(60))
+            .ensure_active()
+            .unwrap()
+            .unwrap();
+        let read = |path: std::path::PathBuf| {
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(path).unwrap()).unwrap()
+        };
+        let path = dir.join(format!("{kid}.json"));
+        let mut file = read(path.clone());
+        file["private_key"] = read(other.join(format!("{other_kid}.json")))["private_key"].clone();
+        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        ring.reload();
+        assert!(
+            tokens.verify(&token).is_err(),
+            "the old key's token must fail"
+        );
+        for d in [dir, other] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
