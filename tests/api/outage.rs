@@ -1,6 +1,6 @@
 use std::net::SocketAddr;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use tessera::config::Settings;
 
 use crate::helpers::*;
@@ -169,4 +169,31 @@ async fn sessions_evicted_by_the_cap_while_redis_fails_are_marked_by_the_next_lo
     app.login_ok(&email).await;
     assert_invalid_token(app.me(&first.access).await).await;
     assert_invalid_grant(app.refresh(&first.refresh).await, "revoked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_change_retried_after_a_redis_outage_revokes_the_earlier_tokens() {
+    let (app, proxy) = app_behind_redis_proxy(|_| {}).await;
+    let admin = app.admin().await;
+    let email = app.new_user().await;
+    let id = app.user_id(&email).await;
+    let before = app.login_ok(&email).await;
+    let path = format!("/admin/users/{id}");
+    let change = serde_json::json!({"roles": ["editor", "user"]});
+
+    // The roles are stored, then the denylist write fails: 503, the admin retries.
+    proxy.drop_connections_sending(b"SETEX");
+    assert_unavailable(
+        app.call(Method::PATCH, &path, &admin.access, Some(&change))
+            .await,
+    )
+    .await;
+    proxy.restore();
+    until_accepted(&app, &admin.access).await;
+    // The retry changes nothing in the database, but must still write the mark.
+    let res = app
+        .call(Method::PATCH, &path, &admin.access, Some(&change))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_invalid_token(app.me(&before.access).await).await;
 }
