@@ -65,6 +65,32 @@ fn access_tokens(c: &mut Criterion) {
     group.finish();
 }
 
+/// Where an ES256 signature's time goes: jsonwebtoken parses the PKCS#8 key into an
+/// `EcdsaKeyPair` on every call; this separates that from the signature itself.
+fn es256_parts(c: &mut Criterion) {
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let dir = std::env::temp_dir().join(format!(
+        "tessera-bench-keys-{}-es256-parts",
+        std::process::id()
+    ));
+    let settings = settings(&dir, "ES256");
+    let ring = SharedKeyring::open(KeyStore::from_settings(&settings).unwrap()).unwrap();
+    let der = ring.current().signing.encoding.as_bytes().to_vec();
+    let message = [7u8; 300];
+    let rng = SystemRandom::new();
+    let mut group = c.benchmark_group("ES256 parts");
+    group.bench_function("parse the PKCS#8 key pair", |b| {
+        b.iter(|| EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, black_box(&der)))
+    });
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der).unwrap();
+    group.bench_function("sign with a parsed key pair", |b| {
+        b.iter(|| pair.sign(&rng, black_box(&message)).unwrap())
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn refresh_tokens(c: &mut Criterion) {
     let mut group = c.benchmark_group("refresh token");
     group.bench_function("generate", |b| b.iter(RefreshToken::generate));
@@ -122,6 +148,6 @@ fn denylist(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = access_tokens, refresh_tokens, denylist
+    targets = access_tokens, es256_parts, refresh_tokens, denylist
 }
 criterion_main!(benches);
