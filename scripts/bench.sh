@@ -96,10 +96,12 @@ pids+=("$!")
 wait_ready "$SETUP_PORT" "$!"
 
 if [ -n "${BENCH_HOLD:-}" ]; then
-  # For profiling: keep both servers up with this environment and wait.
+  # For profiling: keep both servers up and wait. The suite's in-process ceilings
+  # (the bare refresh transaction) need the same settings, so write them out.
+  env | grep '^TESSERA__' | sed "s/^\([^=]*\)=\(.*\)$/export \1='\2'/" >"$work/bench.env"
   say "holding: server pid $server on 127.0.0.1:$PORT, setup instance on 127.0.0.1:$SETUP_PORT;"
-  say "  run: target/release/tessera-bench suite --addr 127.0.0.1:$PORT --setup-addr 127.0.0.1:$SETUP_PORT --server-pid $server --introspect-client bench:$secret --only ..."
-  say "  (with the TESSERA__* variables above exported); Ctrl-C stops"
+  say "  run: source $work/bench.env && target/release/tessera-bench suite --addr 127.0.0.1:$PORT --setup-addr 127.0.0.1:$SETUP_PORT --server-pid $server --introspect-client bench:$secret --only ..."
+  say "  Ctrl-C stops"
   wait "$server"
   exit 0
 fi
