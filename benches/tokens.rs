@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request work that is Tessera's own: signing and verifying
 //! access tokens (every algorithm Tessera offers, through the server's own
-//! `AccessTokens`, in full and for a token presented before), generating, hashing and sealing refresh tokens (what one `/refresh`
-//! does before its database statement), and the denylist check (one Redis `MGET`).
+//! `AccessTokens`, in full and for a token presented before), generating, hashing and
+//! sealing refresh tokens (what one `/refresh` does before its database statement), and
+//! the denylist check (one Redis `MGET`).
 //!
 //! ```sh
 //! cargo bench --bench tokens     # the denylist case needs Redis (TESSERA__REDIS__URL)

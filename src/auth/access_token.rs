@@ -19,7 +19,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use aws_lc_rs::digest::{SHA256, digest};
 use chrono::Utc;
 use jsonwebtoken::{Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -79,7 +78,7 @@ pub struct AccessTokens {
 struct Verified {
     claims: Claims,
     kid: String,
-    key: [u8; 32],
+    fingerprint: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,17 +151,14 @@ impl AccessTokens {
         if token.len() > 8192 {
             return Err(TokenError::Malformed);
         }
-        let id: [u8; 32] = digest(&SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes");
+        let id = super::sha256(token.as_bytes());
         if let Some(seen) = self.verified.get(&id) {
             let key_kept = self
                 .keys
                 .current()
                 .verifying
                 .get(&seen.kid)
-                .is_some_and(|key| key.fingerprint == seen.key);
+                .is_some_and(|key| key.fingerprint == seen.fingerprint);
             if !key_kept {
                 self.verified.remove(&id);
             } else if seen.claims.exp < Utc::now().timestamp() - self.leeway_secs as i64 {
@@ -181,7 +177,7 @@ impl AccessTokens {
             Verified {
                 claims: claims.clone(),
                 kid: key.kid.clone(),
-                key: key.fingerprint,
+                fingerprint: key.fingerprint,
             },
         );
         Ok(claims)

@@ -84,9 +84,9 @@ impl AuthService {
             .update_user(user, &change)
             .await?
             .ok_or(ApiError::NotFound)?;
-        // Roles given but unchanged mark too: when the first attempt changed them and
-        // then failed to reach Redis (503), the retry must still write the mark.
-        if update.user.disabled || update.roles_changed || change.roles.is_some() {
+        // Any PATCH naming roles marks, changed or not: when the first attempt changed
+        // them and then failed to reach Redis (503), the retry must still write the mark.
+        if update.user.disabled || change.roles.is_some() {
             self.revoke_user_tokens(user).await?;
         }
         self.admin_audit(

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SecureRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
@@ -358,10 +357,7 @@ fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
         (DecodingKey::from_jwk(&jwk)?, Some(jwk))
     };
-    let fingerprint = digest(&SHA256, &der)
-        .as_ref()
-        .try_into()
-        .expect("SHA-256 is 32 bytes");
+    let fingerprint = super::sha256(&der);
     Ok(KeyMaterial {
         kid: file.kid,
         alg,
