@@ -49,9 +49,15 @@ fn access_tokens(c: &mut Criterion) {
         let (user, session) = (UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()));
         let roles = vec!["user".to_owned()];
         group.bench_function(format!("sign {algorithm}"), |b| {
-            b.iter(|| tokens.issue(black_box(user), session, &roles).unwrap())
+            b.iter(|| {
+                tokens
+                    .issue(black_box(user), session, &roles, chrono::Utc::now())
+                    .unwrap()
+            })
         });
-        let token = tokens.issue(user, session, &roles).unwrap();
+        let token = tokens
+            .issue(user, session, &roles, chrono::Utc::now())
+            .unwrap();
         group.bench_function(format!("verify {algorithm}"), |b| {
             b.iter(|| tokens.verify(black_box(&token)).unwrap())
         });

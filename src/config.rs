@@ -50,6 +50,7 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
     pub create_database: bool,
     pub auto_migrate: bool,
 }
@@ -105,6 +106,8 @@ pub struct LoginSettings {
     pub delay_base_secs: u64,
     pub delay_max_secs: u64,
     pub failure_window_secs: u64,
+    pub device_ttl_secs: u64,
+    pub device_free_failures: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

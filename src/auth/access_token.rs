@@ -120,13 +120,22 @@ impl AccessTokens {
         &self.keys
     }
 
+    /// Signs a token issued at `issued_at`: the database's clock when the statement that
+    /// granted it ran (see [`crate::store::Grant::issued_at`]), which is also its `jti`'s
+    /// UUIDv7 timestamp, so per-user marks compare times from one clock.
     pub fn issue(
         &self,
         user: UserId,
         session: SessionId,
         roles: &[String],
+        issued_at: chrono::DateTime<Utc>,
     ) -> anyhow::Result<String> {
-        let now = Utc::now().timestamp();
+        let now = issued_at.timestamp();
+        let ts = uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            now.max(0) as u64,
+            issued_at.timestamp_subsec_nanos(),
+        );
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: user,
@@ -134,7 +143,7 @@ impl AccessTokens {
             exp: now + self.ttl_secs,
             iat: now,
             nbf: now,
-            jti: Uuid::now_v7().to_string(),
+            jti: Uuid::new_v7(ts).to_string(),
             sid: session,
             roles: roles.to_vec(),
         };
@@ -256,7 +265,12 @@ mod tests {
         let settings = crate::config::Settings::load_from(None, Vec::new()).unwrap();
         let tokens = AccessTokens::new(ring.clone(), &settings.tokens).remembering(10);
         let token = tokens
-            .issue(UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()), &[])
+            .issue(
+                UserId(Uuid::new_v4()),
+                SessionId(Uuid::new_v4()),
+                &[],
+                Utc::now(),
+            )
             .unwrap();
         tokens.verify(&token).unwrap();
         tokens.verify(&token).unwrap();

@@ -6,9 +6,11 @@ use std::net::IpAddr;
 use serde_json::json;
 
 use super::access_token::Claims;
+use super::device::DeviceToken;
 use super::session::AuthService;
 use crate::domain::{Email, Password, SessionId};
 use crate::error::ApiError;
+use crate::store::login_failures::Outcome;
 use crate::store::{AuditKind, ClientInfo, SessionInfo};
 
 impl AuthService {
@@ -49,7 +51,8 @@ impl AuthService {
     }
 
     /// Changes the caller's password after checking the current one, under the same
-    /// throttling as login (a stolen access token must not become a password oracle).
+    /// throttling as login (a stolen access token must not become a password oracle),
+    /// with the caller's device token counted like a login's.
     /// Every other session ends at once; the caller's own session goes on.
     ///
     /// The database change comes first; if the denylist write then fails the caller gets
@@ -62,24 +65,31 @@ impl AuthService {
         claims: &Claims,
         current: Password,
         new: Password,
+        device: Option<DeviceToken>,
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
         let user = self.current_user(claims.sub).await?;
         let email = Email::parse(&user.email)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
-        let slot = self.gate_password_attempt(&email, ip, client).await?;
-        let credentials = self
-            .store
-            .find_credentials(&email)
-            .await?
+        let mut attempt = self
+            .admit_password_attempt(&email, device, ip, client)
+            .await?;
+        let credentials = attempt
+            .credentials
+            .take()
             .filter(|c| c.user.id == claims.sub)
             .ok_or(ApiError::InvalidToken)?;
         let verification = self
             .hasher
-            .verify(slot, current, Some(credentials.password_hash.clone()))
+            .verify(
+                attempt.take_slot(),
+                current,
+                Some(credentials.password_hash.clone()),
+            )
             .await?;
         if !verification.matches {
+            attempt.finish(Outcome::Failed).await;
             self.audit(
                 AuditKind::PasswordChangeFailed,
                 Some(claims.sub),
@@ -90,6 +100,7 @@ impl AuthService {
             .await;
             return Err(ApiError::InvalidCredentials);
         }
+        attempt.finish(Outcome::Succeeded).await;
         let new_hash = self.hasher.hash(new).await?;
         let ended = self
             .store
@@ -102,7 +113,6 @@ impl AuthService {
             .await?
             // Changed or disabled by someone else meanwhile.
             .ok_or(ApiError::InvalidCredentials)?;
-        self.reset_failures(&email).await;
         self.deny_sessions(&ended).await?;
         self.audit(
             AuditKind::PasswordChanged,

@@ -2,11 +2,13 @@
 //! change their roles, and read the audit trail.
 //!
 //! Ending a user's sessions, disabling them and changing their roles all revoke the
-//! user's existing access tokens with ONE Redis write, `revoked:user:<id>` = now (see
-//! [`crate::store::denylist`]): whatever the number of sessions, and tokens issued
-//! afterwards (the next refresh, which carries the new roles) are unaffected.
+//! user's existing access tokens with one per-user mark, `revoked:user:<id>` = the
+//! database's clock after the change committed (see [`crate::store::denylist`]), and
+//! the sessions they end get their own `sid` marks in the same Redis pipeline round
+//! trip. Tokens issued afterwards (the next refresh, which carries the new roles) are
+//! unaffected; tokens whose granting statement ran before the change, however late
+//! they were signed, are covered, since their issue time is that statement's clock.
 
-use chrono::Utc;
 use serde_json::json;
 
 use super::access_token::Claims;
@@ -51,12 +53,14 @@ impl AuthService {
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
         self.existing_user(user).await?;
-        // No re-mark window needed: the per-user mark below covers every session, and a
-        // retry after a failed Redis write simply writes it again.
+        // Sessions ended recently are returned too, so a retry after a failed Redis
+        // write marks them all again.
+        let recent = self.access_token_horizon().as_secs() as i64;
         let ended = self
             .store
-            .revoke_user_sessions(user, None, "ended_by_admin", 0)
+            .revoke_user_sessions(user, None, "ended_by_admin", recent)
             .await?;
+        self.deny_sessions(&ended).await?;
         self.revoke_user_tokens(user).await?;
         self.admin_audit(
             AuditKind::AdminSessionsEnded,
@@ -87,6 +91,7 @@ impl AuthService {
         // Any PATCH naming roles marks, changed or not: when the first attempt changed
         // them and then failed to reach Redis (503), the retry must still write the mark.
         if update.user.disabled || change.roles.is_some() {
+            self.deny_sessions(&update.ended).await?;
             self.revoke_user_tokens(user).await?;
         }
         self.admin_audit(
@@ -114,13 +119,13 @@ impl AuthService {
     }
 
     /// Every access token of `user` issued up to now stops working on every instance.
+    /// "Now" is the database's clock read after the change committed, the clock every
+    /// token's issue time comes from: a login or refresh whose statement did not see the
+    /// change began before this read, so its token is covered (see `Store::clock`).
     async fn revoke_user_tokens(&self, user: UserId) -> Result<(), ApiError> {
+        let now = self.store.clock().await?;
         self.denylist
-            .revoke_user_tokens(
-                user,
-                Utc::now().timestamp_millis(),
-                self.access_token_horizon(),
-            )
+            .revoke_user_tokens(user, now.timestamp_millis(), self.access_token_horizon())
             .await
             .map_err(ApiError::unavailable)
     }

@@ -1,5 +1,6 @@
 //! The periodic cleanup: deletes sessions (with their refresh tokens) that ended more
-//! than `cleanup.session_retention_secs` ago, and audit rows past their retention.
+//! than `cleanup.session_retention_secs` ago, audit rows past their retention, and
+//! expired devices.
 //!
 //! Work is done in batches of `cleanup.batch_size` rows, each its own short statement
 //! with `SKIP LOCKED`, so the cleanup never holds locks for long, never blocks a refresh
@@ -13,6 +14,7 @@ use crate::store::StoreError;
 pub struct Cleaned {
     pub sessions: u64,
     pub audit_events: u64,
+    pub devices: u64,
 }
 
 impl AuthService {
@@ -46,11 +48,20 @@ impl AuthService {
                 tokio::task::yield_now().await;
             }
         }
+        loop {
+            let n = self.store.delete_expired_devices(batch).await?;
+            done.devices += n;
+            if n < batch as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         if done != Cleaned::default() {
             tracing::info!(
                 sessions = done.sessions,
                 audit_events = done.audit_events,
-                "cleanup deleted ended sessions and old audit rows"
+                devices = done.devices,
+                "cleanup deleted ended sessions, old audit rows and expired devices"
             );
         }
         Ok(done)

@@ -4,7 +4,9 @@
 pub mod access_token;
 pub mod account;
 pub mod admin;
+pub mod attempt;
 pub mod cleanup;
+pub mod device;
 pub mod keys;
 pub mod password;
 pub mod recent;

@@ -18,15 +18,16 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::access_token::{AccessTokens, Claims};
-use super::password::{HashError, HashSlot, PasswordHasherPool};
+use super::device::DeviceToken;
+use super::password::{HashError, PasswordHasherPool};
 use super::recent::Recent;
 use super::refresh_token::RefreshToken;
-use super::throttle::{self, LoginThrottle};
+use super::throttle::LoginThrottle;
 use crate::config::Settings;
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::store::denylist::Denylist;
-use crate::store::login_failures::LoginFailures;
+use crate::store::login_failures::{LoginFailures, Outcome};
 use crate::store::{AuditEvent, AuditKind, ClientInfo, Grant, NewSession, Rotation, Store, User};
 
 /// What login and refresh hand back to the client.
@@ -36,6 +37,8 @@ pub struct TokenGrant {
     pub refresh_token: RefreshToken,
     pub refresh_token_expires_in: i64,
     pub session_id: SessionId,
+    /// Only from a successful login: the device token to keep (see [`super::device`]).
+    pub device_token: Option<DeviceToken>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,23 +134,32 @@ impl AuthService {
         Ok(user)
     }
 
+    /// Checks the password and starts a session. `device` is the client's device token,
+    /// if it has one: valid for this account, it is counted in its own failure budget
+    /// (see [`super::device`]) and handed back renewed; otherwise a new one is issued.
     #[tracing::instrument(skip_all)]
     pub async fn login(
         &self,
         email: Email,
         password: Password,
         remember_me: bool,
+        device: Option<DeviceToken>,
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<TokenGrant, ApiError> {
-        let slot = self.gate_password_attempt(&email, ip, client).await?;
-
-        let credentials = self.store.find_credentials(&email).await?;
+        let mut attempt = self
+            .admit_password_attempt(&email, device, ip, client)
+            .await?;
+        let credentials = attempt.credentials.take();
         let hash = credentials.as_ref().map(|c| c.password_hash.clone());
-        let verification = self.hasher.verify(slot, password, hash).await?;
+        let verification = self
+            .hasher
+            .verify(attempt.take_slot(), password, hash)
+            .await?;
         let (user, password_hash) = match credentials {
             Some(c) if verification.matches && !c.user.disabled => (c.user, c.password_hash),
             other => {
+                attempt.finish(Outcome::Failed).await;
                 let user_id = other.map(|c| c.user.id);
                 self.audit(AuditKind::LoginFailed, user_id, None, client, json!({}))
                     .await;
@@ -164,6 +176,10 @@ impl AuthService {
         let session_id = SessionId(uuid::Uuid::new_v4());
         let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
         let refresh = RefreshToken::generate();
+        let device = attempt
+            .known_device
+            .clone()
+            .unwrap_or_else(DeviceToken::generate);
         let created = self
             .store
             .create_session(NewSession {
@@ -176,10 +192,14 @@ impl AuthService {
                 client,
                 max_per_user: self.settings.sessions.max_per_user,
                 recent_secs: self.access_token_horizon().as_secs() as i64,
+                device_hash: &device.hash(),
+                device_ttl_secs: self.settings.login.device_ttl_secs as i64,
             })
             .await?;
-        let Some(evicted) = created else {
-            // The password changed or the user was disabled while we were hashing.
+        let Some(created) = created else {
+            // The password changed or the user was disabled while we were hashing: the
+            // password was not wrong, so nothing is counted.
+            drop(attempt);
             self.audit(
                 AuditKind::LoginFailed,
                 Some(user.id),
@@ -190,8 +210,8 @@ impl AuthService {
             .await;
             return Err(ApiError::InvalidCredentials);
         };
-        self.deny_sessions(&evicted).await?;
-        self.reset_failures(&email).await;
+        attempt.finish(Outcome::Succeeded).await;
+        self.deny_sessions(&created.evicted).await?;
         if let Some(new_hash) = verification.upgraded_hash {
             self.upgrade_hash(user.id, &password_hash, &new_hash).await;
         }
@@ -200,16 +220,12 @@ impl AuthService {
             Some(user.id),
             Some(session_id),
             client,
-            json!({"remember_me": remember_me, "sessions_evicted": evicted.len()}),
+            json!({"remember_me": remember_me, "sessions_evicted": created.evicted.len()}),
         )
         .await;
-        let grant = Grant {
-            session_id,
-            user_id: user.id,
-            roles: user.roles,
-            expires_at,
-        };
-        self.token_grant(&grant, refresh)
+        let mut grant = self.token_grant(&created.grant, refresh)?;
+        grant.device_token = Some(device);
+        Ok(grant)
     }
 
     #[tracing::instrument(skip_all)]
@@ -444,7 +460,12 @@ impl AuthService {
     fn token_grant(&self, grant: &Grant, refresh: RefreshToken) -> Result<TokenGrant, ApiError> {
         let access_token = self
             .tokens
-            .issue(grant.user_id, grant.session_id, &grant.roles)
+            .issue(
+                grant.user_id,
+                grant.session_id,
+                &grant.roles,
+                grant.issued_at,
+            )
             .map_err(ApiError::Internal)?;
         let remaining = (grant.expires_at - Utc::now()).num_seconds().max(0);
         let idle = self.settings.tokens.refresh_idle_ttl_secs as i64;
@@ -454,6 +475,7 @@ impl AuthService {
             refresh_token: refresh,
             refresh_token_expires_in: remaining.min(idle),
             session_id: grant.session_id,
+            device_token: None,
         })
     }
 
@@ -464,75 +486,6 @@ impl AuthService {
                 tracing::info!(user_id = %user, "password hash upgraded to current parameters")
             }
             Err(e) => tracing::warn!(error = %e, "password hash upgrade failed"),
-        }
-    }
-
-    /// Every check that must pass before a password is hashed, for login and password
-    /// change alike: the per-process burst limits (IP, account), a place in the hashing
-    /// pool (503 at once when it is full, before any round trip: a flood costs the
-    /// other endpoints as little as possible), then the per-account budget shared
-    /// through Redis, which also counts this attempt. Returns the place to hash in.
-    pub(super) async fn gate_password_attempt(
-        &self,
-        email: &Email,
-        ip: IpAddr,
-        client: &ClientInfo,
-    ) -> Result<HashSlot, ApiError> {
-        let account = email.normalized();
-        let (retry_after, by) = match self.throttle.check_ip(ip) {
-            Err(t) => (t.retry_after_secs, "ip"),
-            Ok(()) => match self.throttle.check_account(&account) {
-                Err(t) => (t.retry_after_secs, "account"),
-                Ok(()) => {
-                    let slot = self.hasher.reserve()?;
-                    match self
-                        .failures
-                        .attempt(&account)
-                        .await
-                        .map_err(ApiError::unavailable)?
-                    {
-                        Ok(()) => return Ok(slot),
-                        Err(wait) => (throttle::secs(wait), "failures"),
-                    }
-                }
-            },
-        };
-        tracing::warn!(by, "login attempt throttled");
-        let by_ip = by == "ip";
-        let audit_key = if by_ip {
-            format!("ip:{ip}")
-        } else {
-            format!("account:{account}")
-        };
-        if self.throttle.should_audit(&audit_key) {
-            // Name the account in the audit row when it exists (at most once a minute).
-            let user_id = match by_ip {
-                true => None,
-                false => self
-                    .store
-                    .find_credentials(email)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|c| c.user.id),
-            };
-            self.audit(
-                AuditKind::LoginThrottled,
-                user_id,
-                None,
-                client,
-                json!({"by": by, "retry_after_secs": retry_after}),
-            )
-            .await;
-        }
-        Err(ApiError::RateLimited(retry_after.max(1)))
-    }
-
-    /// A successful password check: the account's shared failure count starts afresh.
-    /// Best effort: if Redis fails here the count simply runs out on its own.
-    pub(super) async fn reset_failures(&self, email: &Email) {
-        if let Err(e) = self.failures.reset(&email.normalized()).await {
-            tracing::warn!(error = %e, "could not reset the login failure count");
         }
     }
 

@@ -100,6 +100,8 @@ mod tests {
             delay_base_secs: 1,
             delay_max_secs: 300,
             failure_window_secs: 900,
+            device_ttl_secs: 86400,
+            device_free_failures: 10,
         });
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(t.check_ip(ip).is_ok());

@@ -4,7 +4,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::extract::{Authenticated, Caller, Json, OptionalJson};
-use super::token_response;
+use super::{device_token, token_response};
 use crate::auth::session::LogoutScope;
 use crate::domain::{Email, Password};
 use crate::error::ApiError;
@@ -16,6 +16,8 @@ pub struct LoginRequest {
     password: String,
     #[serde(default)]
     remember_me: bool,
+    /// The device token of an earlier successful login on this device, if any.
+    device_token: Option<String>,
 }
 
 pub async fn login(
@@ -28,7 +30,14 @@ pub async fn login(
         Password::parse_existing(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
     let grant = state
         .auth
-        .login(email, password, body.remember_me, caller.ip, &caller.info)
+        .login(
+            email,
+            password,
+            body.remember_me,
+            device_token(body.device_token.as_deref()),
+            caller.ip,
+            &caller.info,
+        )
         .await?;
     Ok(token_response(&grant))
 }

@@ -14,6 +14,7 @@ use actix_web::HttpResponse;
 use actix_web::http::header;
 use serde::Serialize;
 
+use crate::auth::device::DeviceToken;
 use crate::auth::session::TokenGrant;
 
 /// The contract's token response (login, refresh, token).
@@ -25,6 +26,9 @@ struct TokenResponse<'a> {
     refresh_token: &'a str,
     refresh_token_expires_in: i64,
     session_id: String,
+    /// Only after a login (see `crate::auth::device`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_token: Option<&'a str>,
 }
 
 /// Every response carrying a token is marked uncacheable.
@@ -45,5 +49,13 @@ pub(crate) fn token_response(grant: &TokenGrant) -> HttpResponse {
         refresh_token: grant.refresh_token.expose(),
         refresh_token_expires_in: grant.refresh_token_expires_in,
         session_id: grant.session_id.to_string(),
+        device_token: grant.device_token.as_ref().map(|d| d.expose()),
     })
+}
+
+/// A device token from a request body. One that cannot have been issued counts as
+/// absent (the login is then a new device's), so a stale or mangled value never
+/// turns a login into an error.
+pub(crate) fn device_token(raw: Option<&str>) -> Option<DeviceToken> {
+    raw.and_then(DeviceToken::parse)
 }

@@ -4,6 +4,7 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::device_token;
 use super::extract::{Authenticated, Caller, Json};
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::ApiError;
@@ -73,6 +74,8 @@ pub async fn me(
 pub struct PasswordChange {
     current_password: String,
     new_password: String,
+    /// The client's device token, counted like a login's (see `POST /login`).
+    device_token: Option<String>,
 }
 
 pub async fn change_password(
@@ -87,7 +90,14 @@ pub async fn change_password(
         .map_err(|e| ApiError::InvalidRequest(format!("new_password: {e}")))?;
     state
         .auth
-        .change_password(&claims, current, new, caller.ip, &caller.info)
+        .change_password(
+            &claims,
+            current,
+            new,
+            device_token(body.device_token.as_deref()),
+            caller.ip,
+            &caller.info,
+        )
         .await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -1,56 +1,141 @@
-//! Per-account login failure counts in Redis, shared by every instance.
+//! Per-account (and per-device) login failure budgets in Redis, shared by every instance.
 //!
 //! `governor` limits bursts inside one process; this is the budget that must hold
-//! however many instances run. Each account (the normalized email as submitted, whether
-//! or not it exists, hashed so Redis holds no email addresses) has a count of attempts
-//! since its last successful login. The first `free_failures` attempts are free; after
-//! that each attempt must wait `delay_base * 2^k` since the previous one (k = attempts
-//! past the free ones), at most `delay_max`. The wait is bounded, so an attacker can
-//! slow a victim's logins down but never lock the account; a success resets the count.
+//! however many instances run. Each budget key (the normalized email as submitted,
+//! whether or not the account exists, or a known device token; hashed so Redis holds
+//! neither) counts *failed* attempts since its last success. The first `free` failures
+//! are free; after that each attempt must wait `delay_base * 2^k` since the previous
+//! failure (k = failures past the free ones), at most `delay_max`. The wait is bounded,
+//! so an attacker can slow a new device's logins down but never lock the account; a
+//! success resets the count. A device budget has no delay: past its free failures the
+//! device simply stops counting as known (see `crate::auth::device`).
 //!
-//! The check and the count happen in one Lua script, atomically and by Redis's clock:
-//! an attempt *reserves* its slot before the password is hashed, so concurrent attempts
-//! on several instances cannot share one slot.
+//! Only failures count. An attempt *reserves* a place before the password is hashed
+//! (a lease in a sorted set, so a crashed instance's places free themselves), and
+//! reports its outcome afterwards: a wrong password becomes a failure, a right one
+//! resets the count, anything else (the hash could not run) just gives the place back.
+//! Places and failures together never exceed the free budget (and past it, one attempt
+//! is in flight at a time), so N concurrent wrong passwords reach the hash at most
+//! `free` times, while N concurrent *correct* ones all succeed: an attempt that finds
+//! every free place taken by attempts still in flight is told to wait for them
+//! ([`Gate::Busy`]), not refused. Attempts refused with 429 are never counted.
+//!
+//! The check and the reservation are one Lua script, atomic and by Redis's clock, so two
+//! instances (or two concurrent requests) cannot share one place.
 
 use std::time::Duration;
 
-use aws_lc_rs::digest::{SHA256, digest};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
 use crate::config::LoginSettings;
 
-/// Returns 0 and counts the attempt when it may go ahead, or else the milliseconds to
-/// wait. KEYS[1]: the account's hash {n: attempts, at: ms of the last}. ARGV: free
-/// attempts, base delay ms, max delay ms, key lifetime secs.
+/// Returns 0 after reserving a place for attempt ARGV[5], -1 when the free places are
+/// all held by attempts in flight (wait for them), -2 when a budget without delay is
+/// used up, or else the milliseconds to wait. KEYS[1]: the budget's hash {n: failures,
+/// at: ms of the last failure}; KEYS[2]: the sorted set of places in flight (score: end
+/// of the lease, ms). ARGV: free failures, base delay ms (0: no delay, -2 past free),
+/// max delay ms, failure window secs, attempt id, lease ms.
 const GATE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local p = redis.call('ZCARD', KEYS[2])
 local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-local at = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
 local free = tonumber(ARGV[1])
+local base = tonumber(ARGV[2])
 if n >= free then
+  if base == 0 then
+    return -2
+  end
+  local at = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
   local delay = tonumber(ARGV[3])
   local k = n - free
   if k < 40 then
-    delay = math.min(delay, tonumber(ARGV[2]) * 2 ^ k)
+    delay = math.min(delay, base * 2 ^ k)
   end
   local wait = at + delay - now
   if wait > 0 then
     return wait
   end
+  if p > 0 then
+    return -1
+  end
+elseif n + p >= free then
+  return -1
 end
-redis.call('HSET', KEYS[1], 'n', n + 1, 'at', now)
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+local lease = tonumber(ARGV[6])
+redis.call('ZADD', KEYS[2], now + lease, ARGV[5])
+redis.call('PEXPIRE', KEYS[2], lease)
 return 0
 ";
+
+/// Gives back attempt ARGV[1]'s place and records its outcome ARGV[2]: `failed` counts
+/// a failure (kept ARGV[3] secs), `succeeded` resets the budget, anything else neither.
+const FINISH: &str = r"
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] == 'failed' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HINCRBY', KEYS[1], 'n', 1)
+  redis.call('HSET', KEYS[1], 'at', now)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+elseif ARGV[2] == 'succeeded' then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// How long a reserved place is held at most: longer than any queue wait plus hash.
+const LEASE: Duration = Duration::from_secs(30);
+
+/// What the gate said about one attempt.
+#[derive(Debug)]
+pub enum Gate {
+    /// Go ahead: the place is reserved; report the outcome with [`LoginFailures::finish`].
+    Reserved(Place),
+    /// Every free place is held by an attempt in flight: ask again shortly.
+    Busy,
+    /// Come back after this long (429).
+    Wait(Duration),
+    /// A budget without delay (a device's) is used up.
+    Exhausted,
+}
+
+/// A reserved place in one budget.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// `None` for a budget that is switched off: nothing to give back.
+    keys: Option<[String; 2]>,
+    id: String,
+}
+
+/// How a reserved attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Failed,
+    Succeeded,
+    /// The password was not checked (the hash could not run, the request was dropped).
+    Abandoned,
+}
+
+/// Which budget an attempt is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Shared by everyone who types that email, with growing delays.
+    Account,
+    /// One known device of the account, with no delay: used up, it stops being known.
+    Device,
+}
 
 #[derive(Clone)]
 pub struct LoginFailures {
     conn: ConnectionManager,
     prefix: String,
-    script: Script,
+    gate: Script,
+    finish: Script,
     free: u32,
+    device_free: u32,
     base_ms: u64,
     max_ms: u64,
     window_secs: u64,
@@ -61,43 +146,99 @@ impl LoginFailures {
         LoginFailures {
             conn,
             prefix: prefix.to_owned(),
-            script: Script::new(GATE),
+            gate: Script::new(GATE),
+            finish: Script::new(FINISH),
             free: settings.free_failures,
+            device_free: settings.device_free_failures,
             base_ms: settings.delay_base_secs * 1000,
             max_ms: settings.delay_max_secs * 1000,
             window_secs: settings.failure_window_secs.max(1),
         }
     }
 
-    fn key(&self, account: &str) -> String {
-        let hash = digest(&SHA256, account.as_bytes());
-        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}login:failures:{hex}", self.prefix)
+    fn keys(&self, budget: Budget, key: &str) -> [String; 2] {
+        let kind = match budget {
+            Budget::Account => "failures",
+            Budget::Device => "device",
+        };
+        let hex: String = crate::auth::sha256(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let base = format!("{}login:{kind}:{hex}", self.prefix);
+        [base.clone(), format!("{base}:inflight")]
     }
 
-    /// Counts one attempt on `account` (normalized). `Err(wait)` when it must wait.
-    pub async fn attempt(&self, account: &str) -> anyhow::Result<Result<(), Duration>> {
+    /// Asks to reserve a place for one attempt on `key` (a normalized email, or a device
+    /// token's hash in hex) in `budget`.
+    pub async fn reserve(&self, budget: Budget, key: &str) -> anyhow::Result<Gate> {
+        let (free, base_ms) = match budget {
+            Budget::Account => (self.free, self.base_ms),
+            Budget::Device => (self.device_free, 0),
+        };
+        let keys = self.keys(budget, key);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if free == 0 && base_ms == 0 {
+            // An account budget switched off (free_failures = delay_base_secs = 0), or
+            // devices that are never known (device_free_failures = 0).
+            return Ok(match budget {
+                Budget::Account => Gate::Reserved(Place { keys: None, id }),
+                Budget::Device => Gate::Exhausted,
+            });
+        }
         let mut conn = self.conn.clone();
-        let wait_ms: u64 = self
-            .script
-            .key(self.key(account))
-            .arg(self.free)
-            .arg(self.base_ms)
+        let answer: i64 = self
+            .gate
+            .key(&keys[0])
+            .key(&keys[1])
+            .arg(free)
+            .arg(base_ms)
             .arg(self.max_ms)
             .arg(self.window_secs)
+            .arg(&id)
+            .arg(LEASE.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
-        Ok(match wait_ms {
-            0 => Ok(()),
-            ms => Err(Duration::from_millis(ms)),
+        Ok(match answer {
+            0 => Gate::Reserved(Place {
+                keys: Some(keys),
+                id,
+            }),
+            -1 => Gate::Busy,
+            -2 => Gate::Exhausted,
+            ms => Gate::Wait(Duration::from_millis(ms.max(1) as u64)),
         })
     }
 
-    /// A successful login: the account starts afresh.
-    pub async fn reset(&self, account: &str) -> anyhow::Result<()> {
+    /// Gives the place back and records how the attempt ended.
+    pub async fn finish(&self, place: &Place, outcome: Outcome) -> anyhow::Result<()> {
+        let Some(keys) = &place.keys else {
+            return Ok(());
+        };
+        let outcome = match outcome {
+            Outcome::Failed => "failed",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Abandoned => "abandoned",
+        };
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .finish
+            .key(&keys[0])
+            .key(&keys[1])
+            .arg(&place.id)
+            .arg(outcome)
+            .arg(self.window_secs)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a budget's failures, as a success in it does.
+    pub async fn reset(&self, budget: Budget, key: &str) -> anyhow::Result<()> {
+        let keys = self.keys(budget, key);
         let mut conn = self.conn.clone();
         let _: () = redis::cmd("DEL")
-            .arg(self.key(account))
+            .arg(&keys[0])
             .query_async(&mut conn)
             .await?;
         Ok(())

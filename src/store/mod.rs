@@ -42,6 +42,8 @@ pub struct User {
 pub struct Credentials {
     pub user: User,
     pub password_hash: String,
+    /// Whether the device token asked about is a live device of this user.
+    pub device_known: bool,
 }
 
 /// Who is asking, for session records and audit.
@@ -65,6 +67,20 @@ pub struct NewSession<'a> {
     /// Sessions the cap ended this long ago or less are returned again, so that a
     /// retried login repairs a denylist write that failed (see `revoke_user_sessions`).
     pub recent_secs: i64,
+    /// The device token to remember (new, or the known one presented, renewed).
+    pub device_hash: &'a [u8],
+    pub device_ttl_secs: i64,
+}
+
+/// What [`Store::create_session`] made.
+#[derive(Debug, Clone)]
+pub struct CreatedSession {
+    /// Roles and the issue time come from the statement that locked the user row and
+    /// created the session, so a concurrent role change or disable is either seen here
+    /// or marks every token issued up to its commit (see `Store::clock`).
+    pub grant: Grant,
+    /// Sessions the per-user cap ended, now or recently.
+    pub evicted: Vec<SessionId>,
 }
 
 /// What [`Store::rotate_refresh`] asks for.
@@ -84,6 +100,9 @@ pub struct Grant {
     pub user_id: UserId,
     pub roles: Vec<String>,
     pub expires_at: DateTime<Utc>,
+    /// The database's clock when the statement that granted it ran: the access token's
+    /// issue time, compared with per-user revocation marks taken from the same clock.
+    pub issued_at: DateTime<Utc>,
 }
 
 /// Everything needed to explain why a refresh token was not rotated.
@@ -216,6 +235,10 @@ pub enum AuditCursor {
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
+    /// The database's clock, read after whatever the caller committed: the time of a
+    /// per-user revocation mark, so that every token issued by a statement that did not
+    /// see the change (the `issued_at` of its grant is earlier) is covered by the mark.
+    async fn clock(&self) -> StoreResult<DateTime<Utc>>;
 
     async fn create_user(
         &self,
@@ -223,17 +246,22 @@ pub trait Store: Send + Sync + 'static {
         password_hash: &str,
         roles: &[String],
     ) -> StoreResult<User>;
-    async fn find_credentials(&self, email: &Email) -> StoreResult<Option<Credentials>>;
+    /// The user with this email, and whether `device` (a device token's hash) is one of
+    /// their live devices.
+    async fn find_credentials(
+        &self,
+        email: &Email,
+        device: Option<&[u8]>,
+    ) -> StoreResult<Option<Credentials>>;
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>>;
     /// Swaps a user's password hash, only if it is still `old`.
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()>;
 
-    /// Creates a session with its first refresh token, but only if the user is still
-    /// enabled and still has `password_hash` (the one the login was verified against),
-    /// so a login racing a password change or a disable cannot outlive it. Returns
-    /// `None` if refused, else the sessions that the per-user cap ended to make room,
-    /// now or within `recent_secs`.
-    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<Vec<SessionId>>>;
+    /// Creates a session with its first refresh token and remembers the device, but only
+    /// if the user is still enabled and still has `password_hash` (the one the login was
+    /// verified against), so a login racing a password change or a disable cannot
+    /// outlive it. Returns `None` if refused.
+    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<CreatedSession>>;
     /// Rotates a live, unrotated refresh token in one statement (which also writes the
     /// `refresh` audit row). `None` when the token is unknown, already rotated, or its
     /// session is not live: see [`Store::refresh_state`].
@@ -298,6 +326,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<u64>;
     /// Deletes up to `batch` audit rows older than `retention_secs`; returns how many.
     async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64>;
+    /// Deletes up to `batch` expired devices; returns how many.
+    async fn delete_expired_devices(&self, batch: i64) -> StoreResult<u64>;
 }
 
 /// Helper for ids coming back from SQL.

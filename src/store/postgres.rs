@@ -12,9 +12,9 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, Credentials, Grant,
-    NewSession, RefreshState, Rotation, SessionInfo, Store, StoreError, StoreResult, User,
-    UserChange, UserUpdate, session_ids,
+    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
+    Credentials, Grant, NewSession, RefreshState, Rotation, SessionInfo, Store, StoreError,
+    StoreResult, User, UserChange, UserUpdate, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -30,7 +30,13 @@ impl PgStore {
     /// A lazy pool: the server starts even while Postgres is down and connects when it
     /// is back; requests in between get 503.
     pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<Self> {
-        let options = connect_options(settings)?;
+        let mut options = connect_options(settings)?;
+        if settings.statement_timeout_ms > 0 {
+            // Request paths only: a stalled statement answers 503 (class 57, see
+            // `classify`) instead of outliving its client.
+            let timeout = settings.statement_timeout_ms.to_string();
+            options = options.options([("statement_timeout", timeout.as_str())]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
@@ -155,6 +161,13 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn clock(&self) -> StoreResult<chrono::DateTime<chrono::Utc>> {
+        sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
     async fn create_user(
         &self,
         email: &Email,
@@ -182,11 +195,19 @@ impl Store for PgStore {
         ))
     }
 
-    async fn find_credentials(&self, email: &Email) -> StoreResult<Option<Credentials>> {
+    async fn find_credentials(
+        &self,
+        email: &Email,
+        device: Option<&[u8]>,
+    ) -> StoreResult<Option<Credentials>> {
         let row = sqlx::query!(
-            r#"SELECT id, email, roles, disabled, created_at, password_hash
-               FROM users WHERE lower(email) = lower($1)"#,
+            r#"SELECT u.id, u.email, u.roles, u.disabled, u.created_at, u.password_hash,
+                      EXISTS (SELECT 1 FROM devices d
+                              WHERE d.token_hash = $2 AND d.user_id = u.id
+                                AND d.expires_at > now()) AS "device_known!"
+               FROM users u WHERE lower(u.email) = lower($1)"#,
             email.as_str(),
+            device,
         )
         .fetch_optional(&self.pool)
         .await
@@ -194,6 +215,7 @@ impl Store for PgStore {
         Ok(row.map(|r| Credentials {
             user: user_from(r.id, r.email, r.roles, r.disabled, r.created_at),
             password_hash: r.password_hash,
+            device_known: r.device_known,
         }))
     }
 
@@ -222,15 +244,17 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<Vec<SessionId>>> {
-        // One statement: the session, its first refresh token, and the eviction of the
-        // least recently used sessions past the cap (the new one is not visible to the
-        // eviction's snapshot, hence cap - 1 others are kept). `FOR SHARE` makes a
-        // concurrent password change or disable wait for this login and then end its
-        // session, or makes this login see the change and create nothing.
+    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<CreatedSession>> {
+        // One statement: the session, its first refresh token, the device, and the
+        // eviction of the least recently used sessions past the cap (the new one is not
+        // visible to the eviction's snapshot, hence cap - 1 others are kept). `FOR
+        // SHARE` makes a concurrent password change, disable or role change wait for
+        // this login (and then end its session or mark its token), or makes this login
+        // see the change: the roles in the token are the ones read under that lock.
+        // A device token is only ever renewed for the user it belongs to.
         let row = sqlx::query!(
             r#"WITH allowed AS (
-                   SELECT id FROM users
+                   SELECT id, roles FROM users
                    WHERE id = $2 AND password_hash = $10 AND NOT disabled
                    FOR SHARE
                ), session AS (
@@ -241,6 +265,12 @@ impl Store for PgStore {
                ), token AS (
                    INSERT INTO refresh_tokens (token_hash, session_id)
                    SELECT $7, id FROM session
+               ), device AS (
+                   INSERT INTO devices (token_hash, user_id, expires_at)
+                   SELECT $11, id, now() + make_interval(secs => $12::float8) FROM allowed
+                   ON CONFLICT (token_hash) DO UPDATE
+                       SET last_used_at = now(), expires_at = excluded.expires_at
+                       WHERE devices.user_id = excluded.user_id
                ), evicted AS (
                    UPDATE sessions SET revoked_at = now(), revoked_reason = 'session_cap'
                    WHERE $8::int4 > 0 AND EXISTS (SELECT 1 FROM allowed) AND id IN (
@@ -251,7 +281,8 @@ impl Store for PgStore {
                    )
                    RETURNING id
                )
-               SELECT EXISTS (SELECT 1 FROM allowed) AS "created!",
+               SELECT (SELECT roles FROM allowed) AS roles,
+                      now() AS "issued_at!",
                       ARRAY(SELECT id FROM evicted
                             UNION
                             SELECT id FROM sessions
@@ -268,21 +299,35 @@ impl Store for PgStore {
             new.max_per_user as i32,
             new.recent_secs as f64,
             new.password_hash,
+            new.device_hash,
+            new.device_ttl_secs as f64,
         )
         .fetch_one(&self.pool)
         .await
         .map_err(classify)?;
-        Ok(row.created.then(|| session_ids(row.evicted)))
+        Ok(row.roles.map(|roles| CreatedSession {
+            grant: Grant {
+                session_id: new.id,
+                user_id: new.user_id,
+                roles,
+                expires_at: new.expires_at,
+                issued_at: row.issued_at,
+            },
+            evicted: session_ids(row.evicted),
+        }))
     }
 
     async fn rotate_refresh(&self, r: Rotation<'_>) -> StoreResult<Option<Grant>> {
         // The conditional UPDATE is the race arbiter: of two requests presenting the same
         // token, the second blocks on the row lock, re-checks `rotated_at IS NULL` after
         // the first commits, matches nothing, and falls back to `refresh_state`.
+        // `rotated_at` is the statement's clock at the update, not the transaction's
+        // start: a rotation stalled behind a lock must not open its grace window in the
+        // past, or a second tab arriving right after it would count as reuse.
         let row = sqlx::query!(
             r#"WITH rotated AS (
                    UPDATE refresh_tokens rt
-                   SET rotated_at = now(), successor_hash = $2, successor_sealed = $3
+                   SET rotated_at = clock_timestamp(), successor_hash = $2, successor_sealed = $3
                    FROM sessions s JOIN users u ON u.id = s.user_id
                    WHERE rt.token_hash = $1
                      AND rt.rotated_at IS NULL
@@ -303,7 +348,8 @@ impl Store for PgStore {
                    SELECT $7, user_id, session_id, $5, $6 FROM rotated
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
-                      expires_at AS "expires_at!", roles AS "roles!"
+                      expires_at AS "expires_at!", roles AS "roles!",
+                      now() AS "issued_at!"
                FROM rotated"#,
             r.token_hash,
             r.successor_hash,
@@ -321,6 +367,7 @@ impl Store for PgStore {
             user_id: UserId(r.user_id),
             roles: r.roles,
             expires_at: r.expires_at,
+            issued_at: r.issued_at,
         }))
     }
 
@@ -345,6 +392,7 @@ impl Store for PgStore {
                 user_id: UserId(r.user_id),
                 roles: r.roles,
                 expires_at: r.expires_at,
+                issued_at: r.now,
             },
             rotated_at: r.rotated_at,
             successor_sealed: r.successor_sealed,
@@ -623,6 +671,21 @@ impl Store for PgStore {
                DELETE FROM sessions s USING doomed WHERE s.id = doomed.id"#,
             idle_ttl_secs as f64,
             retention_secs as f64,
+            batch,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_expired_devices(&self, batch: i64) -> StoreResult<u64> {
+        let done = sqlx::query!(
+            r#"DELETE FROM devices WHERE token_hash IN (
+                   SELECT token_hash FROM devices WHERE expires_at < now()
+                   LIMIT $1
+                   FOR UPDATE SKIP LOCKED
+               )"#,
             batch,
         )
         .execute(&self.pool)

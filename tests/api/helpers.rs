@@ -256,7 +256,12 @@ impl TestApp {
     /// Clears the shared per-account login failure count of `email` (as a success does).
     pub async fn forget_login_failures(&self, email: &str) {
         let account = tessera::domain::Email::parse(email).unwrap().normalized();
-        self.state.auth.failures.reset(&account).await.unwrap();
+        self.state
+            .auth
+            .failures
+            .reset(tessera::store::login_failures::Budget::Account, &account)
+            .await
+            .unwrap();
     }
 
     /// The kinds of the audit rows, oldest first.

@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod cleanup;
+mod devices;
 mod downstream;
 mod forged_tokens;
 mod health_and_metadata;

@@ -137,6 +137,8 @@ async fn create_session(app: &TestApp, user: uuid::Uuid, verified: &str) -> bool
             client: &ClientInfo::default(),
             max_per_user: 0,
             recent_secs: 0,
+            device_hash: uuid::Uuid::new_v4().as_bytes(),
+            device_ttl_secs: 60,
         })
         .await
         .unwrap();
