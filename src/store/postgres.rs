@@ -321,17 +321,22 @@ impl Store for PgStore {
         // The conditional UPDATE is the race arbiter: of two requests presenting the same
         // token, the second blocks on the row lock, re-checks `rotated_at IS NULL` after
         // the first commits, matches nothing, and falls back to `refresh_state`.
-        // `rotated_at` is the statement's clock at the update, not the transaction's
-        // start: a rotation stalled behind a lock must not open its grace window in the
-        // past, or a second tab arriving right after it would count as reuse.
+        // `rotated_at` is the clock once the row lock is held (the `locked` CTE takes it
+        // first, so the update's values are computed after any wait), not the
+        // transaction's start: a rotation stalled behind a lock must not open its grace
+        // window in the past, or a second tab arriving right after it would count as
+        // reuse.
         let row = sqlx::query!(
-            r#"WITH rotated AS (
+            r#"WITH locked AS (
+                   SELECT token_hash, session_id FROM refresh_tokens
+                   WHERE token_hash = $1 AND rotated_at IS NULL
+                   FOR UPDATE
+               ), rotated AS (
                    UPDATE refresh_tokens rt
                    SET rotated_at = clock_timestamp(), successor_hash = $2, successor_sealed = $3
-                   FROM sessions s JOIN users u ON u.id = s.user_id
-                   WHERE rt.token_hash = $1
-                     AND rt.rotated_at IS NULL
-                     AND s.id = rt.session_id
+                   FROM locked, sessions s JOIN users u ON u.id = s.user_id
+                   WHERE rt.token_hash = locked.token_hash
+                     AND s.id = locked.session_id
                      AND s.revoked_at IS NULL
                      AND s.expires_at > now()
                      AND s.last_used_at > now() - make_interval(secs => $4::float8)

@@ -18,6 +18,7 @@ mod logs;
 mod multi_instance;
 mod outage;
 mod password;
+mod races;
 mod refresh;
 mod revoke;
 mod sessions;
