@@ -108,6 +108,8 @@ pub struct LoginSettings {
     pub failure_window_secs: u64,
     pub device_ttl_secs: u64,
     pub device_free_failures: u32,
+    pub ipv6_prefix_len: u8,
+    pub max_tracked_keys: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +211,9 @@ impl Settings {
                 "login: need delay_base_secs <= delay_max_secs <= failure_window_secs, \
                  or a delayed attempt could never come"
             );
+        }
+        if !(1..=128).contains(&l.ipv6_prefix_len) || l.max_tracked_keys == 0 {
+            bail!("login.ipv6_prefix_len must be 1 to 128 and login.max_tracked_keys positive");
         }
         let c = &self.cleanup;
         if c.interval_secs == 0 || c.batch_size == 0 {

@@ -241,7 +241,7 @@ impl AuthService {
         tracing::warn!(by, "login attempt throttled");
         let by_ip = by == "ip";
         let audit_key = if by_ip {
-            format!("ip:{ip}")
+            format!("ip:{}", self.throttle.ip_key(ip))
         } else {
             format!("account:{account}")
         };

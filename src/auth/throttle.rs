@@ -9,8 +9,11 @@
 //! A throttled attempt is audited, but at most once a minute per key and process, so
 //! a flood cannot turn into a flood of audit rows.
 
-use std::net::IpAddr;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -21,10 +24,77 @@ use crate::config::LoginSettings;
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 
+/// A keyed limiter whose table never holds much more than `max_keys` keys. Every
+/// request with a new key (an address, an email) adds one, so a flood of distinct keys
+/// would otherwise grow it until the next purge. When it passes the bound, keys whose
+/// buckets are full again are dropped at once; if that is not enough (a flood of keys
+/// all seen within the refill period), the table starts afresh: the limits restart for
+/// everyone, which costs an attacker's victims nothing the per-account budget in Redis
+/// does not still hold, while memory stays bounded.
+struct Bounded<K: Hash + Eq + Clone> {
+    quota: Quota,
+    max_keys: usize,
+    limiter: RwLock<Keyed<K>>,
+    checks: AtomicU64,
+}
+
+/// The table's size is looked at every this many checks, so it holds at most
+/// `max_keys` plus this many keys.
+const SIZE_CHECK_EVERY: u64 = 64;
+
+impl<K: Hash + Eq + Clone> Bounded<K> {
+    fn new(quota: Quota, max_keys: usize) -> Self {
+        Bounded {
+            quota,
+            max_keys: max_keys.max(1),
+            limiter: RwLock::new(RateLimiter::keyed(quota)),
+            checks: AtomicU64::new(0),
+        }
+    }
+
+    fn check(&self, key: &K, clock: &DefaultClock) -> Result<(), Duration> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0 {
+            self.bound();
+        }
+        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner());
+        limiter
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(clock.now()))
+    }
+
+    fn bound(&self) {
+        let over = |l: &Keyed<K>| l.len() > self.max_keys;
+        if !over(&self.limiter.read().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        let mut limiter = self.limiter.write().unwrap_or_else(|e| e.into_inner());
+        limiter.retain_recent();
+        if over(&limiter) {
+            tracing::warn!(
+                keys = limiter.len(),
+                "login throttle table full of recent keys; starting afresh"
+            );
+            *limiter = RateLimiter::keyed(self.quota);
+        }
+        limiter.shrink_to_fit();
+    }
+
+    fn purge(&self) {
+        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner());
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.limiter.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 pub struct LoginThrottle {
-    per_ip: Keyed<IpAddr>,
-    per_account: Keyed<String>,
-    audited: Keyed<String>,
+    per_ip: Bounded<IpAddr>,
+    per_account: Bounded<String>,
+    audited: Bounded<String>,
+    ipv6_prefix_len: u8,
     clock: DefaultClock,
 }
 
@@ -38,47 +108,73 @@ pub struct Throttled {
 impl LoginThrottle {
     pub fn new(settings: &LoginSettings) -> Self {
         let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        let max = settings.max_tracked_keys;
         LoginThrottle {
-            per_ip: RateLimiter::keyed(quota(settings.per_ip_per_minute)),
-            per_account: RateLimiter::keyed(quota(settings.per_account_per_minute)),
-            audited: RateLimiter::keyed(quota(1)),
+            per_ip: Bounded::new(quota(settings.per_ip_per_minute), max),
+            per_account: Bounded::new(quota(settings.per_account_per_minute), max),
+            audited: Bounded::new(quota(1), max),
+            ipv6_prefix_len: settings.ipv6_prefix_len,
             clock: DefaultClock::default(),
+        }
+    }
+
+    /// The bucket an address counts in: an IPv4 address (also IPv4-mapped IPv6) as
+    /// itself, an IPv6 address by its first `login.ipv6_prefix_len` bits, since one
+    /// host or customer usually holds a whole /64 (2^64 addresses, one bucket).
+    pub fn ip_key(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let bits = u128::from(v6);
+                    let prefix = u32::from(self.ipv6_prefix_len.min(128));
+                    let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                    IpAddr::V6(Ipv6Addr::from(bits & mask))
+                }
+            },
         }
     }
 
     /// Counts one attempt from `ip`.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Throttled> {
-        self.per_ip.check_key(&ip).map_err(|not_until| Throttled {
-            retry_after_secs: secs(not_until.wait_time_from(self.clock.now())),
-            by_account: false,
-        })
+        self.per_ip
+            .check(&self.ip_key(ip), &self.clock)
+            .map_err(|wait| Throttled {
+                retry_after_secs: secs(wait),
+                by_account: false,
+            })
     }
 
     /// Counts one attempt at login as `account` (already normalized).
     pub fn check_account(&self, account: &str) -> Result<(), Throttled> {
-        // The key is owned by the limiter; cap its size so a flood of huge emails
-        // cannot make the table large (emails are at most 254 bytes after parsing).
         self.per_account
-            .check_key(&account.to_owned())
-            .map_err(|not_until| Throttled {
-                retry_after_secs: secs(not_until.wait_time_from(self.clock.now())),
+            .check(&account.to_owned(), &self.clock)
+            .map_err(|wait| Throttled {
+                retry_after_secs: secs(wait),
                 by_account: true,
             })
     }
 
     /// Whether a throttled attempt on `key` should be audited (once a minute per key).
     pub fn should_audit(&self, key: &str) -> bool {
-        self.audited.check_key(&key.to_owned()).is_ok()
+        self.audited.check(&key.to_owned(), &self.clock).is_ok()
     }
 
     /// Forgets keys whose buckets are full again; run periodically.
     pub fn purge(&self) {
-        self.per_ip.retain_recent();
-        self.per_account.retain_recent();
-        self.audited.retain_recent();
-        self.per_ip.shrink_to_fit();
-        self.per_account.shrink_to_fit();
-        self.audited.shrink_to_fit();
+        self.per_ip.purge();
+        self.per_account.purge();
+        self.audited.purge();
+    }
+
+    /// How many keys the tables hold (IP, account, audit), to see the bound hold.
+    pub fn tracked_keys(&self) -> (usize, usize, usize) {
+        (
+            self.per_ip.len(),
+            self.per_account.len(),
+            self.audited.len(),
+        )
     }
 }
 
@@ -102,6 +198,8 @@ mod tests {
             failure_window_secs: 900,
             device_ttl_secs: 86400,
             device_free_failures: 10,
+            ipv6_prefix_len: 64,
+            max_tracked_keys: 100,
         });
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(t.check_ip(ip).is_ok());
@@ -118,5 +216,54 @@ mod tests {
         let hit = t.check_account("a@x.io").unwrap_err();
         assert!(hit.by_account && (1..=60).contains(&hit.retry_after_secs));
         assert!(t.check_account("b@x.io").is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_share_a_bucket_per_prefix_and_mapped_v4_is_v4() {
+        let t = LoginThrottle::new(&LoginSettings {
+            per_ip_per_minute: 1,
+            per_account_per_minute: 1,
+            free_failures: 5,
+            delay_base_secs: 1,
+            delay_max_secs: 300,
+            failure_window_secs: 900,
+            device_ttl_secs: 86400,
+            device_free_failures: 10,
+            ipv6_prefix_len: 56,
+            max_tracked_keys: 100,
+        });
+        let key = |s: &str| t.ip_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:0:12ff::1"), "2001:db8:0:1200::");
+        assert_eq!(key("2001:db8:0:1234:5678::9"), "2001:db8:0:1200::");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert!(t.check_ip("2001:db8:0:12aa::1".parse().unwrap()).is_ok());
+        assert!(t.check_ip("2001:db8:0:12bb::2".parse().unwrap()).is_err());
+        assert!(t.check_ip("2001:db8:0:1300::2".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_keeps_the_tables_bounded() {
+        let t = LoginThrottle::new(&LoginSettings {
+            per_ip_per_minute: 5,
+            per_account_per_minute: 5,
+            free_failures: 5,
+            delay_base_secs: 1,
+            delay_max_secs: 300,
+            failure_window_secs: 900,
+            device_ttl_secs: 86400,
+            device_free_failures: 10,
+            ipv6_prefix_len: 64,
+            max_tracked_keys: 100,
+        });
+        let mut largest = 0;
+        for i in 0..5_000u32 {
+            let _ = t.check_account(&format!("flood-{i}@example.com"));
+            let _ = t.check_ip(IpAddr::from(i.to_be_bytes()));
+            let (ips, accounts, _) = t.tracked_keys();
+            largest = largest.max(ips).max(accounts);
+        }
+        assert!(largest > 100, "the flood reached the bound ({largest})");
+        assert!(largest <= 100 + SIZE_CHECK_EVERY as usize, "{largest}");
     }
 }

@@ -282,38 +282,53 @@ impl FromRequest for Caller {
     }
 }
 
-/// Walks `X-Forwarded-For` from the right, skipping trusted proxies; the first address
-/// that is not a trusted proxy is the client. With no trusted proxies: the peer.
+/// Walks `X-Forwarded-For` from the right: each hop that is a trusted proxy passes the
+/// question on to the address it received from; the first untrusted address is the
+/// client. The walk stops at the first entry that is not an address (`unknown`, junk):
+/// the last trusted hop before it is then the best answer there is. So junk or spoofed
+/// entries that a client puts on the left never matter, and one bad entry no longer
+/// sends every client into the proxy's bucket. `ip:port` and `[v6]:port` entries, as
+/// some proxies write them, count as their address. With no trusted peer: the peer.
 fn client_ip<'a>(
     peer: IpAddr,
     forwarded: impl DoubleEndedIterator<Item = &'a header::HeaderValue>,
     trusted: &[IpRange],
 ) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|r| r.contains(ip));
-    if !is_trusted(&peer) {
-        return peer;
-    }
-    let hops: Vec<IpAddr> = forwarded
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|s| s.parse::<IpAddr>())
-        .collect::<Result<_, _>>()
-        .unwrap_or_default();
     let mut client = peer;
-    for hop in hops.into_iter().rev() {
+    if !is_trusted(&client) {
+        return client;
+    }
+    // Header lines in order, each split at commas; walked from the last entry.
+    let entries = forwarded
+        .rev()
+        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','));
+    for entry in entries {
+        let Some(hop) = forwarded_address(entry.trim()) else {
+            break;
+        };
         client = hop;
         if !is_trusted(&hop) {
             break;
         }
     }
     client
+}
+
+/// One `X-Forwarded-For` entry as an address: `ip`, `ip:port` (IPv4) or `[ip]:port`.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (ip, port) = rest.split_once(']')?;
+        return (port.is_empty() || port.strip_prefix(':')?.parse::<u16>().is_ok())
+            .then(|| ip.parse().ok())
+            .flatten();
+    }
+    let (ip, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// An IP address or CIDR range from `server.trusted_proxies`.
@@ -396,6 +411,33 @@ mod tests {
         );
         let spoofed = [hv("garbage")];
         assert_eq!(client_ip(peer, spoofed.iter(), &trusted), peer);
+        let client: IpAddr = "203.0.113.9".parse().unwrap();
+        for chain in [
+            "x, 203.0.113.9",
+            "unknown, 203.0.113.9, 10.0.0.7",
+            "198.51.100.66, 203.0.113.9",
+            "203.0.113.9:4711",
+            "198.51.100.66,203.0.113.9 ,10.0.0.8:80",
+        ] {
+            assert_eq!(
+                client_ip(peer, [hv(chain)].iter(), &trusted),
+                client,
+                "{chain}"
+            );
+        }
+        // Several header lines form one list, in order.
+        let lines = [hv("198.51.100.66"), hv("203.0.113.9, 10.0.0.7")];
+        assert_eq!(client_ip(peer, lines.iter(), &trusted), client);
+        // A bad entry right of the client: the last trusted hop is all we know.
+        let broken = [hv("203.0.113.9, unknown, 10.0.0.7")];
+        assert_eq!(
+            client_ip(peer, broken.iter(), &trusted),
+            "10.0.0.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(peer, [hv("[2001:db8::1]:443")].iter(), &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         let untrusted_peer: IpAddr = "198.51.100.1".parse().unwrap();
         assert_eq!(
             client_ip(untrusted_peer, xff.iter(), &trusted),

@@ -7,6 +7,7 @@ mod cleanup;
 mod devices;
 mod downstream;
 mod forged_tokens;
+mod forwarded;
 mod health_and_metadata;
 mod helpers;
 mod input;
