@@ -53,7 +53,11 @@ impl<K: Hash + Eq + Clone> Bounded<K> {
     }
 
     fn check(&self, key: &K, clock: &DefaultClock) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0 {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIZE_CHECK_EVERY)
+        {
             self.bound();
         }
         let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner());
