@@ -122,6 +122,7 @@ pub struct RegistrationSettings {
 #[serde(deny_unknown_fields)]
 pub struct IntrospectionSettings {
     pub clients: Vec<SecretString>,
+    pub failures_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -54,8 +54,10 @@ impl Application {
             .iter()
             .map(|p| IpRange::parse(p))
             .collect::<anyhow::Result<_>>()?;
-        let introspection_clients =
-            IntrospectionClients::from_settings(&settings.introspection.clients)?;
+        let introspection_clients = IntrospectionClients::from_settings(
+            &settings.introspection,
+            settings.login.max_tracked_keys,
+        )?;
 
         let address = settings.listen_address();
         let listener = TcpListener::bind(&address).with_context(|| {

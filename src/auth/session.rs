@@ -374,10 +374,28 @@ impl AuthService {
     /// cannot be confused, so `token_type_hint` is not needed.
     #[tracing::instrument(skip_all)]
     pub async fn revoke(&self, token: &str, client: &ClientInfo) -> Result<(), ApiError> {
+        // A repeat revocation is a no-op: it writes no row, no mark and no audit event
+        // (only a missing mark is repaired), so anyone holding an old token cannot turn
+        // /revoke into a stream of writes and publications.
         if let Some(refresh) = RefreshToken::parse(token) {
-            if let Some(state) = self.store.refresh_state(&refresh.hash()).await? {
-                let sid = state.grant.session_id;
-                self.end_session(sid, "revoked").await?;
+            let Some(state) = self.store.refresh_state(&refresh.hash()).await? else {
+                return Ok(());
+            };
+            let sid = state.grant.session_id;
+            let horizon = self.access_token_horizon();
+            if let Some(revoked_at) = state.revoked_at {
+                let since = (state.now - revoked_at).to_std().unwrap_or_default();
+                if since < horizon {
+                    self.denylist
+                        .ensure_session_revoked(sid, horizon - since)
+                        .await
+                        .map_err(ApiError::unavailable)?;
+                }
+                return Ok(());
+            }
+            let ended_now = self.store.revoke_session(sid, "revoked").await?.is_some();
+            self.deny_sessions(&[sid]).await?;
+            if ended_now {
                 self.audit(
                     AuditKind::Revoke,
                     Some(state.grant.user_id),
@@ -392,11 +410,13 @@ impl AuthService {
         if let Ok(claims) = self.tokens.verify(token) {
             let remaining =
                 claims.exp - Utc::now().timestamp() + self.settings.tokens.leeway_secs as i64;
-            if remaining > 0 {
-                self.denylist
+            if remaining > 0
+                && self
+                    .denylist
                     .revoke_token(&claims.jti, Duration::from_secs(remaining as u64))
                     .await
-                    .map_err(ApiError::unavailable)?;
+                    .map_err(ApiError::unavailable)?
+            {
                 self.audit(
                     AuditKind::Revoke,
                     Some(claims.sub),

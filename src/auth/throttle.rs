@@ -182,6 +182,61 @@ impl LoginThrottle {
     }
 }
 
+/// Failed authentications per key in fixed one-minute windows, for callers that must
+/// be looked up *before* their credentials are checked: a caller over the limit is
+/// refused whatever it presents, so a correct guess cannot show through the refusals.
+/// Successes cost a lookup and count nothing. At most `max_keys` keys are kept, as in
+/// [`LoginThrottle`].
+pub struct FailureLimiter {
+    per_minute: u32,
+    max_keys: usize,
+    windows: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl FailureLimiter {
+    pub fn new(per_minute: u32, max_keys: usize) -> Self {
+        FailureLimiter {
+            per_minute,
+            max_keys: max_keys.max(1),
+            windows: Default::default(),
+        }
+    }
+
+    /// `Err(seconds to wait)` when any of `keys` has used up its failures.
+    pub fn check(&self, keys: &[&str]) -> Result<(), u64> {
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let wait = keys
+            .iter()
+            .filter_map(|k| windows.get(*k))
+            .filter(|(start, n)| *n >= self.per_minute && now < *start + WINDOW)
+            .map(|(start, _)| secs(*start + WINDOW - now))
+            .max();
+        wait.map_or(Ok(()), Err)
+    }
+
+    /// Counts one failure for each of `keys`.
+    pub fn failed(&self, keys: &[&str]) {
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if windows.len() + keys.len() > self.max_keys {
+            windows.retain(|_, (start, _)| now < *start + WINDOW);
+            if windows.len() + keys.len() > self.max_keys {
+                windows.clear();
+            }
+        }
+        for key in keys {
+            let entry = windows.entry((*key).to_owned()).or_insert((now, 0));
+            if now >= entry.0 + WINDOW {
+                *entry = (now, 0);
+            }
+            entry.1 += 1;
+        }
+    }
+}
+
 /// Whole seconds to wait, rounded up (a `Retry-After` value).
 pub(crate) fn secs(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)

@@ -13,6 +13,8 @@ use subtle::ConstantTimeEq;
 
 use super::extract::{Caller, Form, Json};
 use super::{no_store, token_response};
+use crate::auth::throttle::FailureLimiter;
+use crate::config::IntrospectionSettings;
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -84,11 +86,12 @@ pub struct IntrospectRequest {
 pub async fn introspect(
     state: web::Data<AppState>,
     req: HttpRequest,
+    caller: Caller,
     Form(body): Form<IntrospectRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    if !state.introspection_clients.authenticate(&req) {
-        return Err(ApiError::InvalidClient);
-    }
+    state
+        .introspection_clients
+        .authenticate(&req, state.auth.throttle.ip_key(caller.ip))?;
     let body = match state.auth.introspect(&body.token).await? {
         Some(c) => json!({
             "active": true,
@@ -102,11 +105,20 @@ pub async fn introspect(
 
 /// Resource servers allowed to introspect, from `introspection.clients`. Secrets are
 /// kept only as SHA-256 digests and compared in constant time; an unknown id costs the
-/// same comparison as a wrong secret.
-pub struct IntrospectionClients(Vec<(String, [u8; 32])>);
+/// same comparison as a wrong secret. Failed authentications are limited per client id
+/// and per client IP (`introspection.failures_per_minute`), checked before the secret
+/// is, so guessing a secret runs at that rate at most.
+pub struct IntrospectionClients {
+    clients: Vec<(String, [u8; 32])>,
+    failures: FailureLimiter,
+}
 
 impl IntrospectionClients {
-    pub fn from_settings(entries: &[secrecy::SecretString]) -> anyhow::Result<Self> {
+    pub fn from_settings(
+        settings: &IntrospectionSettings,
+        max_keys: usize,
+    ) -> anyhow::Result<Self> {
+        let entries = &settings.clients;
         let mut clients = Vec::new();
         for entry in entries {
             let entry = entry.expose_secret();
@@ -121,20 +133,36 @@ impl IntrospectionClients {
             };
             clients.push((id.to_owned(), digest));
         }
-        Ok(IntrospectionClients(clients))
+        Ok(IntrospectionClients {
+            clients,
+            failures: FailureLimiter::new(settings.failures_per_minute, max_keys),
+        })
     }
 
-    fn authenticate(&self, req: &HttpRequest) -> bool {
-        let Some((id, secret)) = basic_credentials(req) else {
-            return false;
-        };
-        let presented = sha256(secret.as_bytes());
-        let mut ok = false;
-        for (client_id, expected) in &self.0 {
-            let id_ok = client_id.as_bytes().ct_eq(id.as_bytes());
-            ok |= bool::from(id_ok & expected.ct_eq(&presented));
+    /// `Ok` for valid credentials; 429 for a client id or IP that failed too often
+    /// (whatever it presents now), else 401 `invalid_client`.
+    fn authenticate(&self, req: &HttpRequest, ip: std::net::IpAddr) -> Result<(), ApiError> {
+        let credentials = basic_credentials(req);
+        let ip_key = format!("ip:{ip}");
+        let id_key = credentials.as_ref().map(|(id, _)| format!("id:{id}"));
+        let mut keys = vec![ip_key.as_str()];
+        keys.extend(id_key.as_deref());
+        self.failures.check(&keys).map_err(ApiError::RateLimited)?;
+        let valid = credentials.is_some_and(|(id, secret)| {
+            let presented = sha256(secret.as_bytes());
+            let mut ok = false;
+            for (client_id, expected) in &self.clients {
+                let id_ok = client_id.as_bytes().ct_eq(id.as_bytes());
+                ok |= bool::from(id_ok & expected.ct_eq(&presented));
+            }
+            ok
+        });
+        if valid {
+            return Ok(());
         }
-        ok
+        tracing::warn!(%ip, "introspection client authentication failed");
+        self.failures.failed(&keys);
+        Err(ApiError::InvalidClient)
     }
 }
 

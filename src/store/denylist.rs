@@ -27,6 +27,15 @@ use secrecy::ExposeSecret;
 use crate::config::RedisSettings;
 use crate::domain::{SessionId, UserId};
 
+/// SET KEYS[1] 1 EX ARGV[1] NX, and only if it was set, PUBLISH ARGV[2] ARGV[3].
+const MARK_ONCE: &str = r"
+if redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[1]), 'NX') then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+";
+
 #[derive(Clone)]
 pub struct Denylist {
     conn: ConnectionManager,
@@ -108,13 +117,35 @@ impl Denylist {
         Ok(())
     }
 
-    /// Marks one access token revoked until it expires.
-    pub async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        self.mark(&mut pipe, self.token_key(jti), 1, ttl.as_secs().max(1));
+    /// Marks one access token revoked until it expires. False when it already was
+    /// (nothing is written or published again).
+    pub async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<bool> {
+        self.mark_once(self.token_key(jti), ttl).await
+    }
+
+    /// Marks a session revoked for `ttl` unless its mark is already there: the repair of
+    /// an earlier revocation whose Redis write failed, costing nothing when it did not.
+    pub async fn ensure_session_revoked(
+        &self,
+        sid: SessionId,
+        ttl: Duration,
+    ) -> anyhow::Result<bool> {
+        self.mark_once(self.session_key(sid), ttl).await
+    }
+
+    /// Sets `key` (and tells subscribers) only if it is absent; true if it was set.
+    async fn mark_once(&self, key: String, ttl: Duration) -> anyhow::Result<bool> {
+        let secs = ttl.as_secs().max(1);
+        let short = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
         let mut conn = self.conn.clone();
-        let _: () = pipe.query_async(&mut conn).await?;
-        Ok(())
+        let set: i64 = redis::Script::new(MARK_ONCE)
+            .key(&key)
+            .arg(secs)
+            .arg(self.channel())
+            .arg(format!("{short} 1 {secs}"))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(set == 1)
     }
 
     /// Revokes every access token of `user` issued at or before `at_ms` (Unix time in

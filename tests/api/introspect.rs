@@ -91,3 +91,69 @@ async fn introspection_needs_valid_client_credentials() {
         .unwrap();
     assert_error(bearer, StatusCode::UNAUTHORIZED, "invalid_client").await;
 }
+
+async fn introspect_from(
+    app: &TestApp,
+    ip: &str,
+    id: &str,
+    secret: &str,
+    token: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url("/introspect"))
+        .header("x-forwarded-for", ip)
+        .basic_auth(id, Some(secret))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn failed_client_authentication_is_throttled_per_client_id_and_per_ip() {
+    let mut settings = test_settings();
+    settings.introspection.clients = vec![
+        "api:api-secret".to_owned().into(),
+        "b:b-secret".to_owned().into(),
+    ];
+    settings.introspection.failures_per_minute = 3;
+    settings.server.trusted_proxies = vec!["127.0.0.1".into()];
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+
+    // Successes never count.
+    for _ in 0..12 {
+        let res = introspect_from(&app, "192.0.2.1", "api", "api-secret", &t.access).await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    // Guessing the secret of "api" from one address ...
+    for _ in 0..3 {
+        let res = introspect_from(&app, "192.0.2.2", "api", "guess", &t.access).await;
+        assert_error(res, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    }
+    // ... blocks that client id from everywhere, even with the right secret, so a
+    // right guess cannot show through.
+    let res = introspect_from(&app, "192.0.2.3", "api", "api-secret", &t.access).await;
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    // ... and that address for every client id.
+    let res = introspect_from(&app, "192.0.2.2", "b", "b-secret", &t.access).await;
+    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    // Others are not affected.
+    let res = introspect_from(&app, "192.0.2.3", "b", "b-secret", &t.access).await;
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // Spraying many client ids from one address is limited per address.
+    for i in 0..3 {
+        let res = introspect_from(&app, "192.0.2.4", &format!("id{i}"), "x", &t.access).await;
+        assert_error(res, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    }
+    let res = introspect_from(&app, "192.0.2.4", "b", "b-secret", &t.access).await;
+    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+}
