@@ -1,32 +1,25 @@
 #!/usr/bin/env bash
 # Runs Tessera's whole test suite (unit and integration tests) against real PostgreSQL
-# and Redis, starting or installing them first when needed.
-#   TESSERA_TEST_POSTGRES  base URL of the test server (default postgres://postgres:postgres@127.0.0.1:5432)
-#   TESSERA_TEST_REDIS     Redis URL (default redis://127.0.0.1:6379)
+# and Redis, found or provided by scripts/services.sh (which changes nothing the
+# machine already has).
+#   TESSERA_TEST_POSTGRES  base URL of the test server (no database name)
+#   TESSERA_TEST_REDIS     Redis URL
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh refresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
 
-# Each test makes its own database (tessera_test_*) and keys directory. Remove them
-# before the run (left by an interrupted or failed run, kept for inspection) and after
-# a successful one.
-base=${TESSERA_TEST_POSTGRES:-postgres://postgres:postgres@127.0.0.1:5432}
-drop_test_databases() {
-  rm -rf "${TMPDIR:-/tmp}"/tessera-test-keys-*
-  command -v psql >/dev/null || return 0
-  local stale
-  stale=$(psql "$base/postgres" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'tessera\_test\_%'" 2>/dev/null || true)
-  [ -n "$stale" ] || return 0
-  [ "${1:-}" = quiet ] || say "dropping $(echo "$stale" | wc -l) test databases"
-  for db in $stale; do echo "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE);"; done |
-    psql -q "$base/postgres" >/dev/null 2>&1 || true
-}
-drop_test_databases
+# Each test makes its own database (tessera_test_<run>_*) and keys directory, named
+# after this run, so two runs at once never touch each other's. A run removes its own
+# when it succeeds (a failed one keeps them for inspection), and those of earlier runs
+# whose process is gone.
+export TESSERA_TEST_RUN="r$$"
+source scripts/test-databases.sh
+drop_test_databases stale
 
 # Queries are checked at compile time against the committed .sqlx/ data.
 export SQLX_OFFLINE=true
 say "building and running the test suite ..."
 cargo test --workspace --tests "$@"
-drop_test_databases quiet
+drop_test_databases own

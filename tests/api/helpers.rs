@@ -38,7 +38,9 @@ pub struct TestApp {
 /// production defaults are tested on their own); generous login limits.
 pub fn test_settings() -> Settings {
     let mut s = Settings::load_from(None, Vec::new()).expect("defaults load");
-    let id = Uuid::new_v4().simple().to_string();
+    // scripts/test.sh names its run, so that it removes only its own databases.
+    let run = std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into());
+    let id = format!("{run}_{}", Uuid::new_v4().simple());
     s.server.port = 0;
     s.server.workers = 2;
     s.database.url = format!("{}/tessera_test_{id}", postgres_base()).into();

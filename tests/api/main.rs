@@ -22,6 +22,7 @@ mod password;
 mod races;
 mod refresh;
 mod revoke;
+mod scripts;
 mod sessions;
 mod shared_throttle;
 mod users;
