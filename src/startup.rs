@@ -121,6 +121,7 @@ impl Application {
             s.auth.throttle.purge()
         });
         spawn_cleanup(Arc::downgrade(&shared), cleanup_every);
+        spawn_eviction_check(Arc::downgrade(&shared));
         Ok(Application {
             port,
             server,
@@ -156,6 +157,33 @@ fn spawn_periodic<T: Send + Sync + 'static>(
                 Some(t) => f(&t),
                 None => return,
             }
+        }
+    });
+}
+
+/// Warns once, as soon as Redis answers, when its `maxmemory-policy` could evict
+/// revocation marks (readiness then stays 503; see `http::health`).
+fn spawn_eviction_check(target: Weak<AppState>) {
+    tokio::spawn(async move {
+        loop {
+            let Some(state) = target.upgrade() else {
+                return;
+            };
+            match state.auth.denylist.eviction_policy().await {
+                Ok(policy) if policy == "noeviction" => return,
+                Ok(policy) => {
+                    tracing::warn!(
+                        %policy,
+                        "Redis maxmemory-policy is not noeviction: under memory pressure it \
+                         may drop revocation marks and revoked tokens would work again; \
+                         set maxmemory-policy noeviction (readiness answers 503 until then)"
+                    );
+                    return;
+                }
+                Err(_) => {}
+            }
+            drop(state);
+            tokio::time::sleep(Duration::from_secs(10)).await;
         }
     });
 }

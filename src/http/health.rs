@@ -1,5 +1,5 @@
 //! `GET /health/live` (the process answers) and `GET /health/ready` (Postgres and Redis
-//! answer too).
+//! answer too, and Redis will not evict revocation marks).
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
@@ -12,8 +12,21 @@ pub async fn live() -> HttpResponse {
 }
 
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let (db, redis) = tokio::join!(state.auth.store.ping(), state.auth.denylist.ping());
+    let (db, policy) = tokio::join!(
+        state.auth.store.ping(),
+        state.auth.denylist.eviction_policy()
+    );
     db?;
-    redis.map_err(ApiError::unavailable)?;
+    let policy = policy.map_err(ApiError::unavailable)?;
+    if policy != "noeviction" {
+        // Not ready: under memory pressure Redis would drop revocation marks.
+        return Ok(HttpResponse::ServiceUnavailable().json(json!({
+            "status": "unavailable",
+            "postgres": "ok",
+            "redis": format!(
+                "maxmemory-policy is {policy}: Redis may evict revocation marks; set noeviction"
+            ),
+        })));
+    }
     Ok(HttpResponse::Ok().json(json!({"status": "ok", "postgres": "ok", "redis": "ok"})))
 }

@@ -102,6 +102,22 @@ impl Denylist {
         Ok(())
     }
 
+    /// Redis's `maxmemory-policy`, read from `INFO memory` (which managed services allow
+    /// where `CONFIG` is renamed). Anything but `noeviction` lets Redis drop revocation
+    /// marks (all of which have a TTL, so `volatile-*` policies pick exactly them) and
+    /// failure counts when memory runs short: a revoked token would work again.
+    pub async fn eviction_policy(&self) -> anyhow::Result<String> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(|p| p.trim().to_owned())
+            .context("INFO memory has no maxmemory_policy")
+    }
+
     /// Marks sessions revoked for `ttl` (the longest an access token can still live).
     pub async fn revoke_sessions(&self, sids: &[SessionId], ttl: Duration) -> anyhow::Result<()> {
         if sids.is_empty() {

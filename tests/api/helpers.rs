@@ -478,3 +478,41 @@ where
 pub fn keys_dir(app: &TestApp) -> PathBuf {
     app.settings.keys.dir.clone()
 }
+
+/// A `redis-server` of the test's own on a free loopback port (for settings the
+/// machine's Redis must not be given), stopped on drop.
+pub struct OwnRedis {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    pub async fn start(extra: &[&str]) -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/services.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        eventually("the test's own Redis answers", || async {
+            client.get_multiplexed_async_connection().await.is_ok()
+        })
+        .await;
+        OwnRedis { url, child }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -6,6 +6,7 @@ mod audit;
 mod cleanup;
 mod devices;
 mod downstream;
+mod eviction;
 mod forged_tokens;
 mod forwarded;
 mod health_and_metadata;
