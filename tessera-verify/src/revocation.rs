@@ -8,7 +8,12 @@
 //! and from then on applies each message: a check is a hash-map lookup, no round trip.
 //!
 //! When the subscription drops, the set is no longer known to be current: the task
-//! reconnects with backoff and resyncs in full. While unsynced for longer than
+//! reconnects with backoff and resyncs in full. A connection can also die silently (a
+//! NAT or firewall forgetting it, a network that stops forwarding): the subscription
+//! then looks alive and hears nothing. So the task pings Redis on the subscription
+//! connection every `max_unsynced / 4` and gives each ping as long again to answer; a
+//! ping that fails or stays unanswered counts as a lost feed, out of touch since the
+//! last answer, so the policy below applies within `max_unsynced` of the silence. While unsynced for longer than
 //! `max_unsynced`, checks fail with `RevocationUnavailable` (fail-closed, the default)
 //! or accept on the last known set (fail-open). Before the first sync a fail-closed
 //! verifier refuses every token.
@@ -186,14 +191,39 @@ async fn run(this: std::sync::Weak<Revocations>, client: redis::Client) {
     }
 }
 
+/// How often the subscription is pinged, and how long a ping may take, for `max_unsynced`.
+fn ping_every(max_unsynced: Duration) -> Duration {
+    (max_unsynced / 4).max(Duration::from_millis(25))
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "Redis did not answer in time"))
+}
+
 async fn follow(
     this: &std::sync::Weak<Revocations>,
     client: &redis::Client,
     prefix: &str,
 ) -> redis::RedisResult<()> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(format!("{prefix}revocations")).await?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let Some(max_unsynced) = this.upgrade().map(|r| r.config.max_unsynced) else {
+        return Ok(());
+    };
+    let patience = ping_every(max_unsynced);
+    // Connecting and the resync get a bound too: a silent network must not hang them.
+    let limit = max_unsynced.max(Duration::from_secs(1));
+    let (mut sink, stream) = tokio::time::timeout(limit, async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(format!("{prefix}revocations")).await?;
+        Ok::<_, redis::RedisError>(pubsub.split())
+    })
+    .await
+    .map_err(|_| timed_out())??;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(limit))
+        .set_response_timeout(Some(limit));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
 
     // Full resync: every live key, into a fresh set (expired entries drop out).
     let mut fresh = Set::default();
@@ -251,10 +281,30 @@ async fn follow(
     }
     tracing::info!("revocation set loaded; following {prefix}revocations");
 
-    let mut messages = pubsub.on_message();
+    let mut messages = stream;
     let mut prune = tokio::time::interval(Duration::from_secs(30));
+    let mut ping = tokio::time::interval(patience);
+    let mut last_answer = Instant::now();
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                let answered = tokio::time::timeout(patience, sink.ping::<redis::Value>()).await;
+                match answered {
+                    Ok(Ok(_)) => last_answer = Instant::now(),
+                    failed => {
+                        // Out of touch since the last answer, not since now.
+                        if let Some(rev) = this.upgrade() {
+                            rev.with_state(|s| {
+                                s.unsynced_since.get_or_insert(last_answer);
+                            });
+                        }
+                        return Err(match failed {
+                            Ok(Err(e)) => e,
+                            _ => timed_out(),
+                        });
+                    }
+                }
+            }
             msg = messages.next() => {
                 let Some(msg) = msg else {
                     return Err(redis::RedisError::from((

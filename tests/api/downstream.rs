@@ -213,6 +213,44 @@ async fn losing_redis_fails_closed_after_the_bound_and_the_resync_catches_what_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_silently_dropped_by_the_network_is_noticed_within_max_unsynced() {
+    let app = spawn_app().await;
+    let proxy = Proxy::start(addr_of(&redis_url())).await;
+    let mut config = config_for(&app);
+    let rc = config.revocation.as_mut().unwrap();
+    rc.redis_url = format!("redis://{}", proxy.addr);
+    rc.max_unsynced = Duration::from_millis(800);
+    let verifier = ready_verifier(config).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let missed = app.login_ok(&email).await;
+    assert!(verifier.verify(&missed.access).await.is_ok());
+
+    // The connection stays open but nothing gets through, either way.
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    app.logout(&missed.access, None).await;
+    eventually(
+        "the verifier notices the silence and fails closed",
+        || async { verifier.verify(&t.access).await == Err(VerifyError::RevocationUnavailable) },
+    )
+    .await;
+    let noticed = frozen_at.elapsed();
+    assert!(
+        noticed < Duration::from_millis(800 + 600),
+        "noticed after {noticed:?}"
+    );
+    // Back: it reconnects, resyncs, and knows the revocation it could not hear.
+    proxy.restore();
+    assert!(verifier.ready(Duration::from_secs(10)).await);
+    assert_eq!(
+        verifier.verify(&missed.access).await,
+        Err(VerifyError::Revoked)
+    );
+    assert!(verifier.verify(&t.access).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_key_rotation_new_tokens_verify_without_a_restart() {
     let mut settings = test_settings();
     settings.keys.reload_secs = 1;

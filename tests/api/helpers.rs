@@ -383,6 +383,7 @@ pub async fn assert_invalid_token(res: Response) {
 pub struct Proxy {
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     poison: Arc<Mutex<Option<Vec<u8>>>>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
 }
@@ -392,15 +393,17 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let poison = Arc::new(Mutex::new(None::<Vec<u8>>));
         let conns = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
-        let (d, p, c) = (down.clone(), poison.clone(), conns.clone());
+        let (d, f, p, c) = (down.clone(), frozen.clone(), poison.clone(), conns.clone());
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
                 let poison = p.clone();
+                let (frozen_up, frozen_down) = (f.clone(), f.clone());
                 let task = tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
@@ -419,12 +422,29 @@ impl Proxy {
                                     .windows(needle.len())
                                     .any(|w| w == needle.as_slice())
                             });
+                            if frozen_up.load(Ordering::SeqCst) {
+                                continue; // swallowed: the connection stays open, silent
+                            }
                             if poisoned || to_server.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
                         }
                     };
-                    let downstream = tokio::io::copy(&mut from_server, &mut to_client);
+                    let downstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_server.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            if frozen_down.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if to_client.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
                     tokio::select! {
                         _ = upstream => {}
                         _ = downstream => {}
@@ -436,9 +456,16 @@ impl Proxy {
         Proxy {
             addr,
             down,
+            frozen,
             poison,
             conns,
         }
+    }
+
+    /// Stops forwarding in both directions without closing anything, as a network that
+    /// silently drops a connection does (until `restore`).
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 
     pub fn cut(&self) {
@@ -450,6 +477,7 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
+        self.frozen.store(false, Ordering::SeqCst);
         *self.poison.lock().unwrap() = None;
     }
 
