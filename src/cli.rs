@@ -115,18 +115,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys { command } => {
             let store = KeyStore::from_settings(&settings)?;
+            let dir = store.dir().display();
             match command {
                 KeysCommand::Generate => match store.ensure_active()? {
-                    Some(kid) => println!("created signing key {kid}"),
-                    None => println!("an active {} key already exists", settings.tokens.algorithm),
+                    Some(kid) => println!("created signing key {kid} in {dir}"),
+                    None => println!(
+                        "an active {} key already exists in {dir}",
+                        settings.tokens.algorithm
+                    ),
                 },
                 KeysCommand::Rotate => {
                     let kid = store.rotate()?;
                     println!(
-                        "new signing key {kid}; running servers pick it up within keys.reload_secs"
+                        "new signing key {kid} in {dir}; running servers whose keys.dir is \
+                         {dir} pick it up within keys.reload_secs"
                     );
                 }
                 KeysCommand::List => {
+                    println!("keys.dir: {dir}");
                     println!(
                         "{:<32} {:<6} {:<12} {:<25} retired",
                         "kid", "alg", "status", "created"

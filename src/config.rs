@@ -166,23 +166,40 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Self> {
         let mut table: toml::Table = DEFAULT_TOML.parse().context("built-in defaults")?;
+        // A relative keys.dir in a config file is relative to that file, so that the CLI
+        // run from anywhere finds the keys the servers use.
+        let mut keys_base: Option<PathBuf> = None;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read config file {}", path.display()))?;
             let overlay: toml::Table = text
                 .parse()
                 .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            if overlay
+                .get("keys")
+                .and_then(|k| k.as_table())
+                .is_some_and(|k| k.contains_key("dir"))
+            {
+                keys_base = Some(absolute(path.parent().unwrap_or(Path::new(".")))?);
+            }
             merge(&mut table, overlay, "")
                 .with_context(|| format!("in config file {}", path.display()))?;
         }
         for (name, value) in env {
             if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
                 apply_env(&mut table, rest, &value).with_context(|| format!("in ${name}"))?;
+                if rest.eq_ignore_ascii_case("keys__dir") {
+                    keys_base = None; // relative to the working directory
+                }
             }
         }
-        let settings: Settings = toml::Value::Table(table)
+        let mut settings: Settings = toml::Value::Table(table)
             .try_into()
             .context("invalid configuration")?;
+        settings.keys.dir = match keys_base {
+            Some(base) if settings.keys.dir.is_relative() => base.join(&settings.keys.dir),
+            _ => absolute(&settings.keys.dir)?,
+        };
         settings.validate()?;
         Ok(settings)
     }
@@ -250,6 +267,11 @@ impl Settings {
     pub fn listen_address(&self) -> String {
         format!("{}:{}", self.server.host, self.server.port)
     }
+}
+
+/// `path` made absolute against the working directory (it need not exist).
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
 /// Deep-merges `overlay` into `base`, refusing keys that `base` does not have.
@@ -399,6 +421,13 @@ mod tests {
         std::fs::write(&good, "[tokens]\naccess_ttl_secs = 60\n").unwrap();
         let s = Settings::load_from(Some(&good), env(&[])).unwrap();
         assert_eq!(s.tokens.access_ttl_secs, 60);
+        assert_eq!(s.keys.dir, std::env::current_dir().unwrap().join("keys"));
+        let with_keys = dir.join("with-keys.toml");
+        std::fs::write(&with_keys, "[keys]\ndir = \"signing\"\n").unwrap();
+        let s = Settings::load_from(Some(&with_keys), env(&[])).unwrap();
+        assert_eq!(s.keys.dir, dir.join("signing"), "relative to the file");
+        let s = Settings::load_from(Some(&with_keys), env(&[("TESSERA__KEYS__DIR", "k")])).unwrap();
+        assert_eq!(s.keys.dir, std::env::current_dir().unwrap().join("k"));
         assert_eq!(s.tokens.leeway_secs, 30);
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, "[tokens]\naccess_ttl = 60\n").unwrap();

@@ -243,12 +243,18 @@ impl KeyStore {
         file.retired_at.is_some_and(|at| at + retention < now)
     }
 
+    /// Where the keys are (absolute: `keys.dir` is resolved when settings load).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn create_dir(&self) -> anyhow::Result<()> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .with_context(|| format!("cannot create keys.dir {}", self.dir.display()))
+            .with_context(|| format!("cannot create keys.dir {}", self.dir.display()))?;
+        check_private(&self.dir, true)
     }
 
     fn read_files(&self) -> anyhow::Result<Vec<KeyFile>> {
@@ -268,12 +274,14 @@ impl KeyStore {
                     .with_context(|| format!("cannot read keys.dir {}", self.dir.display()));
             }
         };
+        check_private(&self.dir, true)?;
         let mut out = Vec::new();
         for entry in entries {
             let path = entry?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
+            check_private(&path, false)?;
             let text = fs::read_to_string(&path)
                 .with_context(|| format!("cannot read key file {}", path.display()))?;
             let file: KeyFile = serde_json::from_str(&text)
@@ -298,6 +306,39 @@ impl KeyStore {
         fs::rename(&tmp, &path)?;
         Ok(())
     }
+}
+
+/// Refuses a key directory that others may write to (they could plant a key that the
+/// servers would sign with) or a key file that others may read or write, and either one
+/// owned by another user; the message says exactly how to fix it.
+fn check_private(path: &Path, is_dir: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let shown = path.display();
+    // /proc/self belongs to the effective user of this process.
+    if let Ok(me) = fs::metadata("/proc/self").map(|m| m.uid())
+        && meta.uid() != me
+    {
+        bail!(
+            "{shown} is owned by uid {} but Tessera runs as uid {me}; \
+             fix it with: chown {me} {shown}  (or run Tessera as its owner)",
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o777;
+    let (forbidden, fix) = if is_dir {
+        (0o022, "700")
+    } else {
+        (0o077, "600")
+    };
+    if mode & forbidden != 0 {
+        bail!(
+            "{shown} has mode {mode:o}, open to group or others; \
+             fix it with: chmod {fix} {shown}"
+        );
+    }
+    Ok(())
 }
 
 fn generate(alg: KeyAlgorithm, now: DateTime<Utc>) -> anyhow::Result<KeyFile> {

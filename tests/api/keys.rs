@@ -213,3 +213,135 @@ async fn other_algorithms_can_be_configured() {
         );
     }
 }
+
+fn run_cli(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("TESSERA__KEYS__DIR")
+        .env("TESSERA__LOG__LEVEL", "warn")
+        .output()
+        .unwrap()
+}
+
+fn out_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_relative_keys_dir_is_resolved_against_the_config_file_and_printed_absolute() {
+    let root = std::env::temp_dir().join(format!("tessera-test-keys-cfg-{}", uuid::Uuid::new_v4()));
+    let etc = root.join("etc");
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let config = etc.join("tessera.toml");
+    std::fs::write(&config, "[keys]\ndir = \"keys\"\n").unwrap();
+    let config = config.display().to_string();
+    for args in [
+        ["--config", &config, "keys", "generate"],
+        ["--config", &config, "keys", "rotate"],
+    ] {
+        let out = run_cli(&args, &elsewhere);
+        assert!(out.status.success(), "{}", out_text(&out));
+        let expected = etc.join("keys").display().to_string();
+        assert!(out_text(&out).contains(&expected), "{}", out_text(&out));
+    }
+    assert_eq!(std::fs::read_dir(etc.join("keys")).unwrap().count(), 2);
+    assert!(
+        !elsewhere.join("keys").exists(),
+        "nothing written where the CLI ran"
+    );
+    let out = run_cli(&["--config", &config, "keys", "list"], &elsewhere);
+    assert!(out_text(&out).contains(&format!("keys.dir: {}", etc.join("keys").display())));
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn key_directories_and_files_open_to_others_or_owned_by_another_user_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let root =
+        std::env::temp_dir().join(format!("tessera-test-keys-perm-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = root.join("keys");
+    let dir_s = dir.display().to_string();
+    let keys = |cmd: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["keys", cmd])
+            .env("TESSERA__KEYS__DIR", &dir)
+            .env("TESSERA__LOG__LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    assert!(keys("generate").status.success());
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let file_s = file.display().to_string();
+
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = keys("list");
+    assert!(!out.status.success());
+    assert!(
+        out_text(&out).contains(&format!("chmod 700 {dir_s}")),
+        "{}",
+        out_text(&out)
+    );
+    let out = keys("rotate");
+    assert!(!out.status.success(), "rotate must refuse too");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = keys("list");
+    assert!(!out.status.success());
+    assert!(
+        out_text(&out).contains(&format!("chmod 600 {file_s}")),
+        "{}",
+        out_text(&out)
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(keys("list").status.success());
+
+    // Owned by another user (root can hand it to nobody to try).
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .ok()
+        == Some(0);
+    if is_root {
+        let chown = Command::new("chown")
+            .args(["nobody", &file_s])
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let out = keys("list");
+        assert!(!out.status.success());
+        assert!(
+            out_text(&out).contains(&format!("chown 0 {file_s}")),
+            "{}",
+            out_text(&out)
+        );
+    } else {
+        eprintln!("ownership case skipped: needs root to give a file away");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[tokio::test]
+async fn the_server_refuses_to_start_on_a_key_directory_open_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let settings = test_settings();
+    std::fs::create_dir_all(&settings.keys.dir).unwrap();
+    std::fs::set_permissions(&settings.keys.dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let err = match tessera::startup::Application::build(settings.clone()).await {
+        Ok(_) => panic!("the server started on a group-writable keys.dir"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("chmod 700"), "{err}");
+}
