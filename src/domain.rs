@@ -62,9 +62,17 @@ impl Email {
         &self.0
     }
 
-    /// The key used for throttling and uniqueness: lower-cased.
+    /// The one form an email is known by: for lookup, uniqueness (stored in
+    /// `users.email_normalized`, which has the unique index) and the login throttles
+    /// alike, so no two of them can disagree about which account an address names.
+    /// Unicode compatibility composition (NFKC: full-width and other look-alike forms
+    /// become the plain ones), then Unicode lower-casing (Rust's, with the final-sigma
+    /// rule and `İ` as `i` + combining dot), then canonical composition (NFC) again.
+    /// The database never re-derives it (`lower()` follows the server's locale).
     pub fn normalized(&self) -> String {
-        self.0.to_lowercase()
+        use unicode_normalization::UnicodeNormalization;
+        let folded: String = self.0.nfkc().collect::<String>().to_lowercase();
+        folded.nfc().collect()
     }
 }
 
@@ -115,6 +123,14 @@ mod tests {
         let e = Email::parse("  Alice@Example.COM ").unwrap();
         assert_eq!(e.as_str(), "Alice@Example.COM");
         assert_eq!(e.normalized(), "alice@example.com");
+        let n = |s: &str| Email::parse(s).unwrap().normalized();
+        // Dotted capital I lower-cases to i + U+0307, not to plain i (as some locales' lower() does).
+        assert_eq!(n("İrem@example.com"), "i\u{307}rem@example.com");
+        assert_ne!(n("İrem@example.com"), n("irem@example.com"));
+        // Final sigma, composed and decomposed forms, full-width letters.
+        assert_eq!(n("ΟΔΟΣ@example.com"), "οδος@example.com");
+        assert_eq!(n("Ze\u{301}@example.com"), n("Zé@example.com"));
+        assert_eq!(n("ＡＢ@example.com"), "ab@example.com");
         for bad in [
             "",
             "alice",

@@ -63,6 +63,7 @@ impl PgStore {
                 .run(&mut conn)
                 .await
                 .context("running migrations failed")?;
+            renormalize_emails(&mut conn).await?;
             conn.close().await.ok();
         }
         Ok(())
@@ -73,6 +74,43 @@ fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<PgConnectOptio
     Ok(PgConnectOptions::from_str(settings.url.expose_secret())
         .context("database.url is not a valid PostgreSQL URL")?
         .log_statements(log::LevelFilter::Debug))
+}
+
+/// Gives rows whose email is not plain ASCII the normalization computed in Rust (the
+/// migration that added `email_normalized` could only use SQL's `lower()`). Idempotent
+/// and cheap once done: only rows whose stored form differs are written. Two rows that
+/// now normalize alike are left as they are, with a warning for the operator.
+async fn renormalize_emails(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    let rows =
+        sqlx::query!(r#"SELECT id, email, email_normalized FROM users WHERE email !~ '^[-]*$'"#)
+            .fetch_all(&mut *conn)
+            .await
+            .context("reading emails to normalize")?;
+    for row in rows {
+        let Ok(email) = Email::parse(&row.email) else {
+            continue;
+        };
+        let normalized = email.normalized();
+        if normalized == row.email_normalized {
+            continue;
+        }
+        let done = sqlx::query!(
+            "UPDATE users SET email_normalized = $2 WHERE id = $1",
+            row.id,
+            normalized
+        )
+        .execute(&mut *conn)
+        .await;
+        match done {
+            Ok(_) => tracing::info!(user_id = %row.id, "email normalization updated"),
+            Err(e) => tracing::warn!(
+                user_id = %row.id,
+                error = %e,
+                "two users' emails now normalize alike; left as it was, resolve by hand"
+            ),
+        }
+    }
+    Ok(())
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
@@ -112,7 +150,7 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
 /// Sorts sqlx errors into "retry later" (503) and everything else.
 fn classify(err: sqlx::Error) -> StoreError {
     match &err {
-        sqlx::Error::Database(db) if db.constraint() == Some("users_email_lower_key") => {
+        sqlx::Error::Database(db) if db.constraint() == Some("users_email_normalized_key") => {
             StoreError::Conflict
         }
         sqlx::Error::Database(db) => {
@@ -175,11 +213,12 @@ impl Store for PgStore {
         roles: &[String],
     ) -> StoreResult<User> {
         let row = sqlx::query!(
-            r#"INSERT INTO users (id, email, password_hash, roles)
-               VALUES ($1, $2, $3, $4)
+            r#"INSERT INTO users (id, email, email_normalized, password_hash, roles)
+               VALUES ($1, $2, $3, $4, $5)
                RETURNING id, email, roles, disabled, created_at"#,
             Uuid::new_v4(),
             email.as_str(),
+            email.normalized(),
             password_hash,
             roles,
         )
@@ -205,8 +244,8 @@ impl Store for PgStore {
                       EXISTS (SELECT 1 FROM devices d
                               WHERE d.token_hash = $2 AND d.user_id = u.id
                                 AND d.expires_at > now()) AS "device_known!"
-               FROM users u WHERE lower(u.email) = lower($1)"#,
-            email.as_str(),
+               FROM users u WHERE u.email_normalized = $1"#,
+            email.normalized(),
             device,
         )
         .fetch_optional(&self.pool)

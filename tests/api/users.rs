@@ -198,3 +198,83 @@ async fn stored_hashes_follow_the_configured_parameters_on_login() {
     new.login_ok(&email).await;
     old.login_ok(&email).await;
 }
+
+/// One normalization for lookup, uniqueness and throttling: an address that the
+/// database's locale would fold differently (İ → i) is not a second way into the
+/// account with a budget of its own.
+#[tokio::test]
+async fn emails_are_normalized_once_for_lookup_uniqueness_and_throttling() {
+    let mut settings = test_settings();
+    settings.login.free_failures = 2;
+    settings.login.delay_base_secs = 60;
+    settings.login.delay_max_secs = 60;
+    let app = spawn_app_with(settings).await;
+    let dotted = "İrem@example.com";
+    assert_eq!(
+        app.register(dotted, PASSWORD).await.status(),
+        StatusCode::CREATED
+    );
+    // The same address in another case or composition is the same account ...
+    let lowered = "i\u{307}rem@EXAMPLE.com";
+    assert_eq!(
+        app.register(lowered, PASSWORD).await.status(),
+        StatusCode::CONFLICT
+    );
+    app.login_ok(lowered).await;
+    // ... and shares its budget: two failures, then the account waits, in every form.
+    for _ in 0..2 {
+        assert_eq!(
+            app.login(dotted, "wrong password").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    for form in [dotted, lowered, "İREM@example.com"] {
+        assert_eq!(
+            app.login(form, PASSWORD).await.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{form}"
+        );
+    }
+    // A plain i is another address: never a way into İrem's account.
+    let res = app.login("irem@example.com", PASSWORD).await;
+    assert_error(res, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    assert_eq!(
+        app.register("irem@example.com", PASSWORD).await.status(),
+        StatusCode::CREATED
+    );
+    // The stored form is the normalized one.
+    let mut db = app.db().await;
+    let stored: String = sqlx::query_scalar("SELECT email_normalized FROM users WHERE email = $1")
+        .bind(dotted)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(stored, "i\u{307}rem@example.com");
+}
+
+/// Rows from before the stored normalization got SQL's lower(); `tessera migrate` (and
+/// every start) gives non-ASCII ones the Rust form.
+#[tokio::test]
+async fn migrate_renormalizes_emails_that_sql_lower_folded_differently() {
+    let app = spawn_app().await;
+    let email = "ΟΔΟΣ-İ@example.com";
+    assert_eq!(
+        app.register(email, PASSWORD).await.status(),
+        StatusCode::CREATED
+    );
+    let mut db = app.db().await;
+    sqlx::query("UPDATE users SET email_normalized = lower(email) WHERE email = $1")
+        .bind(email)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let out = crate::keys::tessera(&app, &["migrate"]);
+    assert!(out.status.success());
+    let stored: String = sqlx::query_scalar("SELECT email_normalized FROM users WHERE email = $1")
+        .bind(email)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(stored, "οδος-i\u{307}@example.com");
+    app.login_ok("οδος-i\u{307}@example.com").await;
+}
