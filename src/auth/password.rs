@@ -11,7 +11,11 @@
 //! cannot take are refused before they cost a Redis or database round trip (which the
 //! refreshes and token checks of everyone else need).
 //! Unknown users are checked against a dummy hash made with the same parameters, so
-//! they cost the same time as known ones.
+//! they cost the same time as known ones. After the parameters change, stored hashes
+//! keep their old ones until their user logs in, so a dormant account would answer in
+//! another time than an unknown email (faster after a raise, slower after a cut). So
+//! while such hashes are around, every check does the same two evaluations, one with
+//! each set of parameters (see [`Outdated`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -61,6 +65,89 @@ fn is_outdated(argon2: &Argon2<'_>, hash: &str) -> bool {
     !same
 }
 
+/// The other parameters stored hashes were last seen with, and a dummy hash made with
+/// them, so that every check does the same real work while such hashes are around: one
+/// evaluation with the configured parameters and one with the outdated ones.
+///
+/// - unknown email: the configured dummy, then the outdated dummy;
+/// - stored hash with the configured parameters: it, then the outdated dummy;
+/// - stored hash with outdated parameters: it, then the configured dummy.
+///
+/// Work, not waiting: both sides run the same evaluations on the same threads under the
+/// same load, which no estimate of a hash's time would match as closely. Forgotten a
+/// day after the last check of an outdated hash (logins then cost one evaluation
+/// again). With several generations of parameters in the database, the most recently
+/// seen one is matched.
+struct Outdated {
+    latest: Mutex<Option<OutdatedDummy>>,
+    epoch: std::time::Instant,
+}
+
+#[derive(Clone)]
+struct OutdatedDummy {
+    params: Params,
+    hash: Arc<str>,
+    /// When a hash with these parameters was last checked (since `epoch`).
+    seen: std::time::Duration,
+}
+
+/// How long the outdated parameters count after the last check of such a hash.
+const OUTDATED_MEMORY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl Outdated {
+    fn new() -> Self {
+        Outdated {
+            latest: Mutex::new(None),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// The outdated dummy to check against as well, if outdated hashes are recent.
+    fn dummy(&self) -> Option<Arc<str>> {
+        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        latest
+            .as_ref()
+            .filter(|d| self.epoch.elapsed() <= d.seen + OUTDATED_MEMORY)
+            .map(|d| d.hash.clone())
+    }
+
+    /// A hash with `params` was just checked: remember them (making their dummy, one
+    /// evaluation, when they are new).
+    fn seen(&self, params: Params, runs: &AtomicU64) {
+        let now = self.epoch.elapsed();
+        {
+            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(d) = latest.as_mut().filter(|d| d.params == params) {
+                d.seen = now;
+                return;
+            }
+        }
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+        let mut random = [0u8; 24];
+        if aws_lc_rs::rand::fill(&mut random).is_err() {
+            return;
+        }
+        let Ok(hash) = counted(runs, || argon2.hash_password(&random)) else {
+            return;
+        };
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(OutdatedDummy {
+            params,
+            hash: hash.to_string().into(),
+            seen: now,
+        });
+    }
+}
+
+/// The parameters of `hash`, when it is argon2 with other ones than the configured.
+fn outdated_params(argon2: &Argon2<'_>, hash: &str) -> Option<Params> {
+    if !is_outdated(argon2, hash) {
+        return None;
+    }
+    PasswordHash::new(hash)
+        .ok()
+        .and_then(|phc| Params::try_from(&phc).ok())
+}
+
 /// A place in the pool (a thread or a queue slot), held from before an attempt's
 /// database and Redis work until its argon2 job has run.
 pub struct HashSlot {
@@ -78,6 +165,7 @@ pub struct PasswordHasherPool {
     jobs: Arc<AtomicU64>,
     /// Argon2 evaluations actually computed (hashes and verifications).
     runs: Arc<AtomicU64>,
+    outdated: Arc<Outdated>,
 }
 
 /// Threads that hash: `password.workers`, or by default one per core but one (at
@@ -135,6 +223,7 @@ impl PasswordHasherPool {
             .hash_password(&random)
             .map_err(|e| anyhow::anyhow!("argon2 self-test failed: {e}"))?
             .to_string();
+        let outdated = Arc::new(Outdated::new());
         Ok(PasswordHasherPool {
             queue,
             slots: Arc::new(Semaphore::new(capacity + workers)),
@@ -142,6 +231,7 @@ impl PasswordHasherPool {
             dummy_hash: dummy_hash.into(),
             jobs: Arc::new(AtomicU64::new(0)),
             runs: Arc::new(AtomicU64::new(0)),
+            outdated,
         })
     }
 
@@ -193,19 +283,35 @@ impl PasswordHasherPool {
         let (argon2, runs) = (self.argon2.clone(), self.runs.clone());
         let is_real = hash.is_some();
         let hash: Arc<str> = hash.map_or_else(|| self.dummy_hash.clone(), Arc::from);
-        self.run(slot, move || {
-            let pw = password.expose().as_bytes();
-            // Always verify, even against the dummy hash: that is the point of it.
-            let matches = counted(&runs, || verify_in_thread_memory(&argon2, pw, &hash)) && is_real;
-            let upgraded_hash = (matches && is_outdated(&argon2, &hash))
-                .then(|| counted(&runs, || hash_in_thread_memory(&argon2, pw).ok()))
-                .flatten();
-            Verification {
-                matches,
-                upgraded_hash,
-            }
-        })
-        .await
+        let (dummy, outdated) = (self.dummy_hash.clone(), self.outdated.clone());
+        let verification = self
+            .run(slot, move || {
+                let pw = password.expose().as_bytes();
+                let stored_params = outdated_params(&argon2, &hash);
+                // Always verify, even against the dummy hash: that is the point of it.
+                let matches =
+                    counted(&runs, || verify_in_thread_memory(&argon2, pw, &hash)) && is_real;
+                // The other half of the same work for everyone (see `Outdated`).
+                let other = match &stored_params {
+                    Some(_) => Some(dummy),
+                    None => outdated.dummy(),
+                };
+                if let Some(other) = other {
+                    counted(&runs, || verify_in_thread_memory(&argon2, pw, &other));
+                }
+                let upgraded_hash = (matches && stored_params.is_some())
+                    .then(|| counted(&runs, || hash_in_thread_memory(&argon2, pw).ok()))
+                    .flatten();
+                if let Some(params) = stored_params {
+                    outdated.seen(params, &runs);
+                }
+                Verification {
+                    matches,
+                    upgraded_hash,
+                }
+            })
+            .await?;
+        Ok(verification)
     }
 
     /// Queues `f` in the place `slot` holds; the place is freed when `f` has run.

@@ -26,4 +26,5 @@ mod revoke;
 mod scripts;
 mod sessions;
 mod shared_throttle;
+mod timing;
 mod users;
