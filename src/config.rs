@@ -368,28 +368,61 @@ mod tests {
         assert_eq!(s.redis.url.expose_secret(), "redis://elsewhere:6380");
     }
 
+    /// A value of `default`'s type that differs from it and passes validation.
+    fn another_value(section: &str, key: &str, default: &toml::Value) -> String {
+        match (section, key) {
+            ("server", "host") => "0.0.0.0".into(),
+            ("server", "trusted_proxies") => "10.0.0.1,10.0.0.0/8".into(),
+            ("server", "cors_allowed_origins") => "https://app.example.com".into(),
+            ("database", "url") => "postgres://u:p@db.example.com/other".into(),
+            ("redis", "url") => "redis://cache.example.com:6380".into(),
+            ("tokens", "algorithm") => "EdDSA".into(),
+            ("tokens", "issuer") => "https://auth.example.com".into(),
+            ("introspection", "clients") => "api:secret".into(),
+            ("log", "format") => "json".into(),
+            ("log", "level") => "debug".into(),
+            _ => match default {
+                toml::Value::Integer(i) => (i + 1).to_string(),
+                toml::Value::Boolean(b) => (!b).to_string(),
+                toml::Value::String(s) => format!("{s}-other"),
+                other => panic!("{section}.{key}: no other value for {other}"),
+            },
+        }
+    }
+
+    /// Everything a setting holds, secrets included, to see one change.
+    fn everything(s: &Settings) -> String {
+        format!(
+            "{s:?} {} {} {:?}",
+            s.database.url.expose_secret(),
+            s.redis.url.expose_secret(),
+            s.introspection
+                .clients
+                .iter()
+                .map(|c| c.expose_secret().to_owned())
+                .collect::<Vec<_>>()
+        )
+    }
+
     #[test]
     fn every_key_can_be_overridden_from_the_environment() {
         let defaults: toml::Table = DEFAULT_TOML.parse().unwrap();
+        let baseline = everything(&Settings::load_from(None, env(&[])).unwrap());
         let mut count = 0;
         for (section, keys) in &defaults {
             for (key, value) in keys.as_table().unwrap() {
-                let raw = match value {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Array(items) => items
-                        .iter()
-                        .map(|i| i.as_str().unwrap().to_owned())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    other => other.to_string(),
-                };
+                let raw = another_value(section, key, value);
                 let name = format!(
                     "TESSERA__{}__{}",
                     section.to_uppercase(),
                     key.to_uppercase()
                 );
-                let loaded = Settings::load_from(None, vec![(name.clone(), raw)]);
-                assert!(loaded.is_ok(), "{name}: {:#}", loaded.unwrap_err());
+                let loaded = Settings::load_from(None, vec![(name.clone(), raw.clone())]);
+                let loaded = match loaded {
+                    Ok(s) => s,
+                    Err(e) => panic!("{name}={raw}: {e:#}"),
+                };
+                assert_ne!(everything(&loaded), baseline, "{name}={raw} had no effect");
                 count += 1;
             }
         }

@@ -310,11 +310,18 @@ async fn the_audit_trail_pages_newest_first_and_filters_by_user() {
     assert_eq!(second, mine[2..4]);
     let at = mine[3]["occurred_at"].as_str().unwrap().replace('+', "%2B");
     let by_time = page(format!("?user_id={id}&before={at}")).await;
+    assert!(!by_time.is_empty(), "older events exist");
     assert!(
         by_time
             .iter()
             .all(|e| e["occurred_at"].as_str() < mine[3]["occurred_at"].as_str())
     );
+    assert_eq!(
+        by_time.last(),
+        mine.last(),
+        "the oldest event is on the page"
+    );
+    assert!(by_time.len() < mine.len(), "newer events are not");
 
     for bad in [
         "?limit=0",

@@ -444,3 +444,102 @@ async fn keys_are_cached_per_cache_control_and_served_stale_while_the_issuer_is_
     assert_eq!(verifier.jwks_fetches(), 3, "a refetch was tried and failed");
     proxy.restore();
 }
+
+/// Tokens signed with the server's real key but with chosen claims, so that only the
+/// verifier's claim checks decide.
+fn resign(app: &TestApp, real: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let payload = real.split('.').nth(1).unwrap();
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    edit(&mut claims);
+    let ring = app.state.auth.tokens.keyring().current();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(kid_of(real));
+    h.typ = Some("at+jwt".into());
+    jsonwebtoken::encode(&h, &claims, &ring.signing.encoding).unwrap()
+}
+
+#[tokio::test]
+async fn the_verifier_applies_nbf_and_exp_with_its_leeway_and_needs_every_claim() {
+    let app = spawn_app().await;
+    let mut config = config_for(&app);
+    config.revocation = None;
+    config.leeway = Duration::from_secs(30);
+    let verifier = Verifier::new(config).unwrap();
+    let email = app.new_user().await;
+    let real = app.login_ok(&email).await.access;
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        verifier.verify(&resign(&app, &real, |_| {})).await.is_ok(),
+        "control"
+    );
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>, Result<(), VerifyError>)> = vec![
+        (
+            "nbf within leeway",
+            Box::new(move |c| c["nbf"] = json!(now + 10)),
+            Ok(()),
+        ),
+        (
+            "nbf past leeway",
+            Box::new(move |c| c["nbf"] = json!(now + 120)),
+            Err(VerifyError::NotYetValid),
+        ),
+        (
+            "exp within leeway",
+            Box::new(move |c| c["exp"] = json!(now - 10)),
+            Ok(()),
+        ),
+        (
+            "exp past leeway",
+            Box::new(move |c| c["exp"] = json!(now - 120)),
+            Err(VerifyError::Expired),
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let token = resign(&app, &real, edit);
+        assert_eq!(
+            verifier.verify(&token).await.map(|_| ()),
+            expected,
+            "{what}"
+        );
+    }
+    for claim in [
+        "sub", "sid", "jti", "exp", "iat", "nbf", "roles", "iss", "aud",
+    ] {
+        let token = resign(&app, &real, |c| {
+            c.as_object_mut().unwrap().remove(claim);
+        });
+        let result = verifier.verify(&token).await;
+        assert!(result.is_err(), "without {claim}: accepted");
+        if !["iss", "aud", "exp", "nbf"].contains(&claim) {
+            assert_eq!(
+                result.unwrap_err(),
+                VerifyError::MissingClaim,
+                "without {claim}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_api_answers_503_while_revocations_cannot_be_known() {
+    let app = spawn_app().await;
+    let mut config = config_for(&app);
+    let rc = config.revocation.as_mut().unwrap();
+    // Nothing listens there: the set is never loaded, and fail-closed refuses.
+    rc.redis_url = format!("redis://127.0.0.1:{}", {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
+    let verifier = Verifier::new(config).unwrap();
+    let api = spawn_example(verifier);
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let res = hello(&app, &api, &t.access).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+}

@@ -59,6 +59,23 @@ async fn revoked_expired_or_garbage_tokens_are_exactly_inactive() {
 }
 
 #[tokio::test]
+async fn an_expired_token_introspects_as_exactly_inactive() {
+    let mut settings = test_settings();
+    settings.introspection.clients = vec!["api:api-secret".to_owned().into()];
+    settings.tokens.access_ttl_secs = 1;
+    settings.tokens.leeway_secs = 0;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let res = introspect(&app, &t.access, "api", "api-secret").await;
+    assert_eq!(res.json::<Value>().await.unwrap()["active"], true);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let res = introspect(&app, &t.access, "api", "api-secret").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"active": false}));
+}
+
+#[tokio::test]
 async fn introspection_needs_valid_client_credentials() {
     let app = app_with_client().await;
     let email = app.new_user().await;

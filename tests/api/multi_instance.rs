@@ -14,13 +14,47 @@ async fn logout_on_one_instance_is_refused_on_the_other_at_once() {
     let (a, b) = two_instances().await;
     let email = a.new_user().await;
     let t = a.login_ok(&email).await;
-    assert_eq!(b.me(&t.access).await.status(), StatusCode::OK);
+    // A has checked (and remembered) the token before B logs it out.
+    assert_eq!(a.me(&t.access).await.status(), StatusCode::OK);
+    assert_eq!(a.me(&t.access).await.status(), StatusCode::OK);
     assert_eq!(
         b.logout(&t.access, None).await.status(),
         StatusCode::NO_CONTENT
     );
     assert_invalid_token(a.me(&t.access).await).await;
     assert_invalid_grant(a.refresh(&t.refresh).await, "revoked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_a_new_kid_makes_another_instance_reload_at_once() {
+    // A rereads the key directory every second, B only every hour: B must reload when
+    // it meets a token signed with a key it does not know yet.
+    let mut fast = test_settings();
+    fast.keys.reload_secs = 1;
+    let mut slow = fast.clone();
+    slow.keys.reload_secs = 3600;
+    let a = spawn_app_with(fast).await;
+    let b = spawn_app_with(slow).await;
+    let email = a.new_user().await;
+    let before = a.login_ok(&email).await;
+    assert_eq!(b.me(&before.access).await.status(), StatusCode::OK);
+    crate::keys::tessera(&a, &["keys", "rotate"]);
+    let mut after = a.login_ok(&email).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::keys::kid_of(&after.access) == crate::keys::kid_of(&before.access) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never signed with the new key"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        after = a.login_ok(&email).await;
+    }
+    assert_eq!(
+        b.me(&after.access).await.status(),
+        StatusCode::OK,
+        "B reloaded on the unknown kid"
+    );
+    assert_eq!(b.jwks().await["keys"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,35 @@ async fn password_change_attempts_share_the_login_budget() {
     assert_eq!(app.state.auth.hasher.argon2_runs(), hashes, "no hashing");
 }
 
+#[tokio::test]
+async fn failed_logins_hold_password_changes_in_the_same_budget() {
+    let mut settings = test_settings();
+    settings.login.free_failures = 2;
+    settings.login.delay_base_secs = 60;
+    settings.login.delay_max_secs = 60;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.login(&email, "wrong password").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let hashes = app.state.auth.hasher.argon2_runs();
+    let res = app.change_password(&t.access, PASSWORD, NEW_PASSWORD).await;
+    assert!(res.headers().contains_key("retry-after"));
+    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    assert_eq!(app.state.auth.hasher.argon2_runs(), hashes, "no hashing");
+    // The owner's known device is not held: its password change goes through.
+    let body = json!({"current_password": PASSWORD, "new_password": NEW_PASSWORD,
+                      "device_token": t.body["device_token"]});
+    let res = app
+        .call(reqwest::Method::PUT, "/me/password", &t.access, Some(&body))
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+}
+
 async fn stored_hash(db: &mut sqlx::PgConnection, email: &str) -> String {
     sqlx::query_scalar("SELECT password_hash FROM users WHERE email = $1")
         .bind(email)

@@ -41,6 +41,18 @@ async fn sessions_lists_live_sessions_with_ip_user_agent_and_current() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
+    // Then the laptop, the oldest session, refreshes: now it is the most recently used,
+    // so use order and creation order disagree.
+    let res = app
+        .client
+        .post(app.url("/refresh"))
+        .header("user-agent", "laptop/1.0")
+        .json(&json!({"refresh_token": laptop.refresh}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let laptop = Tokens::from_body(res.json().await.unwrap());
 
     let res = app
         .call(Method::GET, "/sessions", &laptop.access, None)
@@ -53,7 +65,8 @@ async fn sessions_lists_live_sessions_with_ip_user_agent_and_current() {
         "the ended session is not listed: {sessions:?}"
     );
     // Most recently used first.
-    assert_eq!(sessions[0]["id"], phone.session_id);
+    assert_eq!(sessions[0]["id"], laptop.session_id);
+    assert_eq!(sessions[1]["id"], phone.session_id);
     let me = find(&sessions, &laptop.session_id);
     assert_eq!(me["current"], true);
     assert_eq!(me["ip"], "127.0.0.1");

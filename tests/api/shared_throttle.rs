@@ -64,13 +64,14 @@ async fn delays_grow_are_bounded_and_a_success_resets_the_count() {
     let mut settings = test_settings();
     settings.login.free_failures = 2;
     settings.login.delay_base_secs = 1;
-    settings.login.delay_max_secs = 2;
+    settings.login.delay_max_secs = 4;
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     assert_eq!(let_through(&[&app], &email, 2).await, 2);
 
-    // Past the free attempts: 1 s, then 2 s, then capped at 2 s.
-    for expected_wait in [1, 2, 2] {
+    // Past the free attempts: 1 s, 2 s, 4 s (doubling: linear growth would give 3 s),
+    // then capped at 4 s.
+    for expected_wait in [1, 2, 4, 4] {
         let hashes = app.state.auth.hasher.argon2_runs();
         let res = app.login(&email, "wrong password").await;
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -83,7 +84,7 @@ async fn delays_grow_are_bounded_and_a_success_resets_the_count() {
             "after the wait an attempt goes through: no lockout"
         );
     }
-    tokio::time::sleep(Duration::from_millis(2050)).await;
+    tokio::time::sleep(Duration::from_millis(4050)).await;
     app.login_ok(&email).await;
     // The success reset the count: the free attempts are back.
     assert_eq!(let_through(&[&app], &email, 3).await, 2);

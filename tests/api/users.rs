@@ -278,3 +278,33 @@ async fn migrate_renormalizes_emails_that_sql_lower_folded_differently() {
     assert_eq!(stored, "οδος-i\u{307}@example.com");
     app.login_ok("οδος-i\u{307}@example.com").await;
 }
+
+#[tokio::test]
+async fn with_auto_migrate_off_the_server_waits_for_tessera_migrate() {
+    let mut settings = test_settings();
+    settings.database.auto_migrate = false;
+    let app = spawn_app_with(settings).await;
+    let mut db = app.db().await;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'users'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "nothing migrated on start");
+    let res = app.register("early@example.com", PASSWORD).await;
+    assert!(res.status().is_server_error(), "{}", res.status());
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(
+        !body.to_string().contains("relation"),
+        "no SQL in the body: {body}"
+    );
+
+    let out = crate::keys::tessera(&app, &["migrate"]);
+    assert!(out.status.success());
+    assert_eq!(
+        app.register("early@example.com", PASSWORD).await.status(),
+        StatusCode::CREATED
+    );
+    app.login_ok("early@example.com").await;
+}
