@@ -4,8 +4,8 @@
 //! Ending a user's sessions, disabling them and changing their roles all revoke the
 //! user's existing access tokens with one per-user mark, `revoked:user:<id>` = the
 //! database's clock after the change committed (see [`crate::store::denylist`]), and
-//! the sessions they end get their own `sid` marks in the same Redis pipeline round
-//! trip. Tokens issued afterwards (the next refresh, which carries the new roles) are
+//! the sessions they end (disabling, ending all) also get their own `sid` marks, one
+//! pipelined write before it. Tokens issued afterwards (the next refresh, which carries the new roles) are
 //! unaffected; tokens whose granting statement ran before the change, however late
 //! they were signed, are covered, since their issue time is that statement's clock.
 
