@@ -246,20 +246,24 @@ pub(crate) fn secs(wait: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn limits_are_per_key_and_say_when_to_retry() {
-        let t = LoginThrottle::new(&LoginSettings {
-            per_ip_per_minute: 2,
-            per_account_per_minute: 1,
+    fn throttle(per_ip: u32, per_account: u32, ipv6_prefix_len: u8) -> LoginThrottle {
+        LoginThrottle::new(&LoginSettings {
+            per_ip_per_minute: per_ip,
+            per_account_per_minute: per_account,
             free_failures: 5,
             delay_base_secs: 1,
             delay_max_secs: 300,
             failure_window_secs: 900,
             device_ttl_secs: 86400,
             device_free_failures: 10,
-            ipv6_prefix_len: 64,
+            ipv6_prefix_len,
             max_tracked_keys: 100,
-        });
+        })
+    }
+
+    #[test]
+    fn limits_are_per_key_and_say_when_to_retry() {
+        let t = throttle(2, 1, 64);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(t.check_ip(ip).is_ok());
         assert!(t.check_ip(ip).is_ok());
@@ -279,18 +283,7 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_share_a_bucket_per_prefix_and_mapped_v4_is_v4() {
-        let t = LoginThrottle::new(&LoginSettings {
-            per_ip_per_minute: 1,
-            per_account_per_minute: 1,
-            free_failures: 5,
-            delay_base_secs: 1,
-            delay_max_secs: 300,
-            failure_window_secs: 900,
-            device_ttl_secs: 86400,
-            device_free_failures: 10,
-            ipv6_prefix_len: 56,
-            max_tracked_keys: 100,
-        });
+        let t = throttle(1, 1, 56);
         let key = |s: &str| t.ip_key(s.parse().unwrap()).to_string();
         assert_eq!(key("2001:db8:0:12ff::1"), "2001:db8:0:1200::");
         assert_eq!(key("2001:db8:0:1234:5678::9"), "2001:db8:0:1200::");
@@ -303,18 +296,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_distinct_keys_keeps_the_tables_bounded() {
-        let t = LoginThrottle::new(&LoginSettings {
-            per_ip_per_minute: 5,
-            per_account_per_minute: 5,
-            free_failures: 5,
-            delay_base_secs: 1,
-            delay_max_secs: 300,
-            failure_window_secs: 900,
-            device_ttl_secs: 86400,
-            device_free_failures: 10,
-            ipv6_prefix_len: 64,
-            max_tracked_keys: 100,
-        });
+        let t = throttle(5, 5, 64);
         let mut largest = 0;
         for i in 0..5_000u32 {
             let _ = t.check_account(&format!("flood-{i}@example.com"));

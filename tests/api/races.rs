@@ -124,9 +124,13 @@ async fn a_login_in_flight_during_a_disable_is_refused() {
     assert_error(res, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
 }
 
-/// Holds a lock on `session`'s row (as a slow transaction would) until the returned
-/// sender is used or dropped.
-async fn hold_session_row(app: &TestApp, session: &str) -> tokio::sync::oneshot::Sender<()> {
+/// Holds the row lock that `select_for_update` (with `$1` = the session id) takes, as a
+/// slow transaction would, until the returned sender is used or dropped.
+async fn hold_lock(
+    app: &TestApp,
+    select_for_update: &'static str,
+    session: &str,
+) -> tokio::sync::oneshot::Sender<()> {
     use sqlx::Connection;
     let mut db = app.db().await;
     let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
@@ -134,7 +138,7 @@ async fn hold_session_row(app: &TestApp, session: &str) -> tokio::sync::oneshot:
     let sid: uuid::Uuid = session.parse().unwrap();
     tokio::spawn(async move {
         let mut tx = db.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        sqlx::query(select_for_update)
             .bind(sid)
             .execute(&mut *tx)
             .await
@@ -147,23 +151,23 @@ async fn hold_session_row(app: &TestApp, session: &str) -> tokio::sync::oneshot:
     release_tx
 }
 
+const SESSION_ROW: &str = "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE";
+const TOKEN_ROWS: &str = "SELECT 1 FROM refresh_tokens WHERE session_id = $1 FOR UPDATE";
+
+/// `POST /refresh` with `token`, running on its own (it may be stalled by a lock).
+fn refresh_in_background(app: &TestApp, token: &str) -> tokio::task::JoinHandle<Response> {
+    let (client, url) = (app.client.clone(), app.url("/refresh"));
+    let body = json!({"refresh_token": token});
+    tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap() })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_in_flight_during_a_demotion_never_yields_an_admin_token() {
     let app = spawn_app().await;
     let (email, id, actor) = two_admins(&app).await;
     let victim = app.login_ok(&email).await;
-    let release = hold_session_row(&app, &victim.session_id).await;
-    let refresh = tokio::spawn({
-        let (client, url, token) = (app.client.clone(), app.url("/refresh"), victim.refresh);
-        async move {
-            client
-                .post(url)
-                .json(&json!({"refresh_token": token}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let release = hold_lock(&app, SESSION_ROW, &victim.session_id).await;
+    let refresh = refresh_in_background(&app, &victim.refresh);
     // The refresh is now stalled on the row lock; the demotion does not touch sessions.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let res = patch_user(&app, &actor, id, json!({"roles": ["user"]})).await;
@@ -184,18 +188,8 @@ async fn a_refresh_in_flight_during_a_disable_yields_no_usable_token() {
     let app = spawn_app().await;
     let (email, id, actor) = two_admins(&app).await;
     let victim = app.login_ok(&email).await;
-    let release = hold_session_row(&app, &victim.session_id).await;
-    let refresh = tokio::spawn({
-        let (client, url, token) = (app.client.clone(), app.url("/refresh"), victim.refresh);
-        async move {
-            client
-                .post(url)
-                .json(&json!({"refresh_token": token}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let release = hold_lock(&app, SESSION_ROW, &victim.session_id).await;
+    let refresh = refresh_in_background(&app, &victim.refresh);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Disabling ends the sessions, so it waits for the same lock as the refresh.
     let disable = tokio::spawn({
@@ -228,28 +222,6 @@ async fn a_refresh_in_flight_during_a_disable_yields_no_usable_token() {
     assert_invalid_token(app.me(&victim.access).await).await;
 }
 
-/// Holds a lock on the refresh token row of `session` until released.
-async fn hold_token_rows(app: &TestApp, session: &str) -> tokio::sync::oneshot::Sender<()> {
-    use sqlx::Connection;
-    let mut db = app.db().await;
-    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let sid: uuid::Uuid = session.parse().unwrap();
-    tokio::spawn(async move {
-        let mut tx = db.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM refresh_tokens WHERE session_id = $1 FOR UPDATE")
-            .bind(sid)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        locked_tx.send(()).unwrap();
-        let _ = release_rx.await;
-        tx.rollback().await.unwrap();
-    });
-    locked_rx.await.unwrap();
-    release_tx
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_stalled_longer_than_the_grace_window_still_gives_a_second_tab_the_same_successor()
  {
@@ -258,18 +230,8 @@ async fn a_rotation_stalled_longer_than_the_grace_window_still_gives_a_second_ta
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;
-    let release = hold_token_rows(&app, &t.session_id).await;
-    let first_tab = tokio::spawn({
-        let (client, url, token) = (app.client.clone(), app.url("/refresh"), t.refresh.clone());
-        async move {
-            client
-                .post(url)
-                .json(&json!({"refresh_token": token}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let release = hold_lock(&app, TOKEN_ROWS, &t.session_id).await;
+    let first_tab = refresh_in_background(&app, &t.refresh);
     // Stalled for twice the grace window.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     release.send(()).unwrap();
@@ -285,7 +247,7 @@ async fn a_statement_stalled_past_the_statement_timeout_answers_503_and_the_sess
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;
-    let release = hold_token_rows(&app, &t.session_id).await;
+    let release = hold_lock(&app, TOKEN_ROWS, &t.session_id).await;
     let res = tokio::time::timeout(Duration::from_secs(3), app.refresh(&t.refresh))
         .await
         .expect("a stalled statement must not hold the request");
