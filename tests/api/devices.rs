@@ -11,10 +11,7 @@ use crate::helpers::*;
 
 /// The account budget of the attack: 2 free failures, then 1 s, 2 s, 4 s.
 fn attacked() -> tessera::config::Settings {
-    let mut settings = test_settings();
-    settings.login.free_failures = 2;
-    settings.login.delay_base_secs = 1;
-    settings.login.delay_max_secs = 4;
+    let mut settings = with_failure_budget(2, 1, 4);
     settings.login.per_account_per_minute = 10;
     settings
 }
@@ -246,11 +243,7 @@ async fn devices_survive_logout_and_password_change() {
 
 /// Free failures 5 and a long delay: any counted failure beyond them would show.
 fn five_free() -> tessera::config::Settings {
-    let mut settings = test_settings();
-    settings.login.free_failures = 5;
-    settings.login.delay_base_secs = 60;
-    settings.login.delay_max_secs = 60;
-    settings
+    with_failure_budget(5, 60, 60)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,10 +306,7 @@ async fn forty_concurrent_wrong_passwords_reach_the_hash_at_most_the_free_budget
 
 #[tokio::test]
 async fn attempts_refused_with_429_are_not_counted_as_failures() {
-    let mut settings = test_settings();
-    settings.login.free_failures = 2;
-    settings.login.delay_base_secs = 1;
-    settings.login.delay_max_secs = 60;
+    let settings = with_failure_budget(2, 1, 60);
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     for _ in 0..2 {

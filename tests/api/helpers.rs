@@ -59,6 +59,16 @@ pub fn test_settings() -> Settings {
     s
 }
 
+/// [`test_settings`] with a real per-account failure budget: `free` free failures, then
+/// delays from `base` up to `max` seconds.
+pub fn with_failure_budget(free: u32, base: u64, max: u64) -> Settings {
+    let mut s = test_settings();
+    s.login.free_failures = free;
+    s.login.delay_base_secs = base;
+    s.login.delay_max_secs = max;
+    s
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(test_settings()).await
 }

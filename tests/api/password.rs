@@ -92,10 +92,7 @@ async fn password_change_validates_its_input() {
 
 #[tokio::test]
 async fn password_change_attempts_share_the_login_budget() {
-    let mut settings = test_settings();
-    settings.login.free_failures = 2;
-    settings.login.delay_base_secs = 60;
-    settings.login.delay_max_secs = 60;
+    let settings = with_failure_budget(2, 60, 60);
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;
@@ -112,10 +109,7 @@ async fn password_change_attempts_share_the_login_budget() {
 
 #[tokio::test]
 async fn failed_logins_hold_password_changes_in_the_same_budget() {
-    let mut settings = test_settings();
-    settings.login.free_failures = 2;
-    settings.login.delay_base_secs = 60;
-    settings.login.delay_max_secs = 60;
+    let settings = with_failure_budget(2, 60, 60);
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;

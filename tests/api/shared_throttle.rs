@@ -32,11 +32,7 @@ async fn let_through(apps: &[&TestApp], email: &str, attempts: usize) -> usize {
 }
 
 fn strict() -> tessera::config::Settings {
-    let mut settings = test_settings();
-    settings.login.free_failures = 3;
-    settings.login.delay_base_secs = 60;
-    settings.login.delay_max_secs = 60;
-    settings
+    with_failure_budget(3, 60, 60)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,10 +57,7 @@ async fn two_instances_sharing_redis_together_allow_no_more_per_account_attempts
 
 #[tokio::test]
 async fn delays_grow_are_bounded_and_a_success_resets_the_count() {
-    let mut settings = test_settings();
-    settings.login.free_failures = 2;
-    settings.login.delay_base_secs = 1;
-    settings.login.delay_max_secs = 4;
+    let settings = with_failure_budget(2, 1, 4);
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;
     assert_eq!(let_through(&[&app], &email, 2).await, 2);

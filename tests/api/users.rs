@@ -204,10 +204,7 @@ async fn stored_hashes_follow_the_configured_parameters_on_login() {
 /// account with a budget of its own.
 #[tokio::test]
 async fn emails_are_normalized_once_for_lookup_uniqueness_and_throttling() {
-    let mut settings = test_settings();
-    settings.login.free_failures = 2;
-    settings.login.delay_base_secs = 60;
-    settings.login.delay_max_secs = 60;
+    let settings = with_failure_budget(2, 60, 60);
     let app = spawn_app_with(settings).await;
     let dotted = "İrem@example.com";
     assert_eq!(
