@@ -170,8 +170,14 @@ fn spawn_eviction_check(target: Weak<AppState>) {
                 return;
             };
             match state.auth.denylist.eviction_policy().await {
-                Ok(policy) if policy == "noeviction" => return,
-                Ok(policy) => {
+                Ok(None) => {
+                    tracing::info!(
+                        "Redis does not report its maxmemory-policy; make sure it is noeviction"
+                    );
+                    return;
+                }
+                Ok(Some(policy)) if policy == "noeviction" => return,
+                Ok(Some(policy)) => {
                     tracing::warn!(
                         %policy,
                         "Redis maxmemory-policy is not noeviction: under memory pressure it \

@@ -155,6 +155,7 @@ impl AuthService {
             account: account.to_owned(),
         };
 
+        let looked_up = device.is_some();
         if let Some(device) = device {
             // Whether the device is known for this account needs the user row anyway.
             let credentials = self
@@ -183,7 +184,7 @@ impl AuthService {
             .await?
             .expect("the account budget has a delay, it is never used up");
         attempt.place = Some((place, Budget::Account));
-        if attempt.known_device.is_none() && attempt.credentials.is_none() {
+        if !looked_up {
             attempt.credentials = self
                 .store
                 .find_credentials(email, None)

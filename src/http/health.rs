@@ -18,7 +18,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
     );
     db?;
     let policy = policy.map_err(ApiError::unavailable)?;
-    if policy != "noeviction" {
+    if let Some(policy) = policy.filter(|p| p != "noeviction") {
         // Not ready: under memory pressure Redis would drop revocation marks.
         return Ok(HttpResponse::ServiceUnavailable().json(json!({
             "status": "unavailable",

@@ -106,16 +106,28 @@ impl Denylist {
     /// where `CONFIG` is renamed). Anything but `noeviction` lets Redis drop revocation
     /// marks (all of which have a TTL, so `volatile-*` policies pick exactly them) and
     /// failure counts when memory runs short: a revoked token would work again.
-    pub async fn eviction_policy(&self) -> anyhow::Result<String> {
+    /// `Ok(None)` when the server will not say (INFO renamed or answering without the
+    /// field): it answered, so it is up, and the policy is the operator's to check.
+    pub async fn eviction_policy(&self) -> anyhow::Result<Option<String>> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
+        let info: Result<String, redis::RedisError> = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut conn)
-            .await?;
-        info.lines()
+            .await;
+        let info = match info {
+            Ok(info) => info,
+            // A command error is an answer: Redis is up but keeps INFO to itself.
+            Err(e)
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(info
+            .lines()
             .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-            .map(|p| p.trim().to_owned())
-            .context("INFO memory has no maxmemory_policy")
+            .map(|p| p.trim().to_owned()))
     }
 
     /// Marks sessions revoked for `ttl` (the longest an access token can still live).

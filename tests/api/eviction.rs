@@ -67,3 +67,16 @@ async fn the_start_log_warns_when_redis_may_evict() {
     let message = warning.unwrap()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("noeviction"), "{message}");
 }
+
+#[tokio::test]
+async fn a_redis_that_keeps_info_to_itself_is_still_ready() {
+    // Managed services rename commands; an answer of any kind means Redis is up.
+    let quiet = OwnRedis::start(&["--rename-command", "INFO", ""]).await;
+    let mut settings = test_settings();
+    settings.redis.url = quiet.url.clone().into();
+    let app = spawn_app_with(settings).await;
+    assert_eq!(app.get("/health/ready").await.status(), StatusCode::OK);
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    assert_eq!(app.me(&t.access).await.status(), StatusCode::OK);
+}
