@@ -31,6 +31,7 @@ pub struct Settings {
     pub sessions: SessionSettings,
     pub cleanup: CleanupSettings,
     pub cache: CacheSettings,
+    pub audit: AuditSettings,
     pub log: LogSettings,
 }
 
@@ -145,6 +146,12 @@ pub struct CleanupSettings {
 pub struct CacheSettings {
     pub user_emails: usize,
     pub verified_tokens: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    pub refresh: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,7 +28,9 @@ use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::store::denylist::Denylist;
 use crate::store::login_failures::{LoginFailures, Outcome};
-use crate::store::{AuditEvent, AuditKind, ClientInfo, Grant, NewSession, Rotation, Store, User};
+use crate::store::{
+    AuditEvent, AuditKind, ClientInfo, Grant, NewSession, RefreshState, Rotation, Store, User,
+};
 
 /// What login and refresh hand back to the client.
 pub struct TokenGrant {
@@ -175,7 +177,11 @@ impl AuthService {
         };
         let session_id = SessionId(uuid::Uuid::new_v4());
         let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
-        let refresh = RefreshToken::generate();
+        let refresh = RefreshToken::start_chain(session_id);
+        let chain_hash = refresh
+            .chain()
+            .map(|c| c.secret_hash())
+            .expect("a new chain token has a chain");
         let device = attempt
             .known_device
             .clone()
@@ -194,6 +200,7 @@ impl AuthService {
                 recent_secs: self.access_token_horizon().as_secs() as i64,
                 device_hash: &device.hash(),
                 device_ttl_secs: self.settings.login.device_ttl_secs as i64,
+                chain_hash: &chain_hash,
             })
             .await?;
         let Some(created) = created else {
@@ -238,12 +245,14 @@ impl AuthService {
             return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
         };
         let token_hash = token.hash();
-        let successor = RefreshToken::generate();
+        let successor = token.successor();
         let rotation = Rotation {
             token_hash: &token_hash,
             successor_hash: &successor.hash(),
             successor_sealed: &token.seal_successor(&successor),
             idle_ttl_secs: self.settings.tokens.refresh_idle_ttl_secs as i64,
+            grace_secs: self.settings.tokens.refresh_reuse_grace_secs as i64,
+            audit: self.settings.audit.refresh,
             client,
         };
         if let Some(grant) = self.store.rotate_refresh(rotation).await? {
@@ -251,7 +260,7 @@ impl AuthService {
         }
 
         // Not rotated: find out why.
-        let Some(state) = self.store.refresh_state(&token_hash).await? else {
+        let Some((state, superseded)) = self.presented_state(&token, &token_hash).await? else {
             return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
         };
         let t = &self.settings.tokens;
@@ -277,13 +286,19 @@ impl AuthService {
         {
             return Err(ApiError::InvalidGrant(GrantFailure::IdleExpired));
         }
-        let Some(rotated_at) = state.rotated_at else {
+        let rotated_at = match (state.rotated_at, superseded) {
+            (Some(at), _) => Some(at),
+            // Older than every token the session keeps: rotated long ago.
+            (None, true) => None,
             // The session changed between the two statements (e.g. it expired at that
             // very moment); nothing was rotated, so the client may simply retry.
-            return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
+            (None, false) => return Err(ApiError::InvalidGrant(GrantFailure::Unknown)),
         };
         let grace = chrono::Duration::seconds(t.refresh_reuse_grace_secs as i64);
-        if t.refresh_reuse_grace_secs > 0 && state.now - rotated_at <= grace {
+        if let Some(rotated_at) = rotated_at
+            && t.refresh_reuse_grace_secs > 0
+            && state.now - rotated_at <= grace
+        {
             // A concurrent caller or a retry: hand out the successor the first caller got.
             if let Some(same) = state
                 .successor_sealed
@@ -307,6 +322,30 @@ impl AuthService {
         )
         .await;
         Err(ApiError::InvalidGrant(GrantFailure::Reused))
+    }
+
+    /// What the store knows of a presented refresh token that did not rotate: its row,
+    /// or, for a chain token whose row the rotations have deleted, its session, with
+    /// `true` (superseded) when the token is of an earlier generation than the
+    /// session's current one. `None`: unknown (or a forged chain token).
+    async fn presented_state(
+        &self,
+        token: &RefreshToken,
+        token_hash: &[u8],
+    ) -> Result<Option<(RefreshState, bool)>, ApiError> {
+        if let Some(state) = self.store.refresh_state(token_hash).await? {
+            return Ok(Some((state, false)));
+        }
+        let Some(chain) = token.chain() else {
+            return Ok(None);
+        };
+        let found = self
+            .store
+            .chain_state(chain.session, &chain.secret_hash())
+            .await?;
+        Ok(found
+            .filter(|(_, current)| (chain.generation as i64) < *current)
+            .map(|(state, _)| (state, true)))
     }
 
     /// Verifies an access token and checks the denylist (one Redis round trip).
@@ -378,7 +417,7 @@ impl AuthService {
         // (only a missing mark is repaired), so anyone holding an old token cannot turn
         // /revoke into a stream of writes and publications.
         if let Some(refresh) = RefreshToken::parse(token) {
-            let Some(state) = self.store.refresh_state(&refresh.hash()).await? else {
+            let Some((state, _)) = self.presented_state(&refresh, &refresh.hash()).await? else {
                 return Ok(());
             };
             let sid = state.grant.session_id;

@@ -69,6 +69,8 @@ pub struct NewSession<'a> {
     pub recent_secs: i64,
     /// The device token to remember (new, or the known one presented, renewed).
     pub device_hash: &'a [u8],
+    /// SHA-256 of the chain secret of the session's refresh tokens.
+    pub chain_hash: &'a [u8],
     pub device_ttl_secs: i64,
 }
 
@@ -90,6 +92,11 @@ pub struct Rotation<'a> {
     /// The successor token sealed under a key derived from the presented token.
     pub successor_sealed: &'a [u8],
     pub idle_ttl_secs: i64,
+    /// Tokens of the session rotated longer ago than this, but the one being rotated,
+    /// are deleted (see `crate::auth::refresh_token`).
+    pub grace_secs: i64,
+    /// Whether to write the `refresh` audit row (`audit.refresh`).
+    pub audit: bool,
     pub client: &'a ClientInfo,
 }
 
@@ -267,6 +274,14 @@ pub trait Store: Send + Sync + 'static {
     /// session is not live: see [`Store::refresh_state`].
     async fn rotate_refresh(&self, rotation: Rotation<'_>) -> StoreResult<Option<Grant>>;
     async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>>;
+    /// The state of session `session` if its chain secret hashes to `secret_hash`, with
+    /// the session's current generation: for a chain token whose row is gone.
+    /// `rotated_at` and `successor_sealed` are `None` (no row).
+    async fn chain_state(
+        &self,
+        session: SessionId,
+        secret_hash: &[u8],
+    ) -> StoreResult<Option<(RefreshState, i64)>>;
 
     /// Ends one session; returns its user if it was live.
     async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>>;

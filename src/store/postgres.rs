@@ -298,8 +298,9 @@ impl Store for PgStore {
                    FOR SHARE
                ), session AS (
                    INSERT INTO sessions (id, user_id, remember_me, expires_at,
-                                         login_ip, login_user_agent, last_ip, last_user_agent)
-                   SELECT $1, id, $3, $4, $5, $6, $5, $6 FROM allowed
+                                         login_ip, login_user_agent, last_ip, last_user_agent,
+                                         chain_hash)
+                   SELECT $1, id, $3, $4, $5, $6, $5, $6, $13 FROM allowed
                    RETURNING id
                ), token AS (
                    INSERT INTO refresh_tokens (token_hash, session_id)
@@ -340,6 +341,7 @@ impl Store for PgStore {
             new.password_hash,
             new.device_hash,
             new.device_ttl_secs as f64,
+            new.chain_hash,
         )
         .fetch_one(&self.pool)
         .await
@@ -382,14 +384,20 @@ impl Store for PgStore {
                      AND NOT u.disabled
                    RETURNING rt.session_id, s.user_id, s.expires_at, u.roles
                ), touched AS (
-                   UPDATE sessions SET last_used_at = now(), last_ip = $5, last_user_agent = $6
+                   UPDATE sessions SET last_used_at = now(), last_ip = $5, last_user_agent = $6,
+                                       generation = generation + 1
                    WHERE id = (SELECT session_id FROM rotated)
                ), inserted AS (
                    INSERT INTO refresh_tokens (token_hash, session_id)
                    SELECT $2, session_id FROM rotated
+               ), pruned AS (
+                   DELETE FROM refresh_tokens old USING rotated
+                   WHERE old.session_id = rotated.session_id
+                     AND old.token_hash <> $1
+                     AND old.rotated_at < now() - make_interval(secs => $8::float8)
                ), audited AS (
                    INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent)
-                   SELECT $7, user_id, session_id, $5, $6 FROM rotated
+                   SELECT $7, user_id, session_id, $5, $6 FROM rotated WHERE $9::bool
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!",
@@ -402,6 +410,8 @@ impl Store for PgStore {
             r.client.ip.as_deref(),
             r.client.user_agent.as_deref(),
             AuditKind::Refresh.as_str(),
+            r.grace_secs as f64,
+            r.audit,
         )
         .fetch_optional(&self.pool)
         .await
@@ -444,6 +454,42 @@ impl Store for PgStore {
             revoked_at: r.revoked_at,
             disabled: r.disabled,
             now: r.now,
+        }))
+    }
+
+    async fn chain_state(
+        &self,
+        session: SessionId,
+        secret_hash: &[u8],
+    ) -> StoreResult<Option<(RefreshState, i64)>> {
+        let row = sqlx::query!(
+            r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
+                      s.generation, u.roles, u.disabled, now() AS "now!"
+               FROM sessions s JOIN users u ON u.id = s.user_id
+               WHERE s.id = $1 AND s.chain_hash = $2"#,
+            session.0,
+            secret_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| {
+            let state = RefreshState {
+                grant: Grant {
+                    session_id: SessionId(r.id),
+                    user_id: UserId(r.user_id),
+                    roles: r.roles,
+                    expires_at: r.expires_at,
+                    issued_at: r.now,
+                },
+                rotated_at: None,
+                successor_sealed: None,
+                last_used_at: r.last_used_at,
+                revoked_at: r.revoked_at,
+                disabled: r.disabled,
+                now: r.now,
+            };
+            (state, r.generation)
         }))
     }
 

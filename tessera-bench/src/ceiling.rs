@@ -102,7 +102,7 @@ pub fn sign_and_verify(settings: &Settings, duration: Duration) -> anyhow::Resul
 }
 
 /// Tessera's refresh statement (rotate one token, touch the session, insert the
-/// successor and an audit row, in one transaction) run directly on the store, one task
+/// successor, prune the chain and write the audit row if `audit.refresh`, in one statement) run directly on the store, one task
 /// per chain, with the server's pool size: the database's ceiling for `/refresh`.
 pub async fn bare_refresh(
     settings: &Settings,
@@ -112,6 +112,8 @@ pub async fn bare_refresh(
 ) -> anyhow::Result<Outcome> {
     let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
     let idle_ttl_secs = settings.tokens.refresh_idle_ttl_secs as i64;
+    let grace_secs = settings.tokens.refresh_reuse_grace_secs as i64;
+    let audit = settings.audit.refresh;
     let client = Arc::new(ClientInfo {
         ip: Some("127.0.0.1".to_owned()),
         user_agent: Some("tessera-bench".to_owned()),
@@ -127,12 +129,14 @@ pub async fn bare_refresh(
                 .ok_or_else(|| anyhow::anyhow!("a login gave a malformed refresh token"))?;
             while start.elapsed() < duration {
                 let began = Instant::now();
-                let successor = RefreshToken::generate();
+                let successor = current.successor();
                 let rotation = Rotation {
                     token_hash: &current.hash(),
                     successor_hash: &successor.hash(),
                     successor_sealed: &current.seal_successor(&successor),
                     idle_ttl_secs,
+                    grace_secs,
+                    audit,
                     client: &client,
                 };
                 let rotated = store.rotate_refresh(rotation).await;

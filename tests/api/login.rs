@@ -15,7 +15,8 @@ async fn login_returns_the_contract_token_response_with_no_store() {
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(body["expires_in"], 900);
     let refresh = body["refresh_token"].as_str().unwrap();
-    assert_eq!(refresh.len(), 43, "256 bits, base64url");
+    // Session id, generation and chain secret, then 256 random bits: 72 bytes.
+    assert_eq!(refresh.len(), 96, "base64url of 72 bytes");
     assert!(
         refresh
             .bytes()

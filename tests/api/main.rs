@@ -26,5 +26,6 @@ mod revoke;
 mod scripts;
 mod sessions;
 mod shared_throttle;
+mod storage;
 mod timing;
 mod users;

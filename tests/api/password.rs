@@ -162,6 +162,7 @@ async fn create_session(app: &TestApp, user: uuid::Uuid, verified: &str) -> bool
             recent_secs: 0,
             device_hash: uuid::Uuid::new_v4().as_bytes(),
             device_ttl_secs: 60,
+            chain_hash: uuid::Uuid::new_v4().as_bytes(),
         })
         .await
         .unwrap();

@@ -1,0 +1,163 @@
+//! Constant storage per session: however often a session refreshes, it keeps the rows
+//! of its current token, the previous one and those rotated within the grace window,
+//! and a token of the chain older than those is still recognised as reuse.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+/// Rows the session `sid` holds in `refresh_tokens`, and the bytes of their values
+/// and of its `sessions` row's values (tuple headers and alignment aside, which differ
+/// by a few bytes with where a tuple sits, not with how much it holds).
+async fn footprint(app: &TestApp, sid: &str) -> (i64, i64) {
+    let mut db = app.db().await;
+    let sid: uuid::Uuid = sid.parse().unwrap();
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM refresh_tokens WHERE session_id = $1),
+                (SELECT coalesce(sum(pg_column_size(token_hash) + pg_column_size(session_id)
+                        + pg_column_size(created_at) + coalesce(pg_column_size(rotated_at), 0)
+                        + coalesce(pg_column_size(successor_hash), 0)
+                        + coalesce(pg_column_size(successor_sealed), 0)), 0)
+                 FROM refresh_tokens WHERE session_id = $1)::int8
+              + (SELECT sum(pg_column_size(v)) FROM sessions s,
+                        LATERAL (VALUES (pg_column_size(s.id)), (pg_column_size(s.user_id)),
+                                        (pg_column_size(s.expires_at)),
+                                        (pg_column_size(s.last_used_at)),
+                                        (pg_column_size(s.generation)),
+                                        (pg_column_size(s.chain_hash)),
+                                        (pg_column_size(s.last_ip)),
+                                        (pg_column_size(s.last_user_agent))) AS c(v)
+                 WHERE s.id = $1)::int8",
+    )
+    .bind(sid)
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
+}
+
+fn short_grace() -> tessera::config::Settings {
+    let mut settings = test_settings();
+    settings.tokens.refresh_reuse_grace_secs = 1;
+    settings
+}
+
+/// `n` refreshes in a row, then a pause past the grace window and one more, so that
+/// what is measured does not depend on how fast the loop ran (tokens rotated within
+/// the window are kept for it).
+async fn refresh_times(app: &TestApp, mut current: Tokens, n: usize) -> (Tokens, Vec<Tokens>) {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        seen.push(current.clone());
+        current = app.refresh_ok(&current.refresh).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    seen.push(current.clone());
+    current = app.refresh_ok(&current.refresh).await;
+    (current, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_refreshes_leave_a_session_as_large_as_two() {
+    let app = spawn_app_with(short_grace()).await;
+    let email = app.new_user().await;
+    let a = app.login_ok(&email).await;
+    let b = app.login_ok(&email).await;
+
+    let (_, _) = refresh_times(&app, a.clone(), 2).await;
+    let after_two = footprint(&app, &a.session_id).await;
+    let (current, seen) = refresh_times(&app, b.clone(), 1000).await;
+    let after_thousand = footprint(&app, &b.session_id).await;
+    assert_eq!(after_thousand, after_two, "(rows, bytes)");
+    assert_eq!(after_two.0, 2, "the current and the previous token");
+
+    // Every token of the chain is still known for what it is: the oldest, long gone
+    // from the table, is reuse, and ends the session.
+    assert_invalid_grant(app.refresh(&seen[0].refresh).await, "reused").await;
+    assert_invalid_grant(app.refresh(&current.refresh).await, "revoked").await;
+    assert_invalid_token(app.me(&current.access).await).await;
+}
+
+#[tokio::test]
+async fn an_old_token_with_another_chains_secret_is_unknown_and_ends_nothing() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let app = spawn_app_with(short_grace()).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let (current, seen) = refresh_times(&app, t, 3).await;
+    // Someone who knows the session id (downstream APIs do) forges an old generation.
+    let mut raw = URL_SAFE_NO_PAD.decode(&seen[0].refresh).unwrap();
+    raw[24] ^= 0xff; // the chain secret
+    let forged = URL_SAFE_NO_PAD.encode(raw);
+    assert_invalid_grant(app.refresh(&forged).await, "unknown").await;
+    let res = app.post_form("/revoke", &[("token", &forged)]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(app.me(&current.access).await.status(), StatusCode::OK);
+    app.refresh_ok(&current.refresh).await;
+}
+
+#[tokio::test]
+async fn revoking_an_old_token_of_the_chain_ends_its_session() {
+    let app = spawn_app_with(short_grace()).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let (current, seen) = refresh_times(&app, t, 3).await;
+    let res = app
+        .post_form("/revoke", &[("token", &seen[0].refresh)])
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_invalid_grant(app.refresh(&current.refresh).await, "revoked").await;
+}
+
+#[tokio::test]
+async fn with_audit_refresh_off_refreshes_write_no_audit_rows() {
+    let mut settings = test_settings();
+    settings.audit.refresh = false;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let mut t = app.login_ok(&email).await;
+    for _ in 0..5 {
+        t = app.refresh_ok(&t.refresh).await;
+    }
+    let kinds = app.audit_kinds().await;
+    assert!(!kinds.iter().any(|k| k == "refresh"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "login_succeeded"));
+    // On by default.
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    app.refresh_ok(&t.refresh).await;
+    assert!(app.audit_kinds().await.iter().any(|k| k == "refresh"));
+}
+
+/// Sessions from before chain tokens hold tokens of the first format (43 characters,
+/// random only): they keep refreshing, with successors of that format.
+#[tokio::test]
+async fn tokens_of_the_first_format_still_refresh() {
+    use tessera::auth::refresh_token::RefreshToken;
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let legacy = RefreshToken::generate();
+    let mut db = app.db().await;
+    let sid: uuid::Uuid = t.session_id.parse().unwrap();
+    sqlx::query("UPDATE refresh_tokens SET token_hash = $2 WHERE session_id = $1")
+        .bind(sid)
+        .bind(legacy.hash())
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sessions SET chain_hash = NULL WHERE id = $1")
+        .bind(sid)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert_invalid_grant(app.refresh(&t.refresh).await, "unknown").await;
+    let next = app.refresh_ok(legacy.expose()).await;
+    assert_eq!(next.refresh.len(), 43);
+    assert_eq!(next.session_id, t.session_id);
+    let again = app.refresh_ok(&next.refresh).await;
+    assert_eq!(app.me(&again.access).await.status(), StatusCode::OK);
+}
