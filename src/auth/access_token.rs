@@ -19,8 +19,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
-use jsonwebtoken::{Header, Validation};
+use jsonwebtoken::Validation;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -30,6 +32,14 @@ use crate::config::TokenSettings;
 use crate::domain::{SessionId, UserId};
 
 pub const TOKEN_TYPE: &str = "at+jwt";
+
+/// The protected header Tessera writes: `{"alg", "kid", "typ": "at+jwt"}`.
+#[derive(Serialize)]
+struct JwsHeader<'a> {
+    alg: &'static str,
+    kid: &'a str,
+    typ: &'static str,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -149,10 +159,19 @@ impl AccessTokens {
         };
         let ring = self.keys.current();
         let key = &ring.signing;
-        let mut header = Header::new(key.alg.jwt());
-        header.kid = Some(key.kid.clone());
-        header.typ = Some(TOKEN_TYPE.to_owned());
-        Ok(jsonwebtoken::encode(&header, &claims, &key.encoding)?)
+        let header = JwsHeader {
+            alg: key.alg.as_str(),
+            kid: &key.kid,
+            typ: TOKEN_TYPE,
+        };
+        // JWS compact serialization (RFC 7515 §7.1), signed with the key parsed once.
+        let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?));
+        let signature = key.signer.sign(token.as_bytes())?;
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(signature));
+        Ok(token)
     }
 
     /// Checks signature and claims; says nothing about revocation (see the denylist).

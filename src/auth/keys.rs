@@ -82,6 +82,8 @@ pub struct KeyMaterial {
     pub alg: KeyAlgorithm,
     pub created_at: DateTime<Utc>,
     pub retired_at: Option<DateTime<Utc>>,
+    /// The private key parsed once, for signing (see [`Signer`]).
+    pub signer: Signer,
     pub encoding: EncodingKey,
     pub decoding: DecodingKey,
     /// The public JWK; `None` for HMAC keys, which must never be published.
@@ -89,6 +91,64 @@ pub struct KeyMaterial {
     /// SHA-256 of the key's bytes: tells whether a kid still names the same key after
     /// a reload (remembered token verifications depend on it).
     pub fingerprint: [u8; 32],
+}
+
+/// A private key parsed once. jsonwebtoken keeps the DER and parses it again for every
+/// signature (for ES256 12 of 34 µs, measured with `cargo bench --bench tokens`), so
+/// Tessera signs its tokens itself; verification stays jsonwebtoken's.
+pub enum Signer {
+    Es256(EcdsaKeyPair),
+    EdDsa(Ed25519KeyPair),
+    Rs256(aws_lc_rs::signature::RsaKeyPair),
+    /// Boxed: an HMAC key is several times the size of the others.
+    Hs256(Box<aws_lc_rs::hmac::Key>),
+}
+
+impl Signer {
+    fn parse(alg: KeyAlgorithm, der: &[u8]) -> anyhow::Result<Self> {
+        let bad = |_| anyhow::anyhow!("the {} key cannot be parsed", alg.as_str());
+        Ok(match alg {
+            KeyAlgorithm::Es256 => Signer::Es256(
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der).map_err(bad)?,
+            ),
+            KeyAlgorithm::EdDsa => {
+                Signer::EdDsa(Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(bad)?)
+            }
+            KeyAlgorithm::Rs256 => {
+                Signer::Rs256(aws_lc_rs::signature::RsaKeyPair::from_der(der).map_err(bad)?)
+            }
+            KeyAlgorithm::Hs256 => Signer::Hs256(Box::new(aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                der,
+            ))),
+        })
+    }
+
+    /// The JWS signature of `message` (`header.payload`), in the form RFC 7518 gives
+    /// (ES256: r ‖ s, 64 bytes).
+    pub fn sign(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        Ok(match self {
+            Signer::Es256(pair) => pair
+                .sign(&rng, message)
+                .map_err(|_| anyhow::anyhow!("ES256 signing failed"))?
+                .as_ref()
+                .to_vec(),
+            Signer::EdDsa(pair) => pair.sign(message).as_ref().to_vec(),
+            Signer::Rs256(pair) => {
+                let mut signature = vec![0u8; pair.public_modulus_len()];
+                pair.sign(
+                    &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                    &rng,
+                    message,
+                    &mut signature,
+                )
+                .map_err(|_| anyhow::anyhow!("RS256 signing failed"))?;
+                signature
+            }
+            Signer::Hs256(key) => aws_lc_rs::hmac::sign(key, message).as_ref().to_vec(),
+        })
+    }
 }
 
 /// What one load of the key directory gives: the signing key, every key that still
@@ -399,11 +459,13 @@ fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
         (DecodingKey::from_jwk(&jwk)?, Some(jwk))
     };
     let fingerprint = super::sha256(&der);
+    let signer = Signer::parse(alg, &der).with_context(|| format!("key {}", file.kid))?;
     Ok(KeyMaterial {
         kid: file.kid,
         alg,
         created_at: file.created_at,
         retired_at: file.retired_at,
+        signer,
         encoding,
         decoding,
         jwk,
