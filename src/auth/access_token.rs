@@ -33,14 +33,6 @@ use crate::domain::{SessionId, UserId};
 
 pub const TOKEN_TYPE: &str = "at+jwt";
 
-/// The protected header Tessera writes: `{"alg", "kid", "typ": "at+jwt"}`.
-#[derive(Serialize)]
-struct JwsHeader<'a> {
-    alg: &'static str,
-    kid: &'a str,
-    typ: &'static str,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub iss: String,
@@ -159,18 +151,13 @@ impl AccessTokens {
         };
         let ring = self.keys.current();
         let key = &ring.signing;
-        let header = JwsHeader {
-            alg: key.alg.as_str(),
-            kid: &key.kid,
-            typ: TOKEN_TYPE,
-        };
-        // JWS compact serialization (RFC 7515 §7.1), signed with the key parsed once.
-        let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+        // JWS compact serialization (RFC 7515 §7.1): the key's header (encoded once when
+        // the key was loaded), the claims, and the signature by the key parsed once.
+        let mut token = String::with_capacity(512);
+        token.push_str(&key.jws_header);
         token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?));
-        let signature = key.signer.sign(token.as_bytes())?;
-        token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(signature));
+        URL_SAFE_NO_PAD.encode_string(serde_json::to_vec(&claims)?, &mut token);
+        key.signer.sign_appending(&mut token)?;
         Ok(token)
     }
 

@@ -84,6 +84,9 @@ pub struct KeyMaterial {
     pub retired_at: Option<DateTime<Utc>>,
     /// The private key parsed once, for signing (see [`Signer`]).
     pub signer: Signer,
+    /// The JWS protected header of tokens this key signs, `{"alg","kid","typ":"at+jwt"}`,
+    /// already base64url-encoded: the same for every token.
+    pub jws_header: String,
     pub encoding: EncodingKey,
     pub decoding: DecodingKey,
     /// The public JWK; `None` for HMAC keys, which must never be published.
@@ -124,30 +127,46 @@ impl Signer {
         })
     }
 
-    /// The JWS signature of `message` (`header.payload`), in the form RFC 7518 gives
-    /// (ES256: r ‖ s, 64 bytes).
-    pub fn sign(&self, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    /// Signs `jws` (`header.payload`) and appends `.signature` (base64url, in the form
+    /// RFC 7518 gives; ES256: r ‖ s, 64 bytes).
+    pub fn sign_appending(&self, jws: &mut String) -> anyhow::Result<()> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
-        Ok(match self {
-            Signer::Es256(pair) => pair
-                .sign(&rng, message)
-                .map_err(|_| anyhow::anyhow!("ES256 signing failed"))?
-                .as_ref()
-                .to_vec(),
-            Signer::EdDsa(pair) => pair.sign(message).as_ref().to_vec(),
+        let message = jws.as_bytes();
+        let mut rsa = Vec::new();
+        let es256;
+        let ed25519;
+        let hmac;
+        let signature: &[u8] = match self {
+            Signer::Es256(pair) => {
+                es256 = pair
+                    .sign(&rng, message)
+                    .map_err(|_| anyhow::anyhow!("ES256 signing failed"))?;
+                es256.as_ref()
+            }
+            Signer::EdDsa(pair) => {
+                ed25519 = pair.sign(message);
+                ed25519.as_ref()
+            }
             Signer::Rs256(pair) => {
-                let mut signature = vec![0u8; pair.public_modulus_len()];
+                rsa.resize(pair.public_modulus_len(), 0);
                 pair.sign(
                     &aws_lc_rs::signature::RSA_PKCS1_SHA256,
                     &rng,
                     message,
-                    &mut signature,
+                    &mut rsa,
                 )
                 .map_err(|_| anyhow::anyhow!("RS256 signing failed"))?;
-                signature
+                &rsa
             }
-            Signer::Hs256(key) => aws_lc_rs::hmac::sign(key, message).as_ref().to_vec(),
-        })
+            Signer::Hs256(key) => {
+                hmac = aws_lc_rs::hmac::sign(key, message);
+                hmac.as_ref()
+            }
+        };
+        let signature = signature.to_owned();
+        jws.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, jws);
+        Ok(())
     }
 }
 
@@ -460,12 +479,15 @@ fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
     };
     let fingerprint = super::sha256(&der);
     let signer = Signer::parse(alg, &der).with_context(|| format!("key {}", file.kid))?;
+    let header = serde_json::json!({"alg": alg.as_str(), "kid": file.kid, "typ": "at+jwt"});
+    let jws_header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
     Ok(KeyMaterial {
         kid: file.kid,
         alg,
         created_at: file.created_at,
         retired_at: file.retired_at,
         signer,
+        jws_header,
         encoding,
         decoding,
         jwk,
