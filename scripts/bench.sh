@@ -24,7 +24,9 @@ PORT=${BENCH_PORT:-18080}
 SETUP_PORT=${BENCH_SETUP_PORT:-18081}
 OUT=${BENCH_OUT:-target/bench/report.md}
 DB=tessera_bench
-PG_BASE=${TESSERA_BENCH_POSTGRES:-postgres://postgres:postgres@127.0.0.1:5432}
+# The PostgreSQL and Redis that scripts/services.sh found or provided.
+PG_BASE=${TESSERA_BENCH_POSTGRES:-$TESSERA_TEST_POSTGRES}
+export TESSERA__REDIS__URL=${TESSERA__REDIS__URL:-$TESSERA_TEST_REDIS}
 work=$(mktemp -d "${TMPDIR:-/tmp}/tessera-bench.XXXXXX")
 pids=()
 
