@@ -5,7 +5,8 @@
 # database (tessera_costs) and Redis prefix, runs COSTS_N of each operation one at a
 # time through HTTP, and prints one markdown table.
 #
-#   COSTS_N     operations of each kind (default 200)
+#   COSTS_N     operations of each kind (default 200; fewer leave table bytes dominated
+#               by the 8 KiB page granularity)
 #   COSTS_PORT  the server's port (default 18090)
 #
 # WAL is the cluster's (pg_current_wal_lsn), so run it on an otherwise idle server; the
