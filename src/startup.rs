@@ -79,7 +79,9 @@ impl Application {
             introspection_clients,
         });
         let app_state = state.clone();
+        let activity = state.auth.hasher.activity();
         let server = HttpServer::new(move || {
+            let activity = activity.clone();
             App::new()
                 .app_data(app_state.clone())
                 .configure(routes)
@@ -87,7 +89,14 @@ impl Application {
                 .wrap(cors(&cors_origins))
                 .wrap(DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")))
                 .wrap(ErrorHandlers::new().default_handler(contract_error_body))
-                .wrap_fn(|req, srv| {
+                .wrap_fn(move |req, srv| {
+                    // Every request but the password checks tells the hashing pool that
+                    // the server is busy (see `auth::password::Activity`).
+                    let hashing = matches!(
+                        (req.method().as_str(), req.path()),
+                        ("POST", "/login") | ("POST", "/users") | ("PUT", "/me/password")
+                    );
+                    let busy = (!hashing).then(|| activity.enter());
                     let request_id = uuid::Uuid::new_v4();
                     let path: String = req.path().chars().take(200).collect();
                     let span =
@@ -95,7 +104,9 @@ impl Application {
                     let started = Instant::now();
                     let fut = srv.call(req);
                     async move {
-                        let mut res = fut.await?;
+                        let res = fut.await;
+                        drop(busy);
+                        let mut res = res?;
                         tracing::info!(
                             status = res.status().as_u16(),
                             elapsed_us = started.elapsed().as_micros() as u64,

@@ -2,9 +2,11 @@
 //!
 //! A hash costs ~20 ms of CPU and 19 MiB of memory, so hashing on the async workers
 //! would stall every other request, and an unbounded queue would let a login flood
-//! exhaust memory. The pool has one thread per core but one (so a flood always leaves a
-//! core to everything else; the threads also run at the lowest priority), each keeping
-//! its argon2 memory between jobs, and a bounded queue; when the queue is full the
+//! exhaust memory. The pool has one thread per core, of which all but one hash only
+//! while no other request is in flight or has been for 20 ms (so logins alone get every
+//! core, and a flood still leaves a core to everything else as soon as anything else
+//! comes; the threads also run at the lowest priority), each keeping its argon2 memory
+//! between jobs, and a bounded queue; when the queue is full the
 //! caller gets [`HashError::Busy`] at once (503 + `Retry-After`).
 //! A caller takes its place in the pool ([`PasswordHasherPool::reserve`]) before doing
 //! any other work for the attempt, so that under a login flood the attempts the pool
@@ -166,16 +168,79 @@ pub struct PasswordHasherPool {
     /// Argon2 evaluations actually computed (hashes and verifications).
     runs: Arc<AtomicU64>,
     outdated: Arc<Outdated>,
+    activity: Arc<Activity>,
 }
 
-/// Threads that hash: `password.workers`, or by default one per core but one (at
-/// least one thread), so that a login flood always leaves a core to refreshes and
-/// token checks: with every core hashing, their p99 rose 10-20× under a flood even at
-/// the lowest priority; with one core left it stayed within 2× (docs/performance.md).
+/// Threads that hash: `password.workers` of them, all the time; or by default
+/// (`password.workers = 0`) one per core, of which one hashes all the time and the
+/// others only while nothing else is asked of the server ([`Activity`]): a login flood
+/// alone gets every core, while refreshes and token checks arriving get theirs back at
+/// once (with every core hashing regardless, their p99 rose 10-20× under a flood even
+/// at the lowest priority; with one core left it stayed within 2×, docs/performance.md).
 pub fn hashing_threads(settings: &PasswordSettings) -> usize {
     match settings.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
+    }
+}
+
+/// How many of [`hashing_threads`] hash only while the server is otherwise quiet.
+fn opportunistic_threads(settings: &PasswordSettings) -> usize {
+    match settings.workers {
+        0 => hashing_threads(settings).saturating_sub(1),
+        _ => 0,
+    }
+}
+
+/// Whether anything but password checks is being asked of the server: requests in
+/// flight and when the last one came or went. The HTTP layer reports every request
+/// but the hashing ones (login, registration, password change).
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicU64,
+    last_ms: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+/// How long the server must have been quiet before an opportunistic thread takes a job.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            in_flight: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A request starts; it ends when the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+        ActivityGuard(self.clone())
+    }
+
+    fn quiet(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self
+                .now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed))
+                >= QUIET.as_millis() as u64
+    }
+}
+
+/// See [`Activity::enter`].
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -195,6 +260,8 @@ impl PasswordHasherPool {
     pub fn new(settings: &PasswordSettings) -> anyhow::Result<Self> {
         let argon2 = Arc::new(argon2id(settings)?);
         let workers = hashing_threads(settings);
+        let opportunistic = opportunistic_threads(settings);
+        let activity = Arc::new(Activity::new());
         let capacity = if settings.queue == 0 {
             workers * 64
         } else {
@@ -206,13 +273,18 @@ impl PasswordHasherPool {
         for i in 0..workers {
             let rx = rx.clone();
             let low_priority = settings.low_priority;
+            // The last `opportunistic` threads wait for a quiet server.
+            let quiet_only = (i >= workers - opportunistic).then(|| activity.clone());
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
                 .spawn(move || {
                     if low_priority {
                         lower_priority();
                     }
-                    worker(rx)
+                    match quiet_only {
+                        None => worker(rx),
+                        Some(activity) => opportunistic_worker(rx, &activity),
+                    }
                 })
                 .context("cannot start password hashing threads")?;
         }
@@ -232,7 +304,13 @@ impl PasswordHasherPool {
             jobs: Arc::new(AtomicU64::new(0)),
             runs: Arc::new(AtomicU64::new(0)),
             outdated,
+            activity,
         })
+    }
+
+    /// What the HTTP layer reports other requests to (see [`Activity`]).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 
     /// How many argon2 evaluations (hashes and verifications, dummy ones included) the
@@ -436,6 +514,33 @@ fn lower_priority() {
     }
 }
 
+/// A thread that takes a job only while the server is quiet, so that it gives its core
+/// back as soon as other requests come (a job it has started runs to its end, one
+/// hash; the thread runs at the lowest priority meanwhile).
+fn opportunistic_worker(rx: Arc<Mutex<Receiver<Job>>>, activity: &Activity) {
+    let poll = QUIET / 4;
+    loop {
+        if activity.quiet() {
+            // Never wait for a job: one taken must be taken while quiet (checked again
+            // under the lock, which the steady thread may have held for a while).
+            let job = match rx.lock() {
+                Ok(rx) if activity.quiet() => rx.try_recv(),
+                Ok(_) => Err(std::sync::mpsc::TryRecvError::Empty),
+                Err(_) => return,
+            };
+            match job {
+                Ok(job) => {
+                    job();
+                    continue;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 fn worker(rx: Arc<Mutex<Receiver<Job>>>) {
     loop {
         let job = match rx.lock() {
@@ -622,6 +727,54 @@ mod tests {
             b"correct horse",
             &tampered
         ));
+    }
+
+    /// Runs `n` jobs of 150 ms at once; returns how many ran at the same time at most.
+    async fn most_at_once(pool: &PasswordHasherPool, n: usize) -> usize {
+        use std::sync::atomic::AtomicUsize;
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs = (0..n).map(|_| {
+            let (running, most) = (running.clone(), most.clone());
+            pool.run(pool.reserve().unwrap(), move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                running.fetch_sub(1, Ordering::SeqCst);
+            })
+        });
+        for done in futures_util::future::join_all(jobs).await {
+            done.unwrap();
+        }
+        most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn by_default_every_core_hashes_but_only_one_while_other_requests_run() {
+        let mut adaptive = settings(0);
+        adaptive.workers = 0;
+        let threads = hashing_threads(&adaptive);
+        if threads < 2 {
+            eprintln!("skipped: one core, nothing to share");
+            return;
+        }
+        let pool = PasswordHasherPool::new(&adaptive).unwrap();
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(
+            most_at_once(&pool, threads).await,
+            threads,
+            "quiet: every core"
+        );
+        let busy = pool.activity().enter();
+        assert_eq!(most_at_once(&pool, threads).await, 1, "busy: one thread");
+        drop(busy);
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(most_at_once(&pool, threads).await, threads, "quiet again");
+        // A fixed count is just that.
+        let mut fixed = settings(0);
+        fixed.workers = 2;
+        let pool = PasswordHasherPool::new(&fixed).unwrap();
+        let _busy = pool.activity().enter();
+        assert_eq!(most_at_once(&pool, 2).await, 2);
     }
 
     #[cfg(target_os = "linux")]
