@@ -518,9 +518,12 @@ fn lower_priority() {
 /// back as soon as other requests come (a job it has started runs to its end, one
 /// hash; the thread runs at the lowest priority meanwhile).
 fn opportunistic_worker(rx: Arc<Mutex<Receiver<Job>>>, activity: &Activity) {
-    let poll = QUIET / 4;
     loop {
+        // While quiet, look for work every millisecond (a login waiting for the steady
+        // thread is what this thread is for); while busy, every 5 ms.
+        let mut poll = QUIET / 4;
         if activity.quiet() {
+            poll = std::time::Duration::from_millis(1);
             // Never wait for a job: one taken must be taken while quiet (checked again
             // under the lock, which the steady thread may have held for a while).
             let job = match rx.lock() {
