@@ -20,13 +20,19 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
     let policy = policy.map_err(ApiError::unavailable)?;
     if let Some(policy) = policy.filter(|p| p != "noeviction") {
         // Not ready: under memory pressure Redis would drop revocation marks.
-        return Ok(HttpResponse::ServiceUnavailable().json(json!({
-            "status": "unavailable",
-            "postgres": "ok",
-            "redis": format!(
-                "maxmemory-policy is {policy}: Redis may evict revocation marks; set noeviction"
-            ),
-        })));
+        // The contract's error shape, with the readiness details beside it.
+        let why = format!(
+            "maxmemory-policy is {policy}: Redis may evict revocation marks; set noeviction"
+        );
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header((actix_web::http::header::RETRY_AFTER, "30"))
+            .json(json!({
+                "error": "temporarily_unavailable",
+                "error_description": why,
+                "status": "unavailable",
+                "postgres": "ok",
+                "redis": why,
+            })));
     }
     Ok(HttpResponse::Ok().json(json!({"status": "ok", "postgres": "ok", "redis": "ok"})))
 }

@@ -16,8 +16,13 @@ async fn readiness_is_503_while_redis_may_evict_and_200_with_noeviction() {
     settings.redis.url = evicting.url.clone().into();
     let app = spawn_app_with(settings).await;
     let res = app.get("/health/ready").await;
-    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let body: Value = res.json().await.unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    let body = assert_error(
+        res,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
     assert!(
         body["redis"].as_str().unwrap().contains("allkeys-lru"),
         "{body}"
