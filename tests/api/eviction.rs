@@ -2,10 +2,7 @@
 //! revocation marks and bring revoked tokens back: readiness says so, and so does the
 //! start log. Against a Redis the test starts on its own port.
 
-use std::process::{Command, Stdio};
-
 use reqwest::StatusCode;
-use serde_json::Value;
 
 use crate::helpers::*;
 
@@ -38,30 +35,16 @@ async fn readiness_is_503_while_redis_may_evict_and_200_with_noeviction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_log_warns_when_redis_may_evict() {
-    use secrecy::ExposeSecret;
     let evicting = OwnRedis::start(&["--maxmemory-policy", "volatile-ttl"]).await;
-    let settings = test_settings();
-    let log_path = std::env::temp_dir().join(format!("tessera-log-{}.json", uuid::Uuid::new_v4()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .env_remove("RUST_LOG")
-        .env("TESSERA__SERVER__PORT", "0")
-        .env(
-            "TESSERA__DATABASE__URL",
-            settings.database.url.expose_secret(),
-        )
+    let (mut cmd, log_path) = server_binary(&test_settings());
+    let mut child = cmd
         .env("TESSERA__REDIS__URL", &evicting.url)
-        .env("TESSERA__KEYS__DIR", &settings.keys.dir)
-        .env("TESSERA__LOG__FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
         .spawn()
         .unwrap();
     let mut warning = None;
     eventually("the start log warns about the eviction policy", || {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        warning = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        warning = json_log(&log_path)
+            .into_iter()
             .find(|l| l["level"] == "WARN" && l["policy"] == "volatile-ttl");
         std::future::ready(warning.is_some())
     })

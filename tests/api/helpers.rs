@@ -554,3 +554,34 @@ impl Drop for OwnRedis {
         let _ = self.child.wait();
     }
 }
+
+/// The real `tessera serve` binary for `settings`' database, Redis prefix and keys, on
+/// port 0, logging JSON to a fresh file (returned; remove it when done). Add more
+/// `TESSERA__*` variables before spawning.
+pub fn server_binary(settings: &Settings) -> (std::process::Command, PathBuf) {
+    use secrecy::ExposeSecret;
+    let log_path = std::env::temp_dir().join(format!("tessera-log-{}.json", Uuid::new_v4()));
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.env_remove("RUST_LOG")
+        .env("TESSERA__SERVER__PORT", "0")
+        .env(
+            "TESSERA__DATABASE__URL",
+            settings.database.url.expose_secret(),
+        )
+        .env("TESSERA__REDIS__KEY_PREFIX", &settings.redis.key_prefix)
+        .env("TESSERA__KEYS__DIR", &settings.keys.dir)
+        .env("TESSERA__LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log_file));
+    (cmd, log_path)
+}
+
+/// The JSON lines of a log written by [`server_binary`] so far.
+pub fn json_log(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

@@ -16,13 +16,7 @@ async fn app_with_client() -> TestApp {
 }
 
 async fn introspect(app: &TestApp, token: &str, id: &str, secret: &str) -> reqwest::Response {
-    app.client
-        .post(app.url("/introspect"))
-        .basic_auth(id, Some(secret))
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap()
+    introspect_from(app, None, id, secret, token).await
 }
 
 #[tokio::test]
@@ -109,17 +103,19 @@ async fn introspection_needs_valid_client_credentials() {
     assert_error(bearer, StatusCode::UNAUTHORIZED, "invalid_client").await;
 }
 
+/// `/introspect` as client `id`, through a trusted proxy for client `ip` if given.
 async fn introspect_from(
     app: &TestApp,
-    ip: &str,
+    ip: Option<&str>,
     id: &str,
     secret: &str,
     token: &str,
 ) -> reqwest::Response {
-    app.client
-        .post(app.url("/introspect"))
-        .header("x-forwarded-for", ip)
-        .basic_auth(id, Some(secret))
+    let mut req = app.client.post(app.url("/introspect"));
+    if let Some(ip) = ip {
+        req = req.header("x-forwarded-for", ip);
+    }
+    req.basic_auth(id, Some(secret))
         .form(&[("token", token)])
         .send()
         .await
@@ -141,17 +137,17 @@ async fn failed_client_authentication_is_throttled_per_client_id_and_per_ip() {
 
     // Successes never count.
     for _ in 0..12 {
-        let res = introspect_from(&app, "192.0.2.1", "api", "api-secret", &t.access).await;
+        let res = introspect_from(&app, Some("192.0.2.1"), "api", "api-secret", &t.access).await;
         assert_eq!(res.status(), StatusCode::OK);
     }
     // Guessing the secret of "api" from one address ...
     for _ in 0..3 {
-        let res = introspect_from(&app, "192.0.2.2", "api", "guess", &t.access).await;
+        let res = introspect_from(&app, Some("192.0.2.2"), "api", "guess", &t.access).await;
         assert_error(res, StatusCode::UNAUTHORIZED, "invalid_client").await;
     }
     // ... blocks that client id from everywhere, even with the right secret, so a
     // right guess cannot show through.
-    let res = introspect_from(&app, "192.0.2.3", "api", "api-secret", &t.access).await;
+    let res = introspect_from(&app, Some("192.0.2.3"), "api", "api-secret", &t.access).await;
     let retry: u64 = res.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -160,17 +156,17 @@ async fn failed_client_authentication_is_throttled_per_client_id_and_per_ip() {
     assert!((1..=60).contains(&retry));
     assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     // ... and that address for every client id.
-    let res = introspect_from(&app, "192.0.2.2", "b", "b-secret", &t.access).await;
+    let res = introspect_from(&app, Some("192.0.2.2"), "b", "b-secret", &t.access).await;
     assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
     // Others are not affected.
-    let res = introspect_from(&app, "192.0.2.3", "b", "b-secret", &t.access).await;
+    let res = introspect_from(&app, Some("192.0.2.3"), "b", "b-secret", &t.access).await;
     assert_eq!(res.status(), StatusCode::OK);
 
     // Spraying many client ids from one address is limited per address.
     for i in 0..3 {
-        let res = introspect_from(&app, "192.0.2.4", &format!("id{i}"), "x", &t.access).await;
+        let res = introspect_from(&app, Some("192.0.2.4"), &format!("id{i}"), "x", &t.access).await;
         assert_error(res, StatusCode::UNAUTHORIZED, "invalid_client").await;
     }
-    let res = introspect_from(&app, "192.0.2.4", "b", "b-secret", &t.access).await;
+    let res = introspect_from(&app, Some("192.0.2.4"), "b", "b-secret", &t.access).await;
     assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
 }

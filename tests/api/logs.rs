@@ -1,5 +1,3 @@
-use std::process::{Command, Stdio};
-
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -11,33 +9,19 @@ use crate::helpers::*;
 async fn nothing_sensitive_is_logged_even_at_debug_level() {
     use secrecy::ExposeSecret;
     let settings = test_settings();
-    let log_path = std::env::temp_dir().join(format!("tessera-log-{}.json", uuid::Uuid::new_v4()));
-    let log_file = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .env_remove("RUST_LOG")
-        .env("TESSERA__SERVER__PORT", "0")
-        .env(
-            "TESSERA__DATABASE__URL",
-            settings.database.url.expose_secret(),
-        )
-        .env("TESSERA__REDIS__KEY_PREFIX", &settings.redis.key_prefix)
-        .env("TESSERA__KEYS__DIR", &settings.keys.dir)
+    let (mut cmd, log_path) = server_binary(&settings);
+    let mut child = cmd
         .env("TESSERA__PASSWORD__MEMORY_KIB", "256")
         .env("TESSERA__PASSWORD__ITERATIONS", "1")
         .env("TESSERA__PASSWORD__ALLOW_WEAK", "true")
-        .env("TESSERA__LOG__FORMAT", "json")
         .env("TESSERA__LOG__LEVEL", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log_file))
         .spawn()
         .unwrap();
 
     let mut address = None;
     eventually("the server logs its address", || {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        address = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        address = json_log(&log_path)
+            .into_iter()
             .find(|l| l["message"] == "tessera listening")
             .and_then(|l| l["address"].as_str().map(String::from));
         std::future::ready(address.is_some())
