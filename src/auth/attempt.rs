@@ -42,7 +42,6 @@ pub struct Attempt {
     pub known_device: Option<DeviceToken>,
     place: Option<(Place, Budget)>,
     failures: LoginFailures,
-    account: String,
 }
 
 impl Attempt {
@@ -72,11 +71,6 @@ impl Attempt {
         {
             tracing::warn!(error = %e, "could not reset a device's failure count");
         }
-    }
-
-    /// The normalized email the attempt was counted for.
-    pub fn account(&self) -> &str {
-        &self.account
     }
 }
 
@@ -152,7 +146,6 @@ impl AuthService {
             known_device: None,
             place: None,
             failures: self.failures.clone(),
-            account: account.to_owned(),
         };
 
         let looked_up = device.is_some();
