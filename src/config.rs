@@ -62,6 +62,7 @@ pub struct RedisSettings {
     pub url: SecretString,
     pub key_prefix: String,
     pub timeout_ms: u64,
+    pub local_copy: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -43,7 +43,10 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         PgStore::prepare(&settings.database, settings.database.auto_migrate).await?;
         let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
-        let denylist = Denylist::connect_lazy(&settings.redis)?;
+        let mut denylist = Denylist::connect_lazy(&settings.redis)?;
+        if settings.redis.local_copy {
+            denylist.follow(&settings.redis)?;
+        }
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
         let tokens = AccessTokens::new(keys.clone(), &settings.tokens)
             .remembering(settings.cache.verified_tokens);

@@ -9,20 +9,26 @@
 //!   before the stored Unix time in milliseconds (a role change or disable: one write
 //!   however many sessions the user has; tokens issued afterwards are unaffected).
 //!
-//! A check is one `MGET` of the three keys: one round trip per request.
-//!
 //! Every mark is also published on `{prefix}revocations` as `"<key without prefix>
-//! <value> <ttl secs>"`, in the same pipeline as the write, so that downstream APIs
-//! using `tessera-verify` keep a local copy of the denylist current without asking
-//! Redis per request. A token's
+//! <value> <ttl secs>"`, in the same pipeline as the write, so that copies of the
+//! denylist in memory stay current without asking Redis per request: each instance's
+//! own (`redis.local_copy`, [`Denylist::follow`]) and those of downstream APIs using
+//! `tessera-verify`. Both are a [`tessera_marks::Feed`].
+//!
+//! A check asks the instance's copy once its freshness barrier has passed (the copy
+//! then holds every mark whose write completed before the check began, on whichever
+//! instance: see [`tessera_marks::Feed::barrier`]); while the copy is out of sync, or
+//! without one, it is one `MGET` of the three keys. A token's
 //! issue time in milliseconds comes from its `jti`, a UUIDv7 (see
 //! [`crate::auth::access_token::Claims::issued_at_ms`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
+use tessera_marks::{Feed, FeedConfig, Subject};
 
 use crate::config::RedisSettings;
 use crate::domain::{SessionId, UserId};
@@ -40,6 +46,9 @@ return 0
 pub struct Denylist {
     conn: ConnectionManager,
     prefix: String,
+    timeout: Duration,
+    /// The in-memory copy, once [`Denylist::follow`] started it.
+    copy: Option<Arc<Feed>>,
 }
 
 impl Denylist {
@@ -59,7 +68,28 @@ impl Denylist {
         Ok(Denylist {
             conn,
             prefix: settings.key_prefix.clone(),
+            timeout,
+            copy: None,
         })
+    }
+
+    /// Starts the in-memory copy of the marks (needs a Tokio runtime); checks use it
+    /// from its first sync on, and ask Redis until then.
+    pub fn follow(&mut self, settings: &RedisSettings) -> anyhow::Result<()> {
+        let feed = Feed::start(FeedConfig {
+            redis_url: settings.url.expose_secret().to_owned(),
+            key_prefix: settings.key_prefix.clone(),
+            // A silent subscription counts as lost within this (checks then ask Redis).
+            max_unsynced: Duration::from_secs(5),
+        })
+        .context("cannot start the revocation copy")?;
+        self.copy = Some(feed);
+        Ok(())
+    }
+
+    /// The in-memory copy, if this instance keeps one.
+    pub fn copy(&self) -> Option<&Feed> {
+        self.copy.as_deref()
     }
 
     pub fn session_key(&self, sid: SessionId) -> String {
@@ -192,8 +222,30 @@ impl Denylist {
     }
 
     /// True when the token's session, the token itself, or every token of its user
-    /// issued up to its issue time (`issued_ms`) is revoked.
+    /// issued up to its issue time (`issued_ms`) is revoked: from the in-memory copy once
+    /// it is known to be current, else from Redis.
     pub async fn is_revoked(
+        &self,
+        sid: SessionId,
+        jti: &str,
+        user: UserId,
+        issued_ms: i64,
+    ) -> anyhow::Result<bool> {
+        if let Some(copy) = &self.copy
+            && copy.barrier(self.timeout).await
+        {
+            return Ok(copy.revokes(&Subject {
+                session: sid.0,
+                jti,
+                user: user.0,
+                issued_ms,
+            }));
+        }
+        self.ask_redis(sid, jti, user, issued_ms).await
+    }
+
+    /// The check as one `MGET`, without the copy.
+    pub async fn ask_redis(
         &self,
         sid: SessionId,
         jti: &str,

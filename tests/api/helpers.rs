@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reqwest::{Response, StatusCode};
@@ -396,6 +396,8 @@ pub struct Proxy {
     frozen: Arc<AtomicBool>,
     poison: Arc<Mutex<Option<Vec<u8>>>>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
+    /// Milliseconds every reply waits before it is passed on (order kept).
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -406,13 +408,16 @@ impl Proxy {
         let frozen = Arc::new(AtomicBool::new(false));
         let poison = Arc::new(Mutex::new(None::<Vec<u8>>));
         let conns = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let (d, f, p, c) = (down.clone(), frozen.clone(), poison.clone(), conns.clone());
+        let delay = delay_ms.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
                 let poison = p.clone();
+                let delay = delay.clone();
                 let (frozen_up, frozen_down) = (f.clone(), f.clone());
                 let task = tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
@@ -450,6 +455,10 @@ impl Proxy {
                             if frozen_down.load(Ordering::SeqCst) {
                                 continue;
                             }
+                            let wait = delay.load(Ordering::SeqCst);
+                            if wait > 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                            }
                             if to_client.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
@@ -469,7 +478,15 @@ impl Proxy {
             frozen,
             poison,
             conns,
+            delay_ms,
         }
+    }
+
+    /// Holds every reply from now on for `delay` before passing it on, in order, as a
+    /// slow or congested link does (until `restore`).
+    pub fn delay_replies(&self, delay: std::time::Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Stops forwarding in both directions without closing anything, as a network that
@@ -488,6 +505,7 @@ impl Proxy {
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
         self.frozen.store(false, Ordering::SeqCst);
+        self.delay_ms.store(0, Ordering::SeqCst);
         *self.poison.lock().unwrap() = None;
     }
 

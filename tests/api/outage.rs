@@ -97,7 +97,7 @@ async fn redis_down_gives_503_and_the_server_recovers() {
 }
 
 /// An app whose Redis connection goes through a [`Proxy`] the test controls.
-async fn app_behind_redis_proxy(configure: impl FnOnce(&mut Settings)) -> (TestApp, Proxy) {
+pub async fn app_behind_redis_proxy(configure: impl FnOnce(&mut Settings)) -> (TestApp, Proxy) {
     let proxy = Proxy::start(addr_of(&redis_url())).await;
     let mut settings = test_settings();
     settings.redis.url = format!("redis://{}", proxy.addr).into();
