@@ -63,6 +63,7 @@ pub struct RedisSettings {
     pub key_prefix: String,
     pub timeout_ms: u64,
     pub local_copy: bool,
+    pub local_copy_lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -529,7 +529,9 @@ fn pkcs8_to_pkcs1(der: &[u8]) -> anyhow::Result<&[u8]> {
 pub struct SharedKeyring {
     store: KeyStore,
     current: RwLock<Arc<Keyring>>,
-    last_reload: Mutex<Instant>,
+    /// When an unknown kid last made it reread the directory (periodic rereads do not
+    /// count: a key created just after one must still be found at once).
+    last_forced: Mutex<Option<Instant>>,
 }
 
 impl SharedKeyring {
@@ -541,7 +543,7 @@ impl SharedKeyring {
         Ok(SharedKeyring {
             store,
             current: RwLock::new(Arc::new(ring)),
-            last_reload: Mutex::new(Instant::now()),
+            last_forced: Mutex::new(None),
         })
     }
 
@@ -554,7 +556,6 @@ impl SharedKeyring {
 
     /// Rereads the key directory; on failure keeps the keys it has.
     pub fn reload(&self) {
-        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         match self.store.load() {
             Ok(ring) => {
                 let old_kid = self.current().signing.kid.clone();
@@ -567,19 +568,21 @@ impl SharedKeyring {
         }
     }
 
-    /// Looks a kid up, rereading the directory once if it is unknown and the last
-    /// reread was more than a second ago (so garbage kids cannot cause a read storm).
+    /// Looks a kid up, rereading the directory once if it is unknown and no unknown
+    /// kid made it reread in the last second (so garbage kids cannot cause a read storm).
     pub fn verifying_key(&self, kid: &str) -> Option<Arc<KeyMaterial>> {
         if let Some(key) = self.current().verifying.get(kid) {
             return Some(key.clone());
         }
-        let stale = self
-            .last_reload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-            > Duration::from_secs(1);
-        if stale {
+        let may_reread = {
+            let mut last = self.last_forced.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() > Duration::from_secs(1));
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if may_reread {
             self.reload();
             return self.current().verifying.get(kid).cloned();
         }

@@ -28,18 +28,19 @@ use std::time::Duration;
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
-use tessera_marks::{Feed, FeedConfig, Subject};
+use tessera_marks::{AckRequest, Feed, FeedConfig, Subject, instances_channel};
 
 use crate::config::RedisSettings;
 use crate::domain::{SessionId, UserId};
 
-/// SET KEYS[1] 1 EX ARGV[1] NX, and only if it was set, PUBLISH ARGV[2] ARGV[3].
+/// SET KEYS[1] 1 EX ARGV[1] NX, and only if it was set, PUBLISH ARGV[2] ARGV[3] and the
+/// ack request PUBLISH ARGV[4] ARGV[5], returning how many instances heard it; else -1.
 const MARK_ONCE: &str = r"
 if redis.call('SET', KEYS[1], '1', 'EX', tonumber(ARGV[1]), 'NX') then
   redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
+  return redis.call('PUBLISH', ARGV[4], ARGV[5])
 end
-return 0
+return -1
 ";
 
 #[derive(Clone)]
@@ -47,6 +48,9 @@ pub struct Denylist {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    /// How long after a revocation another instance's copy may still answer without
+    /// it: revocations wait for every instance's ack, or this long.
+    lease: Duration,
     /// The in-memory copy, once [`Denylist::follow`] started it.
     copy: Option<Arc<Feed>>,
 }
@@ -69,6 +73,7 @@ impl Denylist {
             conn,
             prefix: settings.key_prefix.clone(),
             timeout,
+            lease: Duration::from_millis(settings.local_copy_lease_ms),
             copy: None,
         })
     }
@@ -81,6 +86,7 @@ impl Denylist {
             key_prefix: settings.key_prefix.clone(),
             // A silent subscription counts as lost within this (checks then ask Redis).
             max_unsynced: Duration::from_secs(5),
+            lease: Some(self.lease),
         })
         .context("cannot start the revocation copy")?;
         self.copy = Some(feed);
@@ -170,9 +176,30 @@ impl Denylist {
         for sid in sids {
             self.mark(&mut pipe, self.session_key(*sid), 1, secs);
         }
+        self.write_marks(pipe).await
+    }
+
+    /// Writes `pipe`'s marks followed by an ack request, then waits until every
+    /// instance's copy holds them (see [`tessera_marks::Feed::settle`]): when this
+    /// returns, no instance answers a check without them.
+    async fn write_marks(&self, mut pipe: redis::Pipeline) -> anyhow::Result<()> {
+        let request = self.copy.as_ref().map(|copy| copy.ack_request());
+        pipe.publish(instances_channel(&self.prefix), ack_payload(&request));
         let mut conn = self.conn.clone();
-        let _: () = pipe.query_async(&mut conn).await?;
+        let (heard,): (i64,) = pipe.query_async(&mut conn).await?;
+        self.settle(request, heard).await;
         Ok(())
+    }
+
+    async fn settle(&self, request: Option<AckRequest<'_>>, heard: i64) {
+        let heard = heard.max(0) as u64;
+        match (&self.copy, request) {
+            (Some(copy), Some(request)) => copy.settle(request, heard).await,
+            // No copy here to receive acks: instances that keep one may answer from it
+            // for up to a lease; wait that out.
+            _ if heard > 0 => tokio::time::sleep(self.lease).await,
+            _ => {}
+        }
     }
 
     /// Marks one access token revoked until it expires. False when it already was
@@ -195,15 +222,22 @@ impl Denylist {
     async fn mark_once(&self, key: String, ttl: Duration) -> anyhow::Result<bool> {
         let secs = ttl.as_secs().max(1);
         let short = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
+        let request = self.copy.as_ref().map(|copy| copy.ack_request());
         let mut conn = self.conn.clone();
-        let set: i64 = redis::Script::new(MARK_ONCE)
+        let heard: i64 = redis::Script::new(MARK_ONCE)
             .key(&key)
             .arg(secs)
             .arg(self.channel())
             .arg(format!("{short} 1 {secs}"))
+            .arg(instances_channel(&self.prefix))
+            .arg(ack_payload(&request))
             .invoke_async(&mut conn)
             .await?;
-        Ok(set == 1)
+        if heard < 0 {
+            return Ok(false);
+        }
+        self.settle(request, heard).await;
+        Ok(true)
     }
 
     /// Revokes every access token of `user` issued at or before `at_ms` (Unix time in
@@ -216,9 +250,7 @@ impl Denylist {
     ) -> anyhow::Result<()> {
         let mut pipe = redis::pipe();
         self.mark(&mut pipe, self.user_key(user), at_ms, ttl.as_secs().max(1));
-        let mut conn = self.conn.clone();
-        let _: () = pipe.query_async(&mut conn).await?;
-        Ok(())
+        self.write_marks(pipe).await
     }
 
     /// True when the token's session, the token itself, or every token of its user
@@ -232,7 +264,7 @@ impl Denylist {
         issued_ms: i64,
     ) -> anyhow::Result<bool> {
         if let Some(copy) = &self.copy
-            && copy.barrier(self.timeout).await
+            && (copy.current() || copy.barrier(self.timeout).await)
         {
             return Ok(copy.revokes(&Subject {
                 session: sid.0,
@@ -262,4 +294,11 @@ impl Denylist {
                 .await?;
         Ok(session.is_some() || token.is_some() || user_mark.is_some_and(|t| issued_ms <= t))
     }
+}
+
+/// The ack request's payload: where to send acks, or nowhere without a copy here.
+fn ack_payload(request: &Option<AckRequest<'_>>) -> String {
+    request
+        .as_ref()
+        .map_or_else(|| tessera_marks::NO_ACKS.to_owned(), |r| r.payload.clone())
 }

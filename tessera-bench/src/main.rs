@@ -15,6 +15,7 @@
 
 mod ceiling;
 mod load;
+mod pair;
 mod report;
 mod scenario;
 
@@ -68,7 +69,8 @@ struct SuiteArgs {
     #[arg(long)]
     addr: SocketAddr,
     /// An instance on the same database and keys with cheap argon2 parameters, used
-    /// only to log in the sessions that the non-login scenarios consume.
+    /// to log in the sessions that the non-login scenarios consume, and as the second
+    /// instance of the two-instance correctness check (`pair`).
     #[arg(long)]
     setup_addr: SocketAddr,
     /// The server's process id, to sample its resident memory during the login flood.
@@ -101,7 +103,7 @@ struct SuiteArgs {
     #[arg(long, default_value_t = 1)]
     warmup_secs: u64,
     /// Run only these parts (comma-separated): ceilings, empty, login, refresh, me
-    /// (with /introspect), logout, mixed, flood. Ratios against a ceiling that was not
+    /// (with /introspect), logout, mixed, flood, pair (two instances, correctness). Ratios against a ceiling that was not
     /// run show as not measured.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -511,6 +513,48 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         ));
     }
 
+    let mut pair_failures = 0;
+    if args.wants("pair") {
+        // The setup instance shares the database, keys and Redis: two instances.
+        step(
+            "check: two instances, the same refresh tokens to both at once, logouts checked across",
+        );
+        let start = sessions(&args, &session_users, c).await?;
+        let report = pair::check(
+            args.addr,
+            args.setup_addr,
+            start,
+            session_users.clone(),
+            secs,
+        )
+        .await?;
+        rows.push(Row::measured(
+            format!("two instances: refresh pairs, one token to both at once ({c} chains)"),
+            report.rounds as f64 / report.secs,
+            &report.pairs,
+        ));
+        rows.push(Row::none_allowed(
+            "two instances: forked chains (two different successors)",
+            report.forked,
+        ));
+        rows.push(Row::none_allowed(
+            "two instances: lost sessions (a pair refused, or a chain dead at the end)",
+            report.lost,
+        ));
+        rows.push(Row::none_allowed(
+            "two instances: fresh access tokens refused by the other instance",
+            report.fresh_refused,
+        ));
+        rows.push(Row::none_allowed(
+            format!(
+                "two instances: logouts ({}) not refused at once on the other (access or refresh)",
+                report.logouts
+            ),
+            report.missed,
+        ));
+        pair_failures = report.failures();
+    }
+
     let heading = format!(
         "Tessera benchmark, {}: {} cores; {alg}; argon2id m={} KiB t={} p={}; {}s per scenario after {}s warmup",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
@@ -527,6 +571,10 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         std::fs::write(path, &table)?;
         eprintln!("wrote {}", path.display());
     }
+    anyhow::ensure!(
+        pair_failures == 0,
+        "the two-instance check failed {pair_failures} time(s): see the table"
+    );
     Ok(())
 }
 

@@ -91,6 +91,19 @@ impl Row {
         }
     }
 
+    /// A count that must be zero (a correctness check).
+    pub fn none_allowed(what: impl Into<String>, count: u64) -> Self {
+        Row {
+            what: what.into(),
+            rate: None,
+            figure: Some(count.to_string()),
+            stats: None,
+            failed: String::new(),
+            ratio: None,
+            target: Some(("= 0".to_owned(), count == 0)),
+        }
+    }
+
     /// Adds the ratio `value / base` against `base_name`, and a target: at least
     /// `min` or, when `at_most`, at most it.
     pub fn against(

@@ -41,7 +41,7 @@ impl Users {
         self.emails.len()
     }
 
-    fn login(&self, i: usize) -> Request {
+    pub fn login(&self, i: usize) -> Request {
         Request::post_json_bytes(
             "/login",
             self.login_bodies[i % self.login_bodies.len()].clone(),

@@ -17,16 +17,38 @@
 //! round trip is shared by many requests, and Redis does one `PING` instead of one
 //! `MGET` per request.
 //!
+//! **Leases (server instances).** A barrier still costs every check a wait for a round
+//! trip. With [`FeedConfig::lease`] set, the feed also takes part in acknowledged
+//! revocations, which move that cost to the (rare) revocation instead:
+//! - the copy counts as *current* while the newest answered ping was written less
+//!   than `lease` ago ([`Feed::current`]); the feed pings every `lease / 4`, so in
+//!   steady state every check is answered from memory, with no wait at all;
+//! - an instance that revokes publishes, after the marks, an *ack request* on
+//!   `{prefix}instances` (PUBLISH returns how many instances heard it); each instance
+//!   applies the marks ahead of it (same connection, same order), then publishes an
+//!   ack on the requester's `{prefix}acks:<id>`; the revoker answers its client once
+//!   every instance acknowledged, or once `lease` has passed since Redis took the
+//!   publish ([`Feed::settle`]).
+//!
+//! Why that is enough: an instance that has not applied the marks when the revoker
+//! answers either acknowledged (impossible: it acks after applying) or has had no ping
+//! written after the publish answered yet; its newest answered ping was written before
+//! the publish, more than `lease` ago, so its copy is not current and its checks use
+//! the barrier (or Redis). Only durations are compared, each on one machine's
+//! monotonic clock, never timestamps across machines.
+//!
 //! **Liveness.** The subscription is also pinged every `max_unsynced / 4`, each ping
 //! given as long again to answer: a connection that died silently (a NAT forgetting it)
 //! counts as lost within `max_unsynced`. When the feed is lost it reconnects with
 //! backoff and resyncs in full; meanwhile [`Feed::unsynced`] says since when, and
 //! barriers fail at once so callers can ask Redis directly or refuse.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 
 use crate::{Marks, Subject};
@@ -38,6 +60,18 @@ pub struct FeedConfig {
     pub key_prefix: String,
     /// A silent subscription counts as lost after this long (pinged every quarter).
     pub max_unsynced: Duration,
+    /// Server instances: answer checks from memory while the copy is this fresh, and
+    /// take part in acknowledged revocations (see the module docs). `None` for
+    /// downstream verifiers, which neither acknowledge nor wait for acks.
+    pub lease: Option<Duration>,
+}
+
+/// The ack request of a revoker without a copy of its own: nobody to answer.
+pub const NO_ACKS: &str = "- 0";
+
+/// The channel on which revokers ask server instances to acknowledge.
+pub fn instances_channel(prefix: &str) -> String {
+    format!("{prefix}instances")
 }
 
 struct State {
@@ -65,6 +99,37 @@ pub struct Feed {
     wanted: AtomicU64,
     demand: tokio::sync::Notify,
     progress: tokio::sync::watch::Sender<Progress>,
+    /// Where microsecond clocks below count from.
+    base: Instant,
+    /// When the newest answered ping was written, in µs since `base` (0: none since the
+    /// subscription was last (re)made).
+    fresh_as_of: AtomicU64,
+    /// This feed's ack channel, `{prefix}acks:<random id>`.
+    ack_channel: String,
+    next_request: AtomicU64,
+    /// Ack requests of this instance's revocations, by id: acks received so far.
+    pending: Mutex<HashMap<u64, Arc<AckCount>>>,
+}
+
+#[derive(Default)]
+struct AckCount {
+    received: AtomicU64,
+    arrived: tokio::sync::Notify,
+}
+
+/// An ack request of one revocation: its payload goes out after the marks.
+pub struct AckRequest<'a> {
+    feed: &'a Feed,
+    id: u64,
+    count: Arc<AckCount>,
+    /// `"<ack channel> <id>"`, for [`instances_channel`].
+    pub payload: String,
+}
+
+impl Drop for AckRequest<'_> {
+    fn drop(&mut self) {
+        self.feed.pending_map().remove(&self.id);
+    }
 }
 
 impl Feed {
@@ -79,7 +144,6 @@ impl Feed {
             ))
         })?;
         let feed = Arc::new(Feed {
-            config,
             state: RwLock::new(State {
                 marks: Marks::default(),
                 unsynced_since: Some(Instant::now()),
@@ -90,6 +154,16 @@ impl Feed {
             wanted: AtomicU64::new(0),
             demand: tokio::sync::Notify::new(),
             progress: tokio::sync::watch::Sender::new(Progress::default()),
+            base: Instant::now(),
+            fresh_as_of: AtomicU64::new(0),
+            ack_channel: format!(
+                "{}acks:{}",
+                config.key_prefix,
+                uuid::Uuid::new_v4().simple()
+            ),
+            next_request: AtomicU64::new(0),
+            pending: Mutex::new(HashMap::new()),
+            config,
         });
         handle.spawn(run(Arc::downgrade(&feed), client));
         Ok(feed)
@@ -153,6 +227,67 @@ impl Feed {
         matches!(reached, Ok(Ok(p)) if p.answered >= need)
     }
 
+    /// True while the copy holds every mark whose revocation has been answered by any
+    /// instance (a lease is configured, the copy is in sync and a ping written less
+    /// than `lease` ago has been answered): a check may then use it without waiting.
+    pub fn current(&self) -> bool {
+        let Some(lease) = self.config.lease else {
+            return false;
+        };
+        let as_of = self.fresh_as_of.load(Ordering::Acquire);
+        as_of != 0 && self.micros_now().saturating_sub(as_of) < lease.as_micros() as u64
+    }
+
+    /// Registers an ack request for a revocation about to be written.
+    pub fn ack_request(&self) -> AckRequest<'_> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = Arc::new(AckCount::default());
+        self.pending_map().insert(id, count.clone());
+        AckRequest {
+            feed: self,
+            id,
+            count,
+            payload: format!("{} {id}", self.ack_channel),
+        }
+    }
+
+    /// After the revocation and its ack request were written (`heard`: how many
+    /// instances the request reached), waits until each acknowledged or `lease` has
+    /// passed. Call it as soon as Redis answered the write.
+    pub async fn settle(&self, request: AckRequest<'_>, heard: u64) {
+        let Some(lease) = self.config.lease else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + lease;
+        loop {
+            let arrived = request.count.arrived.notified();
+            if request.count.received.load(Ordering::Acquire) >= heard {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                tracing::debug!(
+                    heard,
+                    acked = request.count.received.load(Ordering::Acquire),
+                    "not every instance acknowledged a revocation; waited out the lease"
+                );
+                return;
+            }
+        }
+    }
+
+    fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<AckCount>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn micros_now(&self) -> u64 {
+        self.micros(Instant::now())
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        // +1: 0 means "none".
+        at.saturating_duration_since(self.base).as_micros() as u64 + 1
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -163,6 +298,7 @@ impl Feed {
 
     /// Records a loss: out of touch since `since` (or earlier), waiters released.
     fn lost(&self, since: Instant) {
+        self.fresh_as_of.store(0, Ordering::Release);
         self.with_state(|s| {
             s.unsynced_since.get_or_insert(since);
         });
@@ -198,26 +334,42 @@ fn timed_out() -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, "Redis did not answer in time"))
 }
 
-type Ping = std::pin::Pin<Box<dyn Future<Output = redis::RedisResult<redis::Value>> + Send>>;
+/// A ping's id, when it was made (no later than written), and its reply.
+type Ping = std::pin::Pin<
+    Box<dyn Future<Output = (u64, Instant, redis::RedisResult<redis::Value>)> + Send>,
+>;
+
+/// Pings written ahead of their replies at most (a check waits for the next one written
+/// after it began; under load several are on the wire at once).
+const MAX_IN_FLIGHT: usize = 4;
 
 async fn follow(this: &Weak<Feed>, client: &redis::Client) -> redis::RedisResult<()> {
-    let Some((prefix, max_unsynced)) = this
-        .upgrade()
-        .map(|f| (f.config.key_prefix.clone(), f.config.max_unsynced))
-    else {
+    let Some((prefix, max_unsynced, lease, ack_channel)) = this.upgrade().map(|f| {
+        (
+            f.config.key_prefix.clone(),
+            f.config.max_unsynced,
+            f.config.lease,
+            f.ack_channel.clone(),
+        )
+    }) else {
         return Ok(());
     };
     let patience = ping_every(max_unsynced);
+    let revocations = format!("{prefix}revocations");
+    let instances = instances_channel(&prefix);
     // Connecting and the resync get a bound too: a silent network must not hang them.
     let limit = max_unsynced.max(Duration::from_secs(1));
     let (sink, mut messages) = tokio::time::timeout(limit, async {
         let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(format!("{prefix}revocations")).await?;
+        pubsub.subscribe(&revocations).await?;
+        if lease.is_some() {
+            pubsub.subscribe(&[&instances, &ack_channel]).await?;
+        }
         Ok::<_, redis::RedisError>(pubsub.split())
     })
     .await
     .map_err(|_| timed_out())??;
-    let fresh = tokio::time::timeout(limit, load(client, &prefix, limit))
+    let (fresh, conn) = tokio::time::timeout(limit, load(client, &prefix, limit))
         .await
         .map_err(|_| timed_out())??;
     match this.upgrade() {
@@ -234,21 +386,32 @@ async fn follow(this: &Weak<Feed>, client: &redis::Client) -> redis::RedisResult
         }
         None => return Ok(()),
     }
-    tracing::info!("revocation marks loaded; following {prefix}revocations");
+    tracing::info!("revocation marks loaded; following {revocations}");
 
+    let handler = Handler {
+        revocations,
+        instances,
+        ack_channel,
+        conn,
+    };
     let mut prune = tokio::time::interval(Duration::from_secs(30));
-    let mut keepalive = tokio::time::interval(patience);
+    // With a lease, pinged often enough that the copy stays current while Redis answers.
+    let mut keepalive = tokio::time::interval(match lease {
+        Some(lease) => patience.min(lease / 4),
+        None => patience,
+    });
     let mut last_answer = Instant::now();
-    // The ping in flight: its id and its reply.
-    let mut in_flight: Option<(u64, Ping)> = None;
+    // Pings written and not answered yet, oldest first (Redis answers in order).
+    let mut in_flight: FuturesOrdered<Ping> = FuturesOrdered::new();
     loop {
         let Some(feed) = this.upgrade() else {
             return Ok(());
         };
+        // A barrier waits for a ping not written yet: write one now rather than after
+        // the replies in flight, so a check waits one round trip, not up to two.
         let wanted = feed.wanted.load(Ordering::SeqCst);
-        let answered = feed.progress.borrow().answered;
-        if in_flight.is_none() && wanted > answered {
-            in_flight = Some(send_ping(&feed, &sink, patience));
+        if wanted > feed.sent.load(Ordering::SeqCst) && in_flight.len() < MAX_IN_FLIGHT {
+            in_flight.push_back(send_ping(&feed, &sink, patience));
         }
         drop(feed);
         tokio::select! {
@@ -261,12 +424,9 @@ async fn follow(this: &Weak<Feed>, client: &redis::Client) -> redis::RedisResult
                     )));
                 };
                 let Some(feed) = this.upgrade() else { return Ok(()) };
-                apply(&feed, msg);
+                handler.handle(&feed, msg);
             }
-            reply = async { (&mut in_flight.as_mut().expect("guarded").1).await },
-                if in_flight.is_some() =>
-            {
-                let (id, _) = in_flight.take().expect("guarded");
+            Some((id, written, reply)) = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(feed) = this.upgrade() else { return Ok(()) };
                 if let Err(e) = reply {
                     // Out of touch since the last answer, not since now.
@@ -276,21 +436,66 @@ async fn follow(this: &Weak<Feed>, client: &redis::Client) -> redis::RedisResult
                 last_answer = Instant::now();
                 // Every message ahead of the PONG is already queued: apply them first.
                 while let Some(Some(msg)) = messages.next().now_or_never() {
-                    apply(&feed, msg);
+                    handler.handle(&feed, msg);
                 }
+                feed.fresh_as_of.fetch_max(feed.micros(written), Ordering::AcqRel);
                 feed.progress.send_modify(|p| p.answered = p.answered.max(id));
             }
             _ = feed_demand(this) => {}
             _ = keepalive.tick() => {
-                if in_flight.is_none() {
+                if in_flight.is_empty() {
                     let Some(feed) = this.upgrade() else { return Ok(()) };
-                    in_flight = Some(send_ping(&feed, &sink, patience));
+                    in_flight.push_back(send_ping(&feed, &sink, patience));
                 }
             }
             _ = prune.tick() => {
                 let Some(feed) = this.upgrade() else { return Ok(()) };
                 feed.with_state(|s| s.marks.prune(Instant::now()));
             }
+        }
+    }
+}
+
+/// What the follow loop does with each message, by channel.
+struct Handler {
+    revocations: String,
+    instances: String,
+    ack_channel: String,
+    /// For publishing acks.
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl Handler {
+    fn handle(&self, feed: &Feed, msg: redis::Msg) {
+        let channel = msg.get_channel_name();
+        let Ok(payload) = msg.get_payload::<String>() else {
+            return;
+        };
+        if channel == self.revocations {
+            feed.with_state(|s| s.marks.apply_message(&payload));
+        } else if channel == self.instances {
+            // "<ack channel> <id>": every message ahead of it is applied; say so.
+            if let Some((to, id)) = payload.split_once(' ')
+                && payload != NO_ACKS
+            {
+                let (to, id, mut conn) = (to.to_owned(), id.to_owned(), self.conn.clone());
+                tokio::spawn(async move {
+                    let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                        .arg(to)
+                        .arg(id)
+                        .query_async(&mut conn)
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::debug!(error = %e, "could not acknowledge a revocation");
+                    }
+                });
+            }
+        } else if channel == self.ack_channel
+            && let Ok(id) = payload.parse::<u64>()
+            && let Some(count) = feed.pending_map().get(&id).cloned()
+        {
+            count.received.fetch_add(1, Ordering::AcqRel);
+            count.arrived.notify_one();
         }
     }
 }
@@ -305,25 +510,25 @@ async fn feed_demand(this: &Weak<Feed>) {
     }
 }
 
-fn send_ping(feed: &Feed, sink: &redis::aio::PubSubSink, patience: Duration) -> (u64, Ping) {
+fn send_ping(feed: &Feed, sink: &redis::aio::PubSubSink, patience: Duration) -> Ping {
+    let made = Instant::now();
     let id = feed.sent.fetch_add(1, Ordering::SeqCst) + 1;
     let mut sink = sink.clone();
-    let reply = async move {
-        tokio::time::timeout(patience, sink.ping::<redis::Value>())
+    Box::pin(async move {
+        let reply = tokio::time::timeout(patience, sink.ping::<redis::Value>())
             .await
-            .map_err(|_| timed_out())?
-    };
-    (id, Box::pin(reply))
+            .map_err(|_| timed_out())
+            .and_then(|r| r);
+        (id, made, reply)
+    })
 }
 
-fn apply(feed: &Feed, msg: redis::Msg) {
-    if let Ok(payload) = msg.get_payload::<String>() {
-        feed.with_state(|s| s.marks.apply_message(&payload));
-    }
-}
-
-/// Every live `{prefix}revoked:*` key, into a fresh set.
-async fn load(client: &redis::Client, prefix: &str, limit: Duration) -> redis::RedisResult<Marks> {
+/// Every live `{prefix}revoked:*` key, into a fresh set; and the connection it used.
+async fn load(
+    client: &redis::Client,
+    prefix: &str,
+    limit: Duration,
+) -> redis::RedisResult<(Marks, redis::aio::MultiplexedConnection)> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(limit))
         .set_response_timeout(Some(limit));
@@ -356,7 +561,7 @@ async fn load(client: &redis::Client, prefix: &str, limit: Duration) -> redis::R
             }
         }
         if next == 0 {
-            return Ok(fresh);
+            return Ok((fresh, conn));
         }
         cursor = next;
     }

@@ -14,6 +14,7 @@ fn config(prefix: &str) -> FeedConfig {
         redis_url: redis_url(),
         key_prefix: prefix.to_owned(),
         max_unsynced: Duration::from_secs(2),
+        lease: None,
     }
 }
 

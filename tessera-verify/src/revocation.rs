@@ -58,6 +58,8 @@ impl Revocations {
             redis_url: config.redis_url,
             key_prefix: config.key_prefix,
             max_unsynced: config.max_unsynced,
+            // Downstream APIs neither acknowledge revocations nor wait for acks.
+            lease: None,
         })
         .map_err(|e| VerifyError::Config(format!("redis_url: {e}")))?;
         Ok(Arc::new(Revocations {

@@ -445,6 +445,10 @@ impl Proxy {
                             }
                         }
                     };
+                    // Replies are read as they come and written out `delay` after
+                    // each was read (so a delay does not pile up).
+                    let (due_tx, mut due_rx) =
+                        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
                     let downstream = async {
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
@@ -455,11 +459,18 @@ impl Proxy {
                             if frozen_down.load(Ordering::SeqCst) {
                                 continue;
                             }
-                            let wait = delay.load(Ordering::SeqCst);
-                            if wait > 0 {
-                                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                            let wait =
+                                std::time::Duration::from_millis(delay.load(Ordering::SeqCst));
+                            let due = tokio::time::Instant::now() + wait;
+                            if due_tx.send((due, buf[..n].to_vec())).is_err() {
+                                return;
                             }
-                            if to_client.write_all(&buf[..n]).await.is_err() {
+                        }
+                    };
+                    let writer = async {
+                        while let Some((due, bytes)) = due_rx.recv().await {
+                            tokio::time::sleep_until(due).await;
+                            if to_client.write_all(&bytes).await.is_err() {
                                 return;
                             }
                         }
@@ -467,6 +478,7 @@ impl Proxy {
                     tokio::select! {
                         _ = upstream => {}
                         _ = downstream => {}
+                        _ = writer => {}
                     }
                 });
                 c.lock().unwrap().push(task.abort_handle());

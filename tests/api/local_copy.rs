@@ -152,3 +152,44 @@ async fn revocations_made_while_an_instance_was_cut_off_reach_its_copy_on_resync
     proxy.drop_connections_sending(b"MGET");
     assert_invalid_token(a.me(&t.access).await).await;
 }
+
+async fn until_current(app: &TestApp) {
+    let copy = app.state.auth.denylist.copy().expect("the copy is on");
+    eventually("the copy is current", || async { copy.current() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_copy_answers_without_redis_and_only_for_its_lease() {
+    let (a, proxy, _b) = a_behind_proxy_and_b(|s| s.redis.local_copy_lease_ms = 3000).await;
+    until_synced(&a).await;
+    let email = a.new_user().await;
+    let t = a.login_ok(&email).await;
+    until_current(&a).await;
+    // Redis goes silent for A: a check that needed any answer from it would fail.
+    proxy.freeze();
+    assert_eq!(a.me(&t.access).await.status(), StatusCode::OK);
+    // Past the lease the copy is no longer trusted.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_unavailable(a.me(&t.access).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_waits_out_an_instance_that_cannot_acknowledge_it() {
+    let (a, proxy, b) = a_behind_proxy_and_b(|s| s.redis.local_copy_lease_ms = 2000).await;
+    until_synced(&a).await;
+    let email = a.new_user().await;
+    let t = a.login_ok(&email).await;
+    until_current(&a).await;
+    // A is cut off silently: it neither hears the revocation nor acknowledges it, and
+    // its copy is current for up to 2 s after its last answered ping.
+    proxy.freeze();
+    assert_eq!(
+        b.logout(&t.access, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    // B answered only once A's lease had run out: A no longer trusts its copy, which
+    // does not have the revocation, and cannot ask Redis.
+    let res = a.me(&t.access).await;
+    assert_ne!(res.status(), StatusCode::OK, "a revoked token was accepted");
+    assert_unavailable(res).await;
+}
