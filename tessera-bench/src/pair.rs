@@ -9,8 +9,9 @@
 //! 2. the new access token is used on the other instance than last round: it must be
 //!    accepted (a refusal is a **fresh token refused**);
 //! 3. every eighth round the session is logged out on one instance and at once
-//!    checked on the other: its access token must be refused there and its refresh
-//!    token too (else a **revocation missed**); the task then logs in a new session.
+//!    checked on the other: its access token must be refused there (401) and its
+//!    refresh token too (400 `invalid_grant`), else a **revocation missed**; the task
+//!    then logs in a new session.
 //!
 //! At the end every task's session must still refresh.
 
@@ -159,7 +160,12 @@ async fn one_chain(
             if here.send(&me).await?.0 != StatusCode::UNAUTHORIZED {
                 report.missed += 1;
             }
-            if here.send(&refresh_request(&refresh)).await?.0 != StatusCode::UNAUTHORIZED {
+            // The contract's answer to a refresh of an ended session: 400 invalid_grant.
+            let (status, body) = here.send(&refresh_request(&refresh)).await?;
+            let refused = status == StatusCode::BAD_REQUEST
+                && serde_json::from_slice::<serde_json::Value>(&body)
+                    .is_ok_and(|b| b["error"] == "invalid_grant");
+            if !refused {
                 report.missed += 1;
             }
             refresh = login(&mut cb, &users, &mut next_login).await?.refresh_token;
