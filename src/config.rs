@@ -221,7 +221,7 @@ impl Settings {
         if t.refresh_absolute_ttl_secs == 0 || t.refresh_short_absolute_ttl_secs == 0 {
             bail!("session lifetimes must be positive");
         }
-        crate::auth::keys::KeyAlgorithm::parse(&t.algorithm)?;
+        crate::domain::KeyAlgorithm::parse(&t.algorithm)?;
         let p = &self.password;
         if !p.allow_weak && (p.memory_kib < 19 * 1024 || p.iterations < 2 || p.parallelism < 1) {
             bail!(
@@ -256,7 +256,7 @@ impl Settings {
             bail!("log.format must be \"pretty\" or \"json\"");
         }
         for proxy in &self.server.trusted_proxies {
-            crate::http::extract::IpRange::parse(proxy)
+            crate::domain::IpRange::parse(proxy)
                 .with_context(|| format!("server.trusted_proxies: {proxy:?}"))?;
         }
         for origin in &self.server.cors_allowed_origins {

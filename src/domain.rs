@@ -2,6 +2,7 @@
 //! the rest of the code never re-checks it, and ids of different kinds cannot be mixed.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -155,5 +156,86 @@ mod tests {
         assert!(Password::parse_new("é".repeat(8)).is_ok());
         assert!(Password::parse_existing("short".into()).is_ok());
         assert_eq!(format!("{p:?}"), "Password([redacted])");
+    }
+}
+
+/// SHA-256 of `bytes`, as a fixed-size key (remembered tokens, key fingerprints, budget
+/// keys).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// A signing algorithm Tessera supports (`tokens.algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    Es256,
+    EdDsa,
+    Rs256,
+    Hs256,
+}
+
+impl KeyAlgorithm {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "ES256" => KeyAlgorithm::Es256,
+            "EdDSA" => KeyAlgorithm::EdDsa,
+            "RS256" => KeyAlgorithm::Rs256,
+            "HS256" => KeyAlgorithm::Hs256,
+            other => {
+                anyhow::bail!("unsupported algorithm {other:?}: use ES256, EdDSA, RS256 or HS256")
+            }
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlgorithm::Es256 => "ES256",
+            KeyAlgorithm::EdDsa => "EdDSA",
+            KeyAlgorithm::Rs256 => "RS256",
+            KeyAlgorithm::Hs256 => "HS256",
+        }
+    }
+}
+
+/// An IP address or CIDR range from `server.trusted_proxies`.
+#[derive(Debug, Clone, Copy)]
+pub struct IpRange {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>()?, Some(p.parse::<u8>()?)),
+            None => (s.parse::<IpAddr>()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        anyhow::ensure!(prefix <= max, "prefix length {prefix} is too long");
+        Ok(IpRange { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        let to_bits = |ip: &IpAddr| match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(*v4)) << 96, true),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (u128::from(u32::from(v4)) << 96, true),
+                None => (u128::from(*v6), false),
+            },
+        };
+        let (net, net_v4) = to_bits(&self.addr);
+        let (ip, ip_v4) = to_bits(ip);
+        if net_v4 != ip_v4 {
+            return false;
+        }
+        // IPv4 addresses sit in the top 32 bits, so one mask serves both families.
+        let prefix = u32::from(self.prefix);
+        if prefix == 0 {
+            return true;
+        }
+        let mask = u128::MAX << (128 - prefix);
+        (net & mask) == (ip & mask)
     }
 }

@@ -23,15 +23,11 @@ use crate::error::ApiError;
 use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
 use crate::http::{admin, auth, health, sessions, token, users, well_known};
-use crate::store::denylist::Denylist;
+use crate::store::MarksHealth;
 use crate::store::postgres::PgStore;
+use crate::store::redis::{Denylist, LoginFailures};
 
-/// Shared by every worker.
-pub struct AppState {
-    pub auth: AuthService,
-    pub trusted_proxies: Vec<IpRange>,
-    pub introspection_clients: IntrospectionClients,
-}
+pub use crate::http::AppState;
 
 pub struct Application {
     port: u16,
@@ -47,6 +43,11 @@ impl Application {
         if settings.redis.local_copy {
             denylist.follow(&settings.redis)?;
         }
+        let failures = Arc::new(LoginFailures::new(
+            denylist.connection(),
+            denylist.prefix(),
+            &settings.login,
+        ));
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
         let tokens = AccessTokens::new(keys.clone(), &settings.tokens)
             .remembering(settings.cache.verified_tokens);
@@ -75,7 +76,14 @@ impl Application {
         let cors_origins = settings.server.cors_allowed_origins.clone();
         let cleanup_every = Duration::from_secs(settings.cleanup.interval_secs);
 
-        let auth = AuthService::new(settings, store, denylist, tokens, hasher);
+        let auth = AuthService::new(
+            settings,
+            store,
+            Arc::new(denylist),
+            failures,
+            tokens,
+            hasher,
+        );
         let state = web::Data::new(AppState {
             auth,
             trusted_proxies,
@@ -183,20 +191,20 @@ fn spawn_eviction_check(target: Weak<AppState>) {
             let Some(state) = target.upgrade() else {
                 return;
             };
-            match state.auth.denylist.eviction_policy().await {
-                Ok(None) => {
+            match state.auth.revocations.health().await {
+                Ok(MarksHealth::Unknown) => {
                     tracing::info!(
                         "Redis does not report its maxmemory-policy; make sure it is noeviction"
                     );
                     return;
                 }
-                Ok(Some(policy)) if policy == "noeviction" => return,
-                Ok(Some(policy)) => {
+                Ok(MarksHealth::Ok) => return,
+                Ok(MarksHealth::Unsafe(why)) => {
                     tracing::warn!(
-                        %policy,
-                        "Redis maxmemory-policy is not noeviction: under memory pressure it \
-                         may drop revocation marks and revoked tokens would work again; \
-                         set maxmemory-policy noeviction (readiness answers 503 until then)"
+                        %why,
+                        "revocation marks may be dropped under memory pressure and revoked \
+                         tokens would work again: set maxmemory-policy noeviction \
+                         (readiness answers 503 until then)"
                     );
                     return;
                 }

@@ -26,7 +26,7 @@ use jsonwebtoken::Validation;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::keys::{KeyMaterial, SharedKeyring};
+use super::keys::{KeyMaterial, SharedKeyring, jwt_algorithm};
 use super::recent::Recent;
 use crate::config::TokenSettings;
 use crate::domain::{SessionId, UserId};
@@ -212,7 +212,7 @@ impl AccessTokens {
             .keys
             .verifying_key(&kid)
             .ok_or(TokenError::UnknownKey)?;
-        let mut validation = Validation::new(key.alg.jwt());
+        let mut validation = Validation::new(jwt_algorithm(key.alg));
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
         validation.set_issuer(&[&self.issuer]);

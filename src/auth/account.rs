@@ -10,7 +10,7 @@ use super::device::DeviceToken;
 use super::session::AuthService;
 use crate::domain::{Email, Password, SessionId};
 use crate::error::ApiError;
-use crate::store::login_failures::Outcome;
+use crate::store::Outcome;
 use crate::store::{AuditKind, ClientInfo, SessionInfo};
 
 impl AuthService {

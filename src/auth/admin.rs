@@ -3,7 +3,7 @@
 //!
 //! Ending a user's sessions, disabling them and changing their roles all revoke the
 //! user's existing access tokens with one per-user mark, `revoked:user:<id>` = the
-//! database's clock after the change committed (see [`crate::store::denylist`]), and
+//! database's clock after the change committed (see [`crate::store::redis::denylist`]), and
 //! the sessions they end (disabling, ending all) also get their own `sid` marks, one
 //! pipelined write before it. Tokens issued afterwards (the next refresh, which carries the new roles) are
 //! unaffected; tokens whose granting statement ran before the change, however late
@@ -124,7 +124,7 @@ impl AuthService {
     /// change began before this read, so its token is covered (see `Store::clock`).
     async fn revoke_user_tokens(&self, user: UserId) -> Result<(), ApiError> {
         let now = self.store.clock().await?;
-        self.denylist
+        self.revocations
             .revoke_user_tokens(user, now.timestamp_millis(), self.access_token_horizon())
             .await
             .map_err(ApiError::unavailable)

@@ -6,7 +6,7 @@
 //! when it is full, before any round trip, so a flood costs the other endpoints as
 //! little as possible); then a place in the failure budget shared through Redis: the
 //! device's own budget for a known device (see [`super::device`]), else the account's
-//! (see [`crate::store::login_failures`]). When the budget's free places are all held
+//! (see [`crate::store::redis::login_failures`]). When the budget's free places are all held
 //! by attempts still in flight, the attempt waits for them (a correct password is never
 //! refused because other correct ones are in flight) for at most [`BUSY_WAIT`].
 //!
@@ -15,6 +15,7 @@
 //! without counting anything.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -25,8 +26,8 @@ use super::session::AuthService;
 use super::throttle;
 use crate::domain::Email;
 use crate::error::ApiError;
-use crate::store::login_failures::{Budget, Gate, LoginFailures, Outcome, Place};
 use crate::store::{AuditKind, ClientInfo, Credentials};
+use crate::store::{Budget, FailureBudgets, Gate, Outcome, Place};
 
 /// The longest an attempt waits for attempts in flight on the same budget before it is
 /// told to come back (429, `Retry-After: 1`). Far above one hash plus its queue wait.
@@ -41,7 +42,7 @@ pub struct Attempt {
     /// The presented device token, when it is valid for this account.
     pub known_device: Option<DeviceToken>,
     place: Option<(Place, Budget)>,
-    failures: LoginFailures,
+    failures: Arc<dyn FailureBudgets>,
 }
 
 impl Attempt {

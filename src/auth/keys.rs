@@ -27,41 +27,15 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyAlgorithm {
-    Es256,
-    EdDsa,
-    Rs256,
-    Hs256,
-}
+pub use crate::domain::KeyAlgorithm;
 
-impl KeyAlgorithm {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        Ok(match s {
-            "ES256" => KeyAlgorithm::Es256,
-            "EdDSA" => KeyAlgorithm::EdDsa,
-            "RS256" => KeyAlgorithm::Rs256,
-            "HS256" => KeyAlgorithm::Hs256,
-            other => bail!("unsupported algorithm {other:?}: use ES256, EdDSA, RS256 or HS256"),
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyAlgorithm::Es256 => "ES256",
-            KeyAlgorithm::EdDsa => "EdDSA",
-            KeyAlgorithm::Rs256 => "RS256",
-            KeyAlgorithm::Hs256 => "HS256",
-        }
-    }
-
-    pub fn jwt(self) -> Algorithm {
-        match self {
-            KeyAlgorithm::Es256 => Algorithm::ES256,
-            KeyAlgorithm::EdDsa => Algorithm::EdDSA,
-            KeyAlgorithm::Rs256 => Algorithm::RS256,
-            KeyAlgorithm::Hs256 => Algorithm::HS256,
-        }
+/// The jsonwebtoken algorithm of a key algorithm.
+pub fn jwt_algorithm(alg: KeyAlgorithm) -> Algorithm {
+    match alg {
+        KeyAlgorithm::Es256 => Algorithm::ES256,
+        KeyAlgorithm::EdDsa => Algorithm::EdDSA,
+        KeyAlgorithm::Rs256 => Algorithm::RS256,
+        KeyAlgorithm::Hs256 => Algorithm::HS256,
     }
 }
 
@@ -471,7 +445,7 @@ fn material(file: KeyFile) -> anyhow::Result<KeyMaterial> {
     let (decoding, jwk) = if alg == KeyAlgorithm::Hs256 {
         (DecodingKey::from_secret(&der), None)
     } else {
-        let mut jwk = Jwk::from_encoding_key(&encoding, alg.jwt())
+        let mut jwk = Jwk::from_encoding_key(&encoding, jwt_algorithm(alg))
             .with_context(|| format!("key {} does not match its algorithm", file.kid))?;
         jwk.common.key_id = Some(file.kid.clone());
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
@@ -610,7 +584,7 @@ mod tests {
             let (store, dir) = temp_store(alg, Duration::from_secs(60));
             store.ensure_active().unwrap();
             let ring = store.load().unwrap();
-            let mut header = jsonwebtoken::Header::new(alg.jwt());
+            let mut header = jsonwebtoken::Header::new(jwt_algorithm(alg));
             header.kid = Some(ring.signing.kid.clone());
             let claims = serde_json::json!({"sub": "x", "exp": 4_000_000_000u64});
             let token = jsonwebtoken::encode(&header, &claims, &ring.signing.encoding).unwrap();
@@ -627,7 +601,7 @@ mod tests {
                     DecodingKey::from_jwk(jwk).unwrap()
                 }
             };
-            let mut v = jsonwebtoken::Validation::new(alg.jwt());
+            let mut v = jsonwebtoken::Validation::new(jwt_algorithm(alg));
             v.required_spec_claims.clear();
             jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).unwrap();
             fs::remove_dir_all(dir).unwrap();

@@ -14,8 +14,4 @@ pub mod refresh_token;
 pub mod session;
 pub mod throttle;
 
-/// SHA-256 of `bytes`, as a fixed-size key (remembered tokens, key fingerprints).
-pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
-}
+pub(crate) use crate::domain::sha256;

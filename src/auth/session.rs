@@ -26,10 +26,9 @@ use super::throttle::LoginThrottle;
 use crate::config::Settings;
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
-use crate::store::denylist::Denylist;
-use crate::store::login_failures::{LoginFailures, Outcome};
 use crate::store::{
-    AuditEvent, AuditKind, ClientInfo, Grant, NewSession, RefreshState, Rotation, Store, User,
+    AuditEvent, AuditKind, ClientInfo, FailureBudgets, Grant, NewSession, Outcome, RefreshState,
+    Revocations, Rotation, Store, User,
 };
 
 /// What login and refresh hand back to the client.
@@ -52,11 +51,11 @@ pub enum LogoutScope {
 
 pub struct AuthService {
     pub store: Arc<dyn Store>,
-    pub denylist: Denylist,
+    pub revocations: Arc<dyn Revocations>,
     pub tokens: AccessTokens,
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
-    pub failures: LoginFailures,
+    pub failures: Arc<dyn FailureBudgets>,
     emails: Recent<UserId, Arc<str>>,
     settings: Settings,
 }
@@ -76,17 +75,16 @@ impl AuthService {
     pub fn new(
         settings: Settings,
         store: Arc<dyn Store>,
-        denylist: Denylist,
+        revocations: Arc<dyn Revocations>,
+        failures: Arc<dyn FailureBudgets>,
         tokens: AccessTokens,
         hasher: PasswordHasherPool,
     ) -> Self {
         let throttle = LoginThrottle::new(&settings.login);
-        let failures =
-            LoginFailures::new(denylist.connection(), denylist.prefix(), &settings.login);
         let emails = Recent::new(settings.cache.user_emails);
         AuthService {
             store,
-            denylist,
+            revocations,
             tokens,
             hasher,
             throttle,
@@ -348,14 +346,14 @@ impl AuthService {
             .map(|(state, _)| (state, true)))
     }
 
-    /// Verifies an access token and checks the denylist (one Redis round trip).
+    /// Verifies an access token and checks the revocation marks.
     pub async fn authenticate(&self, bearer: &str) -> Result<Claims, ApiError> {
         let claims = self.tokens.verify(bearer).map_err(|e| {
             tracing::debug!(error = %e, "access token refused");
             ApiError::InvalidToken
         })?;
         let revoked = self
-            .denylist
+            .revocations
             .is_revoked(claims.sid, &claims.jti, claims.sub, claims.issued_at_ms())
             .await
             .map_err(ApiError::unavailable)?;
@@ -425,7 +423,7 @@ impl AuthService {
             if let Some(revoked_at) = state.revoked_at {
                 let since = (state.now - revoked_at).to_std().unwrap_or_default();
                 if since < horizon {
-                    self.denylist
+                    self.revocations
                         .ensure_session_revoked(sid, horizon - since)
                         .await
                         .map_err(ApiError::unavailable)?;
@@ -451,7 +449,7 @@ impl AuthService {
                 claims.exp - Utc::now().timestamp() + self.settings.tokens.leeway_secs as i64;
             if remaining > 0
                 && self
-                    .denylist
+                    .revocations
                     .revoke_token(&claims.jti, Duration::from_secs(remaining as u64))
                     .await
                     .map_err(ApiError::unavailable)?
@@ -510,7 +508,7 @@ impl AuthService {
     }
 
     pub(super) async fn deny_sessions(&self, sids: &[SessionId]) -> Result<(), ApiError> {
-        self.denylist
+        self.revocations
             .revoke_sessions(sids, self.access_token_horizon())
             .await
             .map_err(ApiError::unavailable)

@@ -1,6 +1,6 @@
 //! Login throttling with `governor`: one keyed limiter per client IP, one per account.
 //! These are per-process burst limiters; the per-account budget that holds across
-//! instances is [`crate::store::login_failures`].
+//! instances is [`crate::store::FailureBudgets`].
 //!
 //! The account key is the normalized email as submitted, whether or not the account
 //! exists, so a 429 says nothing about which accounts exist. Both checks run before

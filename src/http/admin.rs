@@ -5,13 +5,13 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::AppState;
 use super::extract::{Admin, Caller, Json, Query};
 use super::no_store;
 use super::sessions::{path_uuid, session_list};
 use crate::auth::admin::parse_roles;
 use crate::domain::UserId;
 use crate::error::ApiError;
-use crate::startup::AppState;
 use crate::store::{AuditCursor, AuditQuery, UserChange};
 
 pub async fn user_sessions(

@@ -3,12 +3,12 @@
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
+use super::AppState;
 use super::extract::{Authenticated, Caller, Json, OptionalJson};
 use super::{device_token, token_response};
 use crate::auth::session::LogoutScope;
 use crate::domain::{Email, Password};
 use crate::error::ApiError;
-use crate::startup::AppState;
 
 #[derive(Deserialize)]
 pub struct LoginRequest {

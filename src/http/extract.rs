@@ -15,9 +15,10 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use crate::auth::access_token::Claims;
+pub use crate::domain::IpRange;
 use crate::error::ApiError;
-use crate::startup::AppState;
 use crate::store::ClientInfo;
 
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -329,48 +330,6 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
     let (ip, port) = entry.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     ip.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
-}
-
-/// An IP address or CIDR range from `server.trusted_proxies`.
-#[derive(Debug, Clone, Copy)]
-pub struct IpRange {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpRange {
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>()?, Some(p.parse::<u8>()?)),
-            None => (s.parse::<IpAddr>()?, None),
-        };
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        anyhow::ensure!(prefix <= max, "prefix length {prefix} is too long");
-        Ok(IpRange { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: &IpAddr) -> bool {
-        let to_bits = |ip: &IpAddr| match ip {
-            IpAddr::V4(v4) => (u128::from(u32::from(*v4)) << 96, true),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => (u128::from(u32::from(v4)) << 96, true),
-                None => (u128::from(*v6), false),
-            },
-        };
-        let (net, net_v4) = to_bits(&self.addr);
-        let (ip, ip_v4) = to_bits(ip);
-        if net_v4 != ip_v4 {
-            return false;
-        }
-        // IPv4 addresses sit in the top 32 bits, so one mask serves both families.
-        let prefix = u32::from(self.prefix);
-        if prefix == 0 {
-            return true;
-        }
-        let mask = u128::MAX << (128 - prefix);
-        (net & mask) == (ip & mask)
-    }
 }
 
 #[cfg(test)]

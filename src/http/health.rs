@@ -4,26 +4,20 @@
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
+use super::AppState;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::store::MarksHealth;
 
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let (db, policy) = tokio::join!(
-        state.auth.store.ping(),
-        state.auth.denylist.eviction_policy()
-    );
+    let (db, marks) = tokio::join!(state.auth.store.ping(), state.auth.revocations.health());
     db?;
-    let policy = policy.map_err(ApiError::unavailable)?;
-    if let Some(policy) = policy.filter(|p| p != "noeviction") {
+    if let MarksHealth::Unsafe(why) = marks.map_err(ApiError::unavailable)? {
         // Not ready: under memory pressure Redis would drop revocation marks.
         // The contract's error shape, with the readiness details beside it.
-        let why = format!(
-            "maxmemory-policy is {policy}: Redis may evict revocation marks; set noeviction"
-        );
         return Ok(HttpResponse::ServiceUnavailable()
             .insert_header((actix_web::http::header::RETRY_AFTER, "30"))
             .json(json!({

@@ -15,7 +15,14 @@ use actix_web::http::header;
 use serde::Serialize;
 
 use crate::auth::device::DeviceToken;
-use crate::auth::session::TokenGrant;
+use crate::auth::session::{AuthService, TokenGrant};
+
+/// What every handler shares (built by [`crate::startup::Application::build`]).
+pub struct AppState {
+    pub auth: AuthService,
+    pub trusted_proxies: Vec<extract::IpRange>,
+    pub introspection_clients: token::IntrospectionClients,
+}
 
 /// The contract's token response (login, refresh, token).
 #[derive(Serialize)]

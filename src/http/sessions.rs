@@ -4,11 +4,11 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::AppState;
 use super::extract::{Authenticated, Caller};
 use super::no_store;
 use crate::domain::SessionId;
 use crate::error::ApiError;
-use crate::startup::AppState;
 use crate::store::SessionInfo;
 
 /// One session as the contract shows it: `ip` and `user_agent` are those of the last

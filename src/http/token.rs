@@ -11,12 +11,12 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use super::AppState;
 use super::extract::{Caller, Form, Json};
 use super::{no_store, token_response};
 use crate::auth::throttle::FailureLimiter;
 use crate::config::IntrospectionSettings;
 use crate::error::ApiError;
-use crate::startup::AppState;
 
 #[derive(Deserialize)]
 pub struct RefreshRequest {

@@ -4,11 +4,11 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::AppState;
 use super::device_token;
 use super::extract::{Authenticated, Caller, Json};
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::ApiError;
-use crate::startup::AppState;
 
 #[derive(Deserialize)]
 pub struct RegisterRequest {

@@ -4,7 +4,7 @@ use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
-use crate::startup::AppState;
+use super::AppState;
 
 pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
     let ring = state.auth.tokens.keyring().current();

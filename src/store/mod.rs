@@ -1,13 +1,18 @@
-//! Persistence behind small interfaces.
+//! Persistence behind small interfaces, one folder per backend.
 //!
-//! [`Store`] is what the domain needs from a durable database: users, sessions, refresh
-//! tokens and audit events. [`postgres::PgStore`] implements it; an embedded backend can
-//! be added beside it without touching the domain or the handlers. [`denylist::Denylist`]
-//! is the Redis side: short-lived revocation marks that every instance reads.
+//! - [`Store`] is what the domain needs from a durable database: users, sessions,
+//!   refresh tokens, devices and audit events ([`postgres::PgStore`]).
+//! - [`Revocations`] holds the short-lived revocation marks every instance honours, and
+//!   [`FailureBudgets`] the per-account and per-device login failure budgets
+//!   ([`redis::Denylist`] and [`redis::LoginFailures`], shared by every instance).
+//!
+//! `auth/` names only these traits, so another backend is added beside the others
+//! without touching the domain or the handlers.
 
-pub mod denylist;
-pub mod login_failures;
 pub mod postgres;
+pub mod redis;
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -237,6 +242,106 @@ pub enum AuditCursor {
     Id(i64),
     /// Events that happened earlier.
     Time(DateTime<Utc>),
+}
+
+/// The revocation marks (see [`redis::denylist`] for their kinds and lifetimes).
+#[async_trait::async_trait]
+pub trait Revocations: Send + Sync + 'static {
+    /// Marks sessions revoked for `ttl` (the longest an access token can still live).
+    async fn revoke_sessions(&self, sids: &[SessionId], ttl: Duration) -> anyhow::Result<()>;
+    /// Marks one access token revoked until it expires. False when it already was.
+    async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<bool>;
+    /// Marks a session revoked unless it already is: the repair of an earlier revocation
+    /// whose write failed. True if it was written now.
+    async fn ensure_session_revoked(&self, sid: SessionId, ttl: Duration) -> anyhow::Result<bool>;
+    /// Revokes every access token of `user` issued at or before `at_ms` (Unix ms).
+    async fn revoke_user_tokens(
+        &self,
+        user: UserId,
+        at_ms: i64,
+        ttl: Duration,
+    ) -> anyhow::Result<()>;
+    /// True when the token's session, the token itself, or every token of its user
+    /// issued up to `issued_ms` is revoked.
+    async fn is_revoked(
+        &self,
+        sid: SessionId,
+        jti: &str,
+        user: UserId,
+        issued_ms: i64,
+    ) -> anyhow::Result<bool>;
+    /// Whether the marks are safe where they are kept (an error: unreachable).
+    async fn health(&self) -> anyhow::Result<MarksHealth>;
+    /// The in-memory copy of a shared backend, if this instance keeps one (diagnostics
+    /// and tests).
+    fn local_copy(&self) -> Option<&tessera_marks::Feed> {
+        None
+    }
+}
+
+/// What a revocation backend says about the safety of its marks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarksHealth {
+    Ok,
+    /// Reachable, but it may drop marks (a revoked token could work again): why.
+    Unsafe(String),
+    /// Reachable, but it will not say whether it may drop marks.
+    Unknown,
+}
+
+/// What the gate said about one password attempt.
+#[derive(Debug)]
+pub enum Gate {
+    /// Go ahead: the place is reserved; report the outcome with [`FailureBudgets::finish`].
+    Reserved(Place),
+    /// Every free place is held by an attempt in flight: ask again shortly.
+    Busy,
+    /// Come back after this long (429).
+    Wait(Duration),
+    /// A budget without delay (a device's) is used up.
+    Exhausted,
+}
+
+/// A reserved place in one budget.
+#[derive(Debug, Clone)]
+pub struct Place {
+    pub budget: Budget,
+    /// The budget's key as given to [`FailureBudgets::reserve`].
+    pub key: String,
+    /// This attempt.
+    pub id: String,
+    /// False for a budget that is switched off: nothing to give back.
+    pub counted: bool,
+}
+
+/// How a reserved attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Failed,
+    Succeeded,
+    /// The password was not checked (the hash could not run, the request was dropped).
+    Abandoned,
+}
+
+/// Which budget an attempt is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Shared by everyone who types that email, with growing delays.
+    Account,
+    /// One known device of the account, with no delay: used up, it stops being known.
+    Device,
+}
+
+/// Login failure budgets (see [`redis::login_failures`] for the rules).
+#[async_trait::async_trait]
+pub trait FailureBudgets: Send + Sync + 'static {
+    /// Asks to reserve a place for one attempt on `key` (a normalized email, or a
+    /// device token's hash in hex) in `budget`.
+    async fn reserve(&self, budget: Budget, key: &str) -> anyhow::Result<Gate>;
+    /// Gives the place back and records how the attempt ended.
+    async fn finish(&self, place: &Place, outcome: Outcome) -> anyhow::Result<()>;
+    /// Forgets a budget's failures, as a success in it does.
+    async fn reset(&self, budget: Budget, key: &str) -> anyhow::Result<()>;
 }
 
 #[async_trait::async_trait]

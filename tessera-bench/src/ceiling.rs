@@ -79,7 +79,7 @@ pub fn argon2_verifications(
 pub fn sign_and_verify(settings: &Settings, duration: Duration) -> anyhow::Result<(f64, f64)> {
     let ring = KeyStore::from_settings(settings)?.load()?;
     let key = &ring.signing;
-    let alg = key.alg.jwt();
+    let alg = tessera::auth::keys::jwt_algorithm(key.alg);
     let message = concat!(
         "eyJhbGciOiJFUzI1NiIsImtpZCI6IjAxOTM0YzU2LTc4OWEtN2JjZC1lZjAxLTIzNDU2Nzg5YWJjZCIsInR5cCI6ImF0K2p3dCJ9.",
         "eyJpc3MiOiJodHRwOi8vMTI3LjAuMC4xOjgwODAiLCJzdWIiOiIwMTkzNGM1Ni03ODlhLTdiY2QtZWYwMS0yMzQ1Njc4OWFiY2QiLCJhdWQiOiJ0ZXNzZXJhIiwiZXhwIjoxNzY0MDAwOTAwLCJpYXQiOjE3NjQwMDAwMDAsIm5iZiI6MTc2NDAwMDAwMCwianRpIjoiMDE5MzRjNTYtNzg5YS03YmNkLWVmMDEtMjM0NTY3ODlhYmNkIiwic2lkIjoiMDE5MzRjNTYtNzg5YS03YmNkLWVmMDEtMjM0NTY3ODlhYmNkIiwicm9sZXMiOltdfQ"

@@ -43,9 +43,12 @@ async fn the_start_log_warns_when_redis_may_evict() {
         .unwrap();
     let mut warning = None;
     eventually("the start log warns about the eviction policy", || {
-        warning = json_log(&log_path)
-            .into_iter()
-            .find(|l| l["level"] == "WARN" && l["policy"] == "volatile-ttl");
+        warning = json_log(&log_path).into_iter().find(|l| {
+            l["level"] == "WARN"
+                && l["why"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("maxmemory-policy is volatile-ttl"))
+        });
         std::future::ready(warning.is_some())
     })
     .await;

@@ -271,7 +271,7 @@ impl TestApp {
         self.state
             .auth
             .failures
-            .reset(tessera::store::login_failures::Budget::Account, &account)
+            .reset(tessera::store::Budget::Account, &account)
             .await
             .unwrap();
     }

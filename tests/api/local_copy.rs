@@ -24,7 +24,12 @@ async fn a_behind_proxy_and_b(configure: impl Fn(&mut Settings)) -> (TestApp, Pr
 }
 
 async fn until_synced(app: &TestApp) {
-    let copy = app.state.auth.denylist.copy().expect("the copy is on");
+    let copy = app
+        .state
+        .auth
+        .revocations
+        .local_copy()
+        .expect("the copy is on");
     assert!(
         copy.wait_synced(Duration::from_secs(10)).await,
         "the copy never loaded"
@@ -100,7 +105,7 @@ async fn with_the_copy_token_checks_send_redis_no_command_of_their_own() {
 async fn without_the_copy_every_check_asks_redis() {
     // The same setting as above with the copy off: the dropped MGET fails the check.
     let (a, proxy, _b) = a_behind_proxy_and_b(|s| s.redis.local_copy = false).await;
-    assert!(a.state.auth.denylist.copy().is_none());
+    assert!(a.state.auth.revocations.local_copy().is_none());
     let email = a.new_user().await;
     let t = a.login_ok(&email).await;
     assert_eq!(a.me(&t.access).await.status(), StatusCode::OK);
@@ -118,7 +123,12 @@ async fn a_copy_that_cannot_subscribe_asks_redis_instead() {
     let mut via_proxy = settings;
     via_proxy.redis.url = format!("redis://{}", proxy.addr).into();
     let a = spawn_app_with(via_proxy).await;
-    let copy = a.state.auth.denylist.copy().expect("the copy is on");
+    let copy = a
+        .state
+        .auth
+        .revocations
+        .local_copy()
+        .expect("the copy is on");
     assert!(!copy.wait_synced(Duration::from_millis(500)).await);
 
     let email = a.new_user().await;
@@ -154,7 +164,12 @@ async fn revocations_made_while_an_instance_was_cut_off_reach_its_copy_on_resync
 }
 
 async fn until_current(app: &TestApp) {
-    let copy = app.state.auth.denylist.copy().expect("the copy is on");
+    let copy = app
+        .state
+        .auth
+        .revocations
+        .local_copy()
+        .expect("the copy is on");
     eventually("the copy is current", || async { copy.current() }).await;
 }
 

@@ -14,6 +14,7 @@ mod helpers;
 mod input;
 mod introspect;
 mod keys;
+mod layering;
 mod local_copy;
 mod login;
 mod logout;

@@ -32,6 +32,7 @@ use tessera_marks::{AckRequest, Feed, FeedConfig, Subject, instances_channel};
 
 use crate::config::RedisSettings;
 use crate::domain::{SessionId, UserId};
+use crate::store::{MarksHealth, Revocations};
 
 /// SET KEYS[1] 1 EX ARGV[1] NX, and only if it was set, PUBLISH ARGV[2] ARGV[3] and the
 /// ack request PUBLISH ARGV[4] ARGV[5], returning how many instances heard it; else -1.
@@ -166,19 +167,6 @@ impl Denylist {
             .map(|p| p.trim().to_owned()))
     }
 
-    /// Marks sessions revoked for `ttl` (the longest an access token can still live).
-    pub async fn revoke_sessions(&self, sids: &[SessionId], ttl: Duration) -> anyhow::Result<()> {
-        if sids.is_empty() {
-            return Ok(());
-        }
-        let secs = ttl.as_secs().max(1);
-        let mut pipe = redis::pipe();
-        for sid in sids {
-            self.mark(&mut pipe, self.session_key(*sid), 1, secs);
-        }
-        self.write_marks(pipe).await
-    }
-
     /// Writes `pipe`'s marks followed by an ack request, then waits until every
     /// instance's copy holds them (see [`tessera_marks::Feed::settle`]): when this
     /// returns, no instance answers a check without them.
@@ -200,22 +188,6 @@ impl Denylist {
             _ if heard > 0 => tokio::time::sleep(self.lease).await,
             _ => {}
         }
-    }
-
-    /// Marks one access token revoked until it expires. False when it already was
-    /// (nothing is written or published again).
-    pub async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<bool> {
-        self.mark_once(self.token_key(jti), ttl).await
-    }
-
-    /// Marks a session revoked for `ttl` unless its mark is already there: the repair of
-    /// an earlier revocation whose Redis write failed, costing nothing when it did not.
-    pub async fn ensure_session_revoked(
-        &self,
-        sid: SessionId,
-        ttl: Duration,
-    ) -> anyhow::Result<bool> {
-        self.mark_once(self.session_key(sid), ttl).await
     }
 
     /// Sets `key` (and tells subscribers) only if it is absent; true if it was set.
@@ -240,9 +212,56 @@ impl Denylist {
         Ok(true)
     }
 
+    /// The check as one `MGET`, without the copy.
+    pub async fn ask_redis(
+        &self,
+        sid: SessionId,
+        jti: &str,
+        user: UserId,
+        issued_ms: i64,
+    ) -> anyhow::Result<bool> {
+        let mut conn = self.conn.clone();
+        let (session, token, user_mark): (Option<String>, Option<String>, Option<i64>) =
+            redis::cmd("MGET")
+                .arg(self.session_key(sid))
+                .arg(self.token_key(jti))
+                .arg(self.user_key(user))
+                .query_async(&mut conn)
+                .await?;
+        Ok(session.is_some() || token.is_some() || user_mark.is_some_and(|t| issued_ms <= t))
+    }
+}
+
+#[async_trait::async_trait]
+impl Revocations for Denylist {
+    /// Marks sessions revoked for `ttl` (the longest an access token can still live).
+    async fn revoke_sessions(&self, sids: &[SessionId], ttl: Duration) -> anyhow::Result<()> {
+        if sids.is_empty() {
+            return Ok(());
+        }
+        let secs = ttl.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        for sid in sids {
+            self.mark(&mut pipe, self.session_key(*sid), 1, secs);
+        }
+        self.write_marks(pipe).await
+    }
+
+    /// Marks one access token revoked until it expires. False when it already was
+    /// (nothing is written or published again).
+    async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<bool> {
+        self.mark_once(self.token_key(jti), ttl).await
+    }
+
+    /// Marks a session revoked for `ttl` unless its mark is already there: the repair of
+    /// an earlier revocation whose Redis write failed, costing nothing when it did not.
+    async fn ensure_session_revoked(&self, sid: SessionId, ttl: Duration) -> anyhow::Result<bool> {
+        self.mark_once(self.session_key(sid), ttl).await
+    }
+
     /// Revokes every access token of `user` issued at or before `at_ms` (Unix time in
     /// milliseconds), for `ttl` (the longest such a token can still live).
-    pub async fn revoke_user_tokens(
+    async fn revoke_user_tokens(
         &self,
         user: UserId,
         at_ms: i64,
@@ -256,7 +275,7 @@ impl Denylist {
     /// True when the token's session, the token itself, or every token of its user
     /// issued up to its issue time (`issued_ms`) is revoked: from the in-memory copy once
     /// it is known to be current, else from Redis.
-    pub async fn is_revoked(
+    async fn is_revoked(
         &self,
         sid: SessionId,
         jti: &str,
@@ -276,23 +295,18 @@ impl Denylist {
         self.ask_redis(sid, jti, user, issued_ms).await
     }
 
-    /// The check as one `MGET`, without the copy.
-    pub async fn ask_redis(
-        &self,
-        sid: SessionId,
-        jti: &str,
-        user: UserId,
-        issued_ms: i64,
-    ) -> anyhow::Result<bool> {
-        let mut conn = self.conn.clone();
-        let (session, token, user_mark): (Option<String>, Option<String>, Option<i64>) =
-            redis::cmd("MGET")
-                .arg(self.session_key(sid))
-                .arg(self.token_key(jti))
-                .arg(self.user_key(user))
-                .query_async(&mut conn)
-                .await?;
-        Ok(session.is_some() || token.is_some() || user_mark.is_some_and(|t| issued_ms <= t))
+    async fn health(&self) -> anyhow::Result<MarksHealth> {
+        Ok(match self.eviction_policy().await? {
+            None => MarksHealth::Unknown,
+            Some(policy) if policy == "noeviction" => MarksHealth::Ok,
+            Some(policy) => MarksHealth::Unsafe(format!(
+                "maxmemory-policy is {policy}: Redis may evict revocation marks; set noeviction"
+            )),
+        })
+    }
+
+    fn local_copy(&self) -> Option<&Feed> {
+        self.copy.as_deref()
     }
 }
 

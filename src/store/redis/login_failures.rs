@@ -29,6 +29,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 
 use crate::config::LoginSettings;
+use crate::store::{Budget, FailureBudgets, Gate, Outcome, Place};
 
 /// Returns 0 after reserving a place for attempt ARGV[5], -1 when the free places are
 /// all held by attempts in flight (wait for them), -2 when a budget without delay is
@@ -89,45 +90,6 @@ return 0
 /// How long a reserved place is held at most: longer than any queue wait plus hash.
 const LEASE: Duration = Duration::from_secs(30);
 
-/// What the gate said about one attempt.
-#[derive(Debug)]
-pub enum Gate {
-    /// Go ahead: the place is reserved; report the outcome with [`LoginFailures::finish`].
-    Reserved(Place),
-    /// Every free place is held by an attempt in flight: ask again shortly.
-    Busy,
-    /// Come back after this long (429).
-    Wait(Duration),
-    /// A budget without delay (a device's) is used up.
-    Exhausted,
-}
-
-/// A reserved place in one budget.
-#[derive(Debug, Clone)]
-pub struct Place {
-    /// `None` for a budget that is switched off: nothing to give back.
-    keys: Option<[String; 2]>,
-    id: String,
-}
-
-/// How a reserved attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Failed,
-    Succeeded,
-    /// The password was not checked (the hash could not run, the request was dropped).
-    Abandoned,
-}
-
-/// Which budget an attempt is counted in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Budget {
-    /// Shared by everyone who types that email, with growing delays.
-    Account,
-    /// One known device of the account, with no delay: used up, it stops being known.
-    Device,
-}
-
 #[derive(Clone)]
 pub struct LoginFailures {
     conn: ConnectionManager,
@@ -161,17 +123,18 @@ impl LoginFailures {
             Budget::Account => "failures",
             Budget::Device => "device",
         };
-        let hex: String = crate::auth::sha256(key.as_bytes())
+        let hex: String = crate::domain::sha256(key.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         let base = format!("{}login:{kind}:{hex}", self.prefix);
         [base.clone(), format!("{base}:inflight")]
     }
+}
 
-    /// Asks to reserve a place for one attempt on `key` (a normalized email, or a device
-    /// token's hash in hex) in `budget`.
-    pub async fn reserve(&self, budget: Budget, key: &str) -> anyhow::Result<Gate> {
+#[async_trait::async_trait]
+impl FailureBudgets for LoginFailures {
+    async fn reserve(&self, budget: Budget, key: &str) -> anyhow::Result<Gate> {
         let (free, base_ms) = match budget {
             Budget::Account => (self.free, self.base_ms),
             Budget::Device => (self.device_free, 0),
@@ -182,7 +145,12 @@ impl LoginFailures {
             // An account budget switched off (free_failures = delay_base_secs = 0), or
             // devices that are never known (device_free_failures = 0).
             return Ok(match budget {
-                Budget::Account => Gate::Reserved(Place { keys: None, id }),
+                Budget::Account => Gate::Reserved(Place {
+                    budget,
+                    key: key.to_owned(),
+                    id,
+                    counted: false,
+                }),
                 Budget::Device => Gate::Exhausted,
             });
         }
@@ -201,8 +169,10 @@ impl LoginFailures {
             .await?;
         Ok(match answer {
             0 => Gate::Reserved(Place {
-                keys: Some(keys),
+                budget,
+                key: key.to_owned(),
                 id,
+                counted: true,
             }),
             -1 => Gate::Busy,
             -2 => Gate::Exhausted,
@@ -210,11 +180,11 @@ impl LoginFailures {
         })
     }
 
-    /// Gives the place back and records how the attempt ended.
-    pub async fn finish(&self, place: &Place, outcome: Outcome) -> anyhow::Result<()> {
-        let Some(keys) = &place.keys else {
+    async fn finish(&self, place: &Place, outcome: Outcome) -> anyhow::Result<()> {
+        if !place.counted {
             return Ok(());
-        };
+        }
+        let keys = self.keys(place.budget, &place.key);
         let outcome = match outcome {
             Outcome::Failed => "failed",
             Outcome::Succeeded => "succeeded",
@@ -233,8 +203,7 @@ impl LoginFailures {
         Ok(())
     }
 
-    /// Forgets a budget's failures, as a success in it does.
-    pub async fn reset(&self, budget: Budget, key: &str) -> anyhow::Result<()> {
+    async fn reset(&self, budget: Budget, key: &str) -> anyhow::Result<()> {
         let keys = self.keys(budget, key);
         let mut conn = self.conn.clone();
         let _: () = redis::cmd("DEL")

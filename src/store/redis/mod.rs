@@ -1,0 +1,8 @@
+//! The shared backend for revocation marks and login failure budgets: Redis, read and
+//! written by every instance.
+
+pub mod denylist;
+pub mod login_failures;
+
+pub use denylist::Denylist;
+pub use login_failures::LoginFailures;
