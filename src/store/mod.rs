@@ -9,6 +9,7 @@
 //! `auth/` names only these traits, so another backend is added beside the others
 //! without touching the domain or the handlers.
 
+pub mod memory;
 pub mod postgres;
 pub mod redis;
 
@@ -324,7 +325,7 @@ pub enum Outcome {
 }
 
 /// Which budget an attempt is counted in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Budget {
     /// Shared by everyone who types that email, with growing delays.
     Account,

@@ -1,0 +1,159 @@
+//! Revocation marks held in the process ([`tessera_marks::Marks`], the structure the
+//! Redis copies use), with the same kinds and lifetimes as [`crate::store::redis::denylist`].
+
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use tessera_marks::{Marks, Subject};
+
+use crate::domain::{SessionId, UserId};
+use crate::store::{MarksHealth, Revocations};
+
+/// Expired marks are dropped at most this often (on a write).
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+pub struct MemoryMarks {
+    state: RwLock<(Marks, Instant)>,
+}
+
+impl Default for MemoryMarks {
+    fn default() -> Self {
+        MemoryMarks {
+            state: RwLock::new((Marks::default(), Instant::now())),
+        }
+    }
+}
+
+impl MemoryMarks {
+    /// Applies one mark (`revoked:<kind>:<id>`, its value, its lifetime); true if it
+    /// was not there already.
+    fn mark(&self, key: &str, value: &str, ttl: Duration) -> bool {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let (marks, pruned) = &mut *state;
+        let now = Instant::now();
+        if now.duration_since(*pruned) > PRUNE_EVERY {
+            marks.prune(now);
+            *pruned = now;
+        }
+        let before = marks.len();
+        marks.apply(key, value, ttl.max(Duration::from_secs(1)));
+        marks.len() > before
+    }
+
+    fn revokes(&self, subject: &Subject<'_>) -> bool {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.0.revokes(subject, Instant::now())
+    }
+
+    /// Whether a session mark is live (for `ensure_session_revoked`).
+    fn session_marked(&self, sid: SessionId) -> bool {
+        self.revokes(&Subject {
+            session: sid.0,
+            jti: "",
+            user: uuid::Uuid::nil(),
+            issued_ms: i64::MAX,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait::async_trait]
+impl Revocations for MemoryMarks {
+    async fn revoke_sessions(&self, sids: &[SessionId], ttl: Duration) -> anyhow::Result<()> {
+        for sid in sids {
+            self.mark(&format!("revoked:sid:{}", sid.0), "1", ttl);
+        }
+        Ok(())
+    }
+
+    async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<bool> {
+        Ok(self.mark(&format!("revoked:jti:{jti}"), "1", ttl))
+    }
+
+    async fn ensure_session_revoked(&self, sid: SessionId, ttl: Duration) -> anyhow::Result<bool> {
+        if self.session_marked(sid) {
+            return Ok(false);
+        }
+        Ok(self.mark(&format!("revoked:sid:{}", sid.0), "1", ttl))
+    }
+
+    async fn revoke_user_tokens(
+        &self,
+        user: UserId,
+        at_ms: i64,
+        ttl: Duration,
+    ) -> anyhow::Result<()> {
+        self.mark(&format!("revoked:user:{}", user.0), &at_ms.to_string(), ttl);
+        Ok(())
+    }
+
+    async fn is_revoked(
+        &self,
+        sid: SessionId,
+        jti: &str,
+        user: UserId,
+        issued_ms: i64,
+    ) -> anyhow::Result<bool> {
+        Ok(self.revokes(&Subject {
+            session: sid.0,
+            jti,
+            user: user.0,
+            issued_ms,
+        }))
+    }
+
+    async fn health(&self) -> anyhow::Result<MarksHealth> {
+        Ok(MarksHealth::Ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[tokio::test]
+    async fn the_three_kinds_of_marks_revoke_what_they_cover_and_expire() {
+        let marks = MemoryMarks::default();
+        let (sid, user) = (SessionId(Uuid::new_v4()), UserId(Uuid::new_v4()));
+        let other = SessionId(Uuid::new_v4());
+        let minute = Duration::from_secs(60);
+        assert!(!marks.is_revoked(sid, "j1", user, 1000).await.unwrap());
+
+        marks.revoke_sessions(&[sid], minute).await.unwrap();
+        assert!(marks.is_revoked(sid, "j1", user, 1000).await.unwrap());
+        assert!(!marks.is_revoked(other, "j1", user, 1000).await.unwrap());
+        assert!(!marks.ensure_session_revoked(sid, minute).await.unwrap());
+        assert!(marks.ensure_session_revoked(other, minute).await.unwrap());
+
+        let third = SessionId(Uuid::new_v4());
+        assert!(marks.revoke_token("j3", minute).await.unwrap());
+        assert!(
+            !marks.revoke_token("j3", minute).await.unwrap(),
+            "already there"
+        );
+        assert!(marks.is_revoked(third, "j3", user, 1000).await.unwrap());
+        assert!(!marks.is_revoked(third, "j4", user, 1000).await.unwrap());
+
+        marks.revoke_user_tokens(user, 1000, minute).await.unwrap();
+        assert!(marks.is_revoked(third, "j4", user, 1000).await.unwrap());
+        assert!(!marks.is_revoked(third, "j4", user, 1001).await.unwrap());
+
+        // A one-second mark stops counting after its second.
+        let brief = SessionId(Uuid::new_v4());
+        marks
+            .revoke_sessions(&[brief], Duration::from_millis(1))
+            .await
+            .unwrap();
+        assert!(marks.is_revoked(brief, "x", user, 5000).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(!marks.is_revoked(brief, "x", user, 5000).await.unwrap());
+    }
+}
