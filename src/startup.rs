@@ -23,11 +23,53 @@ use crate::error::ApiError;
 use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
 use crate::http::{admin, auth, health, sessions, token, users, well_known};
-use crate::store::MarksHealth;
+use crate::store::memory::{MemoryBudgets, MemoryMarks};
 use crate::store::postgres::PgStore;
 use crate::store::redis::{Denylist, LoginFailures};
+use crate::store::{FailureBudgets, MarksHealth, Revocations, Store};
+use secrecy::ExposeSecret;
 
 pub use crate::http::AppState;
+
+/// Where revocation marks and login failure budgets live: Redis, shared by every
+/// instance, or (with `redis.url` empty) this process alone, its marks made durable
+/// through the database.
+async fn revocations_and_budgets(
+    settings: &Settings,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<(Arc<dyn Revocations>, Arc<dyn FailureBudgets>)> {
+    if settings.redis.url.expose_secret().trim().is_empty() {
+        if !store.claim_single_instance().await? {
+            anyhow::bail!(
+                "another Tessera instance with an empty redis.url is running on this \
+                 database: revocations kept in process cannot be shared, so only one may \
+                 run; stop it, or give every instance the same redis.url"
+            );
+        }
+        let marks = MemoryMarks::persistent(store.clone());
+        let session_mark_secs = settings.tokens.access_ttl_secs + settings.tokens.leeway_secs + 1;
+        let loaded = marks.load(session_mark_secs).await?;
+        tracing::info!(
+            loaded,
+            "single-instance mode: revocation marks and login failure budgets are kept in \
+             this process (redis.url is empty); set redis.url to run more than one instance"
+        );
+        return Ok((
+            Arc::new(marks),
+            Arc::new(MemoryBudgets::new(&settings.login)),
+        ));
+    }
+    let mut denylist = Denylist::connect_lazy(&settings.redis)?;
+    if settings.redis.local_copy {
+        denylist.follow(&settings.redis)?;
+    }
+    let failures = Arc::new(LoginFailures::new(
+        denylist.connection(),
+        denylist.prefix(),
+        &settings.login,
+    ));
+    Ok((Arc::new(denylist), failures))
+}
 
 pub struct Application {
     port: u16,
@@ -38,16 +80,8 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         PgStore::prepare(&settings.database, settings.database.auto_migrate).await?;
-        let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
-        let mut denylist = Denylist::connect_lazy(&settings.redis)?;
-        if settings.redis.local_copy {
-            denylist.follow(&settings.redis)?;
-        }
-        let failures = Arc::new(LoginFailures::new(
-            denylist.connection(),
-            denylist.prefix(),
-            &settings.login,
-        ));
+        let store: Arc<dyn Store> = Arc::new(PgStore::connect_lazy(&settings.database)?);
+        let (revocations, failures) = revocations_and_budgets(&settings, &store).await?;
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
         let tokens = AccessTokens::new(keys.clone(), &settings.tokens)
             .remembering(settings.cache.verified_tokens);
@@ -76,14 +110,7 @@ impl Application {
         let cors_origins = settings.server.cors_allowed_origins.clone();
         let cleanup_every = Duration::from_secs(settings.cleanup.interval_secs);
 
-        let auth = AuthService::new(
-            settings,
-            store,
-            Arc::new(denylist),
-            failures,
-            tokens,
-            hasher,
-        );
+        let auth = AuthService::new(settings, store, revocations, failures, tokens, hasher);
         let state = web::Data::new(AppState {
             auth,
             trusted_proxies,
@@ -157,6 +184,11 @@ impl Application {
 
     pub fn state(&self) -> web::Data<AppState> {
         self.state.clone()
+    }
+
+    /// Stops the server from outside (tests that restart an instance).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {

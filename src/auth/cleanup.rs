@@ -1,6 +1,6 @@
 //! The periodic cleanup: deletes sessions (with their refresh tokens) that ended more
 //! than `cleanup.session_retention_secs` ago, audit rows past their retention, and
-//! expired devices.
+//! expired devices and revocation marks.
 //!
 //! Work is done in batches of `cleanup.batch_size` rows, each its own short statement
 //! with `SKIP LOCKED`, so the cleanup never holds locks for long, never blocks a refresh
@@ -15,6 +15,7 @@ pub struct Cleaned {
     pub sessions: u64,
     pub audit_events: u64,
     pub devices: u64,
+    pub marks: u64,
 }
 
 impl AuthService {
@@ -56,12 +57,21 @@ impl AuthService {
             }
             tokio::task::yield_now().await;
         }
+        loop {
+            let n = self.store.delete_expired_marks(batch).await?;
+            done.marks += n;
+            if n < batch as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         if done != Cleaned::default() {
             tracing::info!(
                 sessions = done.sessions,
                 audit_events = done.audit_events,
                 devices = done.devices,
-                "cleanup deleted ended sessions, old audit rows and expired devices"
+                marks = done.marks,
+                "cleanup deleted ended sessions, old audit rows, expired devices and marks"
             );
         }
         Ok(done)

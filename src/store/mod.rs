@@ -345,6 +345,15 @@ pub trait FailureBudgets: Send + Sync + 'static {
     async fn reset(&self, budget: Budget, key: &str) -> anyhow::Result<()>;
 }
 
+/// A revocation mark as the database keeps it for the in-process backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedMark {
+    /// `revoked:<kind>:<id>`, as in Redis without the prefix.
+    pub key: String,
+    pub value: i64,
+    pub expires_at: DateTime<Utc>,
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
@@ -352,6 +361,24 @@ pub trait Store: Send + Sync + 'static {
     /// per-user revocation mark, so that every token issued by a statement that did not
     /// see the change (the `issued_at` of its grant is earlier) is covered by the mark.
     async fn clock(&self) -> StoreResult<DateTime<Utc>>;
+
+    /// Saves a revocation mark that the database does not otherwise hold (a per-user
+    /// cut-off, a single access token), keeping the later value and expiry of two.
+    /// True when there was none.
+    async fn save_mark(
+        &self,
+        key: &str,
+        value: i64,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// Every live mark: the saved ones and those of the sessions ended less than
+    /// `session_mark_secs` ago (each living that long from its end).
+    async fn live_marks(&self, session_mark_secs: i64) -> StoreResult<Vec<SavedMark>>;
+    /// Deletes up to `batch` expired saved marks.
+    async fn delete_expired_marks(&self, batch: i64) -> StoreResult<u64>;
+    /// Holds, for the life of the process, the claim to be the only instance keeping
+    /// revocations in process on this database; false when another instance holds it.
+    async fn claim_single_instance(&self) -> StoreResult<bool>;
 
     async fn create_user(
         &self,

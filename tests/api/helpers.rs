@@ -32,6 +32,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub settings: Settings,
     pub state: actix_web::web::Data<AppState>,
+    server: actix_web::dev::ServerHandle,
 }
 
 /// Settings for one test: fresh database, prefix and keys dir; cheap argon2 (the
@@ -77,8 +78,14 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let app = Application::build(settings.clone())
         .await
         .expect("application builds");
+    serve(app, settings)
+}
+
+/// Runs a built application in the background, as a [`TestApp`].
+pub fn serve(app: Application, settings: Settings) -> TestApp {
     let base = format!("http://127.0.0.1:{}", app.port());
     let state = app.state();
+    let server = app.handle();
     tokio::spawn(app.run_until_stopped());
     TestApp {
         base,
@@ -88,6 +95,15 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
             .unwrap(),
         settings,
         state,
+        server,
+    }
+}
+
+impl TestApp {
+    /// Stops the server and lets go of everything it held (its database connections
+    /// too), as a process exit would.
+    pub async fn stop(self) {
+        self.server.stop(true).await;
     }
 }
 

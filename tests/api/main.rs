@@ -11,6 +11,7 @@ mod forged_tokens;
 mod forwarded;
 mod health_and_metadata;
 mod helpers;
+mod in_process;
 mod input;
 mod introspect;
 mod keys;

@@ -1,30 +1,75 @@
 //! Revocation marks held in the process ([`tessera_marks::Marks`], the structure the
 //! Redis copies use), with the same kinds and lifetimes as [`crate::store::redis::denylist`].
+//!
+//! Durable through the database ([`MemoryMarks::persistent`]): per-user cut-offs and
+//! single access tokens are saved (`revocation_marks`) before they count, ended
+//! sessions are in `sessions.revoked_at` already, and [`MemoryMarks::load`] reads both
+//! back on start, so a restart never brings a revoked access token back.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tessera_marks::{Marks, Subject};
 
 use crate::domain::{SessionId, UserId};
-use crate::store::{MarksHealth, Revocations};
+use crate::store::{MarksHealth, Revocations, Store};
 
 /// Expired marks are dropped at most this often (on a write).
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 pub struct MemoryMarks {
     state: RwLock<(Marks, Instant)>,
+    /// Where marks the database does not otherwise hold are saved (`None`: nowhere,
+    /// for tests of the structure alone).
+    store: Option<Arc<dyn Store>>,
 }
 
 impl Default for MemoryMarks {
     fn default() -> Self {
         MemoryMarks {
             state: RwLock::new((Marks::default(), Instant::now())),
+            store: None,
         }
     }
 }
 
 impl MemoryMarks {
+    /// Marks that survive a restart through `store`; call [`MemoryMarks::load`] before
+    /// serving.
+    pub fn persistent(store: Arc<dyn Store>) -> Self {
+        MemoryMarks {
+            store: Some(store),
+            ..MemoryMarks::default()
+        }
+    }
+
+    /// Reads every live mark back from the database (`session_mark_secs`: how long a
+    /// session's mark lives after the session ended). Returns how many.
+    pub async fn load(&self, session_mark_secs: u64) -> anyhow::Result<usize> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let saved = store.live_marks(session_mark_secs as i64).await?;
+        let now = chrono::Utc::now();
+        for mark in &saved {
+            let left = (mark.expires_at - now).to_std().unwrap_or_default();
+            if !left.is_zero() {
+                self.mark(&mark.key, &mark.value.to_string(), left);
+            }
+        }
+        Ok(saved.len())
+    }
+
+    /// Saves a mark the database does not otherwise hold; true if it was new there.
+    async fn save(&self, key: &str, value: i64, ttl: Duration) -> anyhow::Result<Option<bool>> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let expires_at =
+            chrono::Utc::now() + chrono::Duration::from_std(ttl.max(Duration::from_secs(1)))?;
+        Ok(Some(store.save_mark(key, value, expires_at).await?))
+    }
+
     /// Applies one mark (`revoked:<kind>:<id>`, its value, its lifetime); true if it
     /// was not there already.
     fn mark(&self, key: &str, value: &str, ttl: Duration) -> bool {
@@ -74,7 +119,10 @@ impl Revocations for MemoryMarks {
     }
 
     async fn revoke_token(&self, jti: &str, ttl: Duration) -> anyhow::Result<bool> {
-        Ok(self.mark(&format!("revoked:jti:{jti}"), "1", ttl))
+        let key = format!("revoked:jti:{jti}");
+        let saved_new = self.save(&key, 1, ttl).await?;
+        let new_here = self.mark(&key, "1", ttl);
+        Ok(saved_new.unwrap_or(new_here))
     }
 
     async fn ensure_session_revoked(&self, sid: SessionId, ttl: Duration) -> anyhow::Result<bool> {
@@ -90,7 +138,9 @@ impl Revocations for MemoryMarks {
         at_ms: i64,
         ttl: Duration,
     ) -> anyhow::Result<()> {
-        self.mark(&format!("revoked:user:{}", user.0), &at_ms.to_string(), ttl);
+        let key = format!("revoked:user:{}", user.0);
+        self.save(&key, at_ms, ttl).await?;
+        self.mark(&key, &at_ms.to_string(), ttl);
         Ok(())
     }
 

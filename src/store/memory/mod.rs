@@ -1,9 +1,8 @@
 //! The embedded backend for revocation marks and login failure budgets: in the
-//! process, for a single instance (issue 14's embedded default).
-//!
-//! Not selectable by configuration yet: a restart would forget the marks, and the
-//! embedded default must first rebuild them from the database on start (see
-//! docs/design.md, "Embedded default (in progress)").
+//! process, for a single instance (`redis.url = ""`). The marks are made durable
+//! through the database (see [`marks`]); the failure budgets are not (a restart
+//! forgets failures, as a Redis restart would). Only one instance may run this way on
+//! a database ([`crate::store::Store::claim_single_instance`]).
 
 pub mod login_failures;
 pub mod marks;

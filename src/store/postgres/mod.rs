@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, Grant, NewSession, RefreshState, Rotation, SessionInfo, Store, StoreError,
-    StoreResult, User, UserChange, UserUpdate, session_ids,
+    Credentials, Grant, NewSession, RefreshState, Rotation, SavedMark, SessionInfo, Store,
+    StoreError, StoreResult, User, UserChange, UserUpdate, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -24,6 +24,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The connection holding the single-instance advisory lock, once claimed.
+    claim: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
 impl PgStore {
@@ -41,7 +43,10 @@ impl PgStore {
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
             .connect_lazy_with(options);
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            claim: Default::default(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -767,6 +772,88 @@ impl Store for PgStore {
         .await
         .map_err(classify)?;
         Ok(done.rows_affected())
+    }
+
+    async fn save_mark(
+        &self,
+        key: &str,
+        value: i64,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) -> StoreResult<bool> {
+        let inserted = sqlx::query_scalar!(
+            r#"INSERT INTO revocation_marks (key, value, expires_at) VALUES ($1, $2, $3)
+               ON CONFLICT (key) DO UPDATE
+                 SET value = GREATEST(revocation_marks.value, EXCLUDED.value),
+                     expires_at = GREATEST(revocation_marks.expires_at, EXCLUDED.expires_at)
+               RETURNING (xmax = 0) AS "inserted!""#,
+            key,
+            value,
+            expires_at,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(inserted)
+    }
+
+    async fn live_marks(&self, session_mark_secs: i64) -> StoreResult<Vec<SavedMark>> {
+        let rows = sqlx::query!(
+            r#"SELECT key AS "key!", value AS "value!", expires_at AS "expires_at!"
+               FROM revocation_marks WHERE expires_at > now()
+               UNION ALL
+               SELECT 'revoked:sid:' || id::text, 1::bigint,
+                      revoked_at + make_interval(secs => $1::float8)
+               FROM sessions
+               WHERE revoked_at > now() - make_interval(secs => $1::float8)"#,
+            session_mark_secs as f64,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SavedMark {
+                key: r.key,
+                value: r.value,
+                expires_at: r.expires_at,
+            })
+            .collect())
+    }
+
+    async fn delete_expired_marks(&self, batch: i64) -> StoreResult<u64> {
+        let done = sqlx::query!(
+            r#"DELETE FROM revocation_marks WHERE key IN (
+                   SELECT key FROM revocation_marks WHERE expires_at < now()
+                   LIMIT $1
+                   FOR UPDATE SKIP LOCKED
+               )"#,
+            batch,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_single_instance(&self) -> StoreResult<bool> {
+        let mut claim = self.claim.lock().await;
+        if claim.is_some() {
+            return Ok(true);
+        }
+        // Out of the pool: it is kept for the life of the process.
+        let mut conn = self.pool.acquire().await.map_err(classify)?.detach();
+        // A session-level advisory lock: held while this connection lives, released by
+        // PostgreSQL when the process (and so the connection) goes away.
+        let got = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock(hashtext('tessera:in-process-revocations')) AS "got!""#
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(classify)?;
+        if got {
+            *claim = Some(conn);
+        }
+        Ok(got)
     }
 
     async fn delete_expired_devices(&self, batch: i64) -> StoreResult<u64> {
