@@ -31,6 +31,42 @@ use secrecy::ExposeSecret;
 
 pub use crate::http::AppState;
 
+/// Reads the saved revocation marks back, now if the database allows (tables missing
+/// while `tessera migrate` has not run yet, say), else every second until it does;
+/// token checks answer 503 until then.
+async fn spawn_mark_loading(marks: Weak<MemoryMarks>, session_mark_secs: u64) {
+    let attempt = move |marks: Arc<MemoryMarks>| async move {
+        match marks.load(session_mark_secs).await {
+            Ok(loaded) => {
+                tracing::info!(loaded, "revocation marks read back from the database");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot read the revocation marks back yet; token checks answer 503 \
+                     until the database allows it (retrying every second)"
+                );
+                false
+            }
+        }
+    };
+    if let Some(m) = marks.upgrade()
+        && attempt(m).await
+    {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(m) = marks.upgrade() else { return };
+            if attempt(m).await {
+                return;
+            }
+        }
+    });
+}
+
 /// Where revocation marks and login failure budgets live: Redis, shared by every
 /// instance, or (with `redis.url` empty) this process alone, its marks made durable
 /// through the database.
@@ -46,18 +82,14 @@ async fn revocations_and_budgets(
                  run; stop it, or give every instance the same redis.url"
             );
         }
-        let marks = MemoryMarks::persistent(store.clone());
+        let marks = Arc::new(MemoryMarks::persistent(store.clone()));
         let session_mark_secs = settings.tokens.access_ttl_secs + settings.tokens.leeway_secs + 1;
-        let loaded = marks.load(session_mark_secs).await?;
         tracing::info!(
-            loaded,
             "single-instance mode: revocation marks and login failure budgets are kept in \
              this process (redis.url is empty); set redis.url to run more than one instance"
         );
-        return Ok((
-            Arc::new(marks),
-            Arc::new(MemoryBudgets::new(&settings.login)),
-        ));
+        spawn_mark_loading(Arc::downgrade(&marks), session_mark_secs).await;
+        return Ok((marks, Arc::new(MemoryBudgets::new(&settings.login))));
     }
     let mut denylist = Denylist::connect_lazy(&settings.redis)?;
     if settings.redis.local_copy {

@@ -65,6 +65,7 @@ async fn hello(app: &TestApp, api: &str, token: &str) -> reqwest::Response {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_api_accepts_a_fresh_token_and_refuses_it_soon_after_logout() {
+    crate::shared_backend_only!();
     // Discovery through the issuer's metadata needs the issuer to be the real address.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -120,6 +121,7 @@ async fn the_example_api_accepts_a_fresh_token_and_refuses_it_soon_after_logout(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_revocation_reaches_the_verifier_and_a_resync_catches_up() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let admin = app.admin().await;
     let verifier = ready_verifier(config_for(&app)).await;
@@ -173,6 +175,7 @@ async fn every_kind_of_revocation_reaches_the_verifier_and_a_resync_catches_up()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_redis_fails_closed_after_the_bound_and_the_resync_catches_what_was_missed() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let proxy = Proxy::start(addr_of(&redis_url())).await;
     let mut closed = config_for(&app);
@@ -214,6 +217,7 @@ async fn losing_redis_fails_closed_after_the_bound_and_the_resync_catches_what_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_silently_dropped_by_the_network_is_noticed_within_max_unsynced() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let proxy = Proxy::start(addr_of(&redis_url())).await;
     let mut config = config_for(&app);
@@ -252,6 +256,7 @@ async fn a_subscription_silently_dropped_by_the_network_is_noticed_within_max_un
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_key_rotation_new_tokens_verify_without_a_restart() {
+    crate::shared_backend_only!();
     let mut settings = test_settings();
     settings.keys.reload_secs = 1;
     let app = spawn_app_with(settings).await;
@@ -295,6 +300,7 @@ fn forge(header: Value, payload: &str, signature: &str) -> String {
 
 #[tokio::test]
 async fn forged_tokens_are_refused_with_the_right_error_kind() {
+    crate::shared_backend_only!();
     let mut settings = test_settings();
     settings.tokens.access_ttl_secs = 1;
     settings.tokens.leeway_secs = 0;
@@ -382,6 +388,7 @@ async fn forged_tokens_are_refused_with_the_right_error_kind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_random_kids_causes_at_most_one_jwks_fetch_per_interval() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let mut config = config_for(&app);
     config.revocation = None;
@@ -417,6 +424,7 @@ async fn a_flood_of_random_kids_causes_at_most_one_jwks_fetch_per_interval() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_cached_per_cache_control_and_served_stale_while_the_issuer_is_down() {
+    crate::shared_backend_only!();
     let mut settings = test_settings();
     settings.keys.jwks_max_age_secs = 1;
     let app = spawn_app_with(settings).await;
@@ -461,6 +469,7 @@ fn resign(app: &TestApp, real: &str, edit: impl FnOnce(&mut Value)) -> String {
 
 #[tokio::test]
 async fn the_verifier_applies_nbf_and_exp_with_its_leeway_and_needs_every_claim() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let mut config = config_for(&app);
     config.revocation = None;
@@ -503,6 +512,7 @@ async fn the_verifier_applies_nbf_and_exp_with_its_leeway_and_needs_every_claim(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_api_answers_503_while_revocations_cannot_be_known() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let mut config = config_for(&app);
     let rc = config.revocation.as_mut().unwrap();

@@ -23,6 +23,26 @@ pub fn postgres_base() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".into())
 }
 
+/// Whether this run tests the embedded configuration (`TESSERA_TEST_BACKEND=embedded`,
+/// the second run of `scripts/test.sh`) rather than PostgreSQL + Redis. Today that is
+/// revocation marks and failure budgets in process on PostgreSQL; the SQLite store
+/// joins it when it lands (issue 14).
+pub fn embedded() -> bool {
+    std::env::var("TESSERA_TEST_BACKEND").is_ok_and(|b| b == "embedded")
+}
+
+/// Ends a test that is about Redis itself or about several instances sharing it, when
+/// this run tests the embedded configuration (where neither applies).
+#[macro_export]
+macro_rules! shared_backend_only {
+    () => {
+        if $crate::helpers::embedded() {
+            eprintln!("{}: not part of the embedded run", module_path!());
+            return;
+        }
+    };
+}
+
 pub fn redis_url() -> String {
     std::env::var("TESSERA_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -46,7 +66,10 @@ pub fn test_settings() -> Settings {
     s.server.workers = 2;
     s.database.url = format!("{}/tessera_test_{id}", postgres_base()).into();
     s.database.max_connections = 8;
-    s.redis.url = redis_url().into();
+    s.redis.url = match embedded() {
+        true => String::new().into(),
+        false => redis_url().into(),
+    };
     s.redis.key_prefix = format!("tessera_test:{id}:");
     s.keys.dir = std::env::temp_dir().join(format!("tessera-test-keys-{id}"));
     s.password.memory_kib = 256;
@@ -630,4 +653,25 @@ pub fn json_log(path: &std::path::Path) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// Stops `app` and starts a new instance on `settings` (usually the same database) once
+/// the old one has let go of it: a restart. An instance without Redis holds a
+/// single-instance claim that PostgreSQL releases when its connection closes.
+pub async fn restart(app: TestApp, settings: &Settings) -> TestApp {
+    app.stop().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Application::build(settings.clone()).await {
+            Ok(app) => return serve(app, settings.clone()),
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(
+                    format!("{e:#}").contains("another Tessera instance"),
+                    "{e:#}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the previous instance never let go: {e:#}"),
+        }
+    }
 }

@@ -2,8 +2,6 @@
 //! the same behaviour through HTTP, marks that survive a restart, and one instance
 //! only per database.
 
-use std::time::Duration;
-
 use reqwest::{Method, StatusCode};
 use tessera::config::Settings;
 use tessera::startup::Application;
@@ -14,25 +12,6 @@ fn in_process() -> Settings {
     let mut settings = test_settings();
     settings.redis.url = String::new().into();
     settings
-}
-
-/// Builds an instance on `settings`' database once the previous one has let go of its
-/// single-instance claim (PostgreSQL releases it when the connection closes).
-async fn spawn_when_free(settings: &Settings) -> TestApp {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match Application::build(settings.clone()).await {
-            Ok(app) => return serve(app, settings.clone()),
-            Err(e) if std::time::Instant::now() < deadline => {
-                assert!(
-                    format!("{e:#}").contains("another Tessera instance"),
-                    "{e:#}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the previous instance never let go: {e:#}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,8 +58,7 @@ async fn without_redis_every_kind_of_revocation_works_and_survives_a_restart() {
     assert_invalid_token(app.me(&before_change.access).await).await;
 
     // A restart: the marks come back from the database.
-    app.stop().await;
-    let app = spawn_when_free(&settings).await;
+    let app = restart(app, &settings).await;
     assert_invalid_token(app.me(&logged_out.access).await).await;
     assert_invalid_token(app.me(&revoked.access).await).await;
     assert_invalid_token(app.me(&before_change.access).await).await;

@@ -116,8 +116,9 @@ async fn keys_survive_a_restart() {
     let first = spawn_app_with(settings.clone()).await;
     let email = first.new_user().await;
     let token = first.login_ok(&email).await;
-    let second = spawn_app_with(settings).await;
-    assert_eq!(jwks_kids(&first).await, jwks_kids(&second).await);
+    let kids = jwks_kids(&first).await;
+    let second = restart(first, &settings).await;
+    assert_eq!(kids, jwks_kids(&second).await);
     assert_eq!(second.me(&token.access).await.status(), StatusCode::OK);
 }
 

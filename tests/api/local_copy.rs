@@ -38,6 +38,7 @@ async fn until_synced(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_whose_message_is_still_on_the_way_is_refused_at_once() {
+    crate::shared_backend_only!();
     let (a, proxy, b) = a_behind_proxy_and_b(|_| {}).await;
     until_synced(&a).await;
     let email = a.new_user().await;
@@ -57,6 +58,7 @@ async fn a_logout_whose_message_is_still_on_the_way_is_refused_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_change_on_one_instance_ends_earlier_tokens_on_the_other_through_the_copy() {
+    crate::shared_backend_only!();
     let (a, proxy, b) = a_behind_proxy_and_b(|_| {}).await;
     until_synced(&a).await;
     let admin = b.admin().await;
@@ -83,6 +85,7 @@ async fn a_role_change_on_one_instance_ends_earlier_tokens_on_the_other_through_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_copy_token_checks_send_redis_no_command_of_their_own() {
+    crate::shared_backend_only!();
     let (a, proxy, b) = a_behind_proxy_and_b(|_| {}).await;
     until_synced(&a).await;
     let email = a.new_user().await;
@@ -103,6 +106,7 @@ async fn with_the_copy_token_checks_send_redis_no_command_of_their_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_copy_every_check_asks_redis() {
+    crate::shared_backend_only!();
     // The same setting as above with the copy off: the dropped MGET fails the check.
     let (a, proxy, _b) = a_behind_proxy_and_b(|s| s.redis.local_copy = false).await;
     assert!(a.state.auth.revocations.local_copy().is_none());
@@ -115,6 +119,7 @@ async fn without_the_copy_every_check_asks_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_cannot_subscribe_asks_redis_instead() {
+    crate::shared_backend_only!();
     let proxy = Proxy::start(addr_of(&redis_url())).await;
     // Every subscription attempt is dropped: the copy never loads.
     proxy.drop_connections_sending(b"SUBSCRIBE");
@@ -143,6 +148,7 @@ async fn a_copy_that_cannot_subscribe_asks_redis_instead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_made_while_an_instance_was_cut_off_reach_its_copy_on_resync() {
+    crate::shared_backend_only!();
     let (a, proxy, b) = a_behind_proxy_and_b(|_| {}).await;
     until_synced(&a).await;
     let email = a.new_user().await;
@@ -175,6 +181,7 @@ async fn until_current(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_current_copy_answers_without_redis_and_only_for_its_lease() {
+    crate::shared_backend_only!();
     let (a, proxy, _b) = a_behind_proxy_and_b(|s| s.redis.local_copy_lease_ms = 3000).await;
     until_synced(&a).await;
     let email = a.new_user().await;
@@ -190,6 +197,7 @@ async fn a_current_copy_answers_without_redis_and_only_for_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_waits_out_an_instance_that_cannot_acknowledge_it() {
+    crate::shared_backend_only!();
     let (a, proxy, b) = a_behind_proxy_and_b(|s| s.redis.local_copy_lease_ms = 2000).await;
     until_synced(&a).await;
     let email = a.new_user().await;

@@ -84,6 +84,7 @@ async fn logout_needs_a_valid_token_and_a_known_scope() {
 
 #[tokio::test]
 async fn denylist_marks_expire_when_the_tokens_they_cover_would() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;

@@ -11,6 +11,7 @@ async fn two_instances() -> (TestApp, TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_on_one_instance_is_refused_on_the_other_at_once() {
+    crate::shared_backend_only!();
     let (a, b) = two_instances().await;
     let email = a.new_user().await;
     let t = a.login_ok(&email).await;
@@ -27,6 +28,7 @@ async fn logout_on_one_instance_is_refused_on_the_other_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_with_a_new_kid_makes_another_instance_reload_at_once() {
+    crate::shared_backend_only!();
     // A rereads the key directory every second, B only every hour: B must reload when
     // it meets a token signed with a key it does not know yet.
     let mut fast = test_settings();
@@ -59,6 +61,7 @@ async fn a_token_with_a_new_kid_makes_another_instance_reload_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_refreshes_across_instances_never_fork() {
+    crate::shared_backend_only!();
     let (a, b) = two_instances().await;
     let email = a.new_user().await;
     let mut current = a.login_ok(&email).await;
@@ -83,6 +86,7 @@ async fn concurrent_refreshes_across_instances_never_fork() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reuse_detected_on_one_instance_kills_access_tokens_on_the_other() {
+    crate::shared_backend_only!();
     let mut settings = test_settings();
     settings.tokens.refresh_reuse_grace_secs = 0;
     let a = spawn_app_with(settings.clone()).await;

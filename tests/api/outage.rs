@@ -56,6 +56,7 @@ async fn postgres_down_gives_503_and_the_server_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_gives_503_and_the_server_recovers() {
+    crate::shared_backend_only!();
     let (app, proxy) = app_behind_redis_proxy(|s| {
         s.introspection.clients = vec!["api:secret".to_owned().into()];
     })

@@ -20,6 +20,7 @@ async fn revoking_a_refresh_token_ends_its_session() {
 
 #[tokio::test]
 async fn revoking_an_access_token_revokes_that_token_only() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;
@@ -104,6 +105,7 @@ async fn revoked_at(db: &mut sqlx::PgConnection) -> chrono::DateTime<chrono::Utc
 
 #[tokio::test]
 async fn a_repeated_revocation_writes_no_row_no_mark_and_no_audit_event() {
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let email = app.new_user().await;
     let t = app.login_ok(&email).await;
@@ -148,6 +150,7 @@ async fn a_repeated_revocation_writes_no_row_no_mark_and_no_audit_event() {
 
 #[tokio::test]
 async fn a_repeated_revocation_still_repairs_a_missing_mark() {
+    crate::shared_backend_only!();
     // The mark is deleted from Redis behind the server's back to stand for a write that
     // failed; an in-memory copy that saw the write would rightly keep refusing.
     let mut settings = test_settings();

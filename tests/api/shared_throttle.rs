@@ -37,6 +37,7 @@ fn strict() -> tessera::config::Settings {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_sharing_redis_together_allow_no_more_per_account_attempts_than_one() {
+    crate::shared_backend_only!();
     let single = spawn_app_with(strict()).await;
     let settings = strict();
     let a = spawn_app_with(settings.clone()).await;
@@ -57,6 +58,7 @@ async fn two_instances_sharing_redis_together_allow_no_more_per_account_attempts
 
 #[tokio::test]
 async fn delays_grow_are_bounded_and_a_success_resets_the_count() {
+    crate::shared_backend_only!();
     let settings = with_failure_budget(2, 1, 4);
     let app = spawn_app_with(settings).await;
     let email = app.new_user().await;

@@ -54,7 +54,7 @@ async fn dormant_after_change(before: (u32, u32), after: (u32, u32)) -> f64 {
     let dormant = old.new_user().await;
     settings.password.memory_kib = after.0;
     settings.password.iterations = after.1;
-    let app = spawn_app_with(settings).await;
+    let app = restart(old, &settings).await;
     let (known, unknown) = medians(&app, &dormant, 81).await;
     let ratio = known.as_secs_f64() / unknown.as_secs_f64();
     eprintln!("dormant {known:?} vs unknown {unknown:?}: ratio {ratio:.2}");

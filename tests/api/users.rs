@@ -165,9 +165,10 @@ async fn registration_shares_the_per_ip_budget() {
 async fn stored_hashes_follow_the_configured_parameters_on_login() {
     let old = spawn_app().await;
     let email = old.new_user().await;
+    let old_settings = old.settings.clone();
     let mut settings = old.settings.clone();
     settings.password.memory_kib = 512;
-    let new = spawn_app_with(settings).await;
+    let new = restart(old, &settings).await;
     let mut db = new.db().await;
     let stored = || sqlx::query_scalar::<_, String>("SELECT password_hash FROM users");
     assert!(
@@ -196,6 +197,8 @@ async fn stored_hashes_follow_the_configured_parameters_on_login() {
         "{upgraded}"
     );
     new.login_ok(&email).await;
+    // An instance still on the old parameters verifies the upgraded hash.
+    let old = restart(new, &old_settings).await;
     old.login_ok(&email).await;
 }
 

@@ -6,6 +6,7 @@
 //! sessions are in `sessions.revoked_at` already, and [`MemoryMarks::load`] reads both
 //! back on start, so a restart never brings a revoked access token back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ pub struct MemoryMarks {
     /// Where marks the database does not otherwise hold are saved (`None`: nowhere,
     /// for tests of the structure alone).
     store: Option<Arc<dyn Store>>,
+    /// Whether the saved marks have been read back: until then no check can be
+    /// answered (a restart must not bring a revoked token back, even for a moment).
+    loaded: AtomicBool,
 }
 
 impl Default for MemoryMarks {
@@ -29,6 +33,7 @@ impl Default for MemoryMarks {
         MemoryMarks {
             state: RwLock::new((Marks::default(), Instant::now())),
             store: None,
+            loaded: AtomicBool::new(true),
         }
     }
 }
@@ -39,8 +44,14 @@ impl MemoryMarks {
     pub fn persistent(store: Arc<dyn Store>) -> Self {
         MemoryMarks {
             store: Some(store),
+            loaded: AtomicBool::new(false),
             ..MemoryMarks::default()
         }
+    }
+
+    /// Whether [`MemoryMarks::load`] has succeeded (always, without a store).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// Reads every live mark back from the database (`session_mark_secs`: how long a
@@ -57,6 +68,7 @@ impl MemoryMarks {
                 self.mark(&mark.key, &mark.value.to_string(), left);
             }
         }
+        self.loaded.store(true, Ordering::Release);
         Ok(saved.len())
     }
 
@@ -151,6 +163,10 @@ impl Revocations for MemoryMarks {
         user: UserId,
         issued_ms: i64,
     ) -> anyhow::Result<bool> {
+        anyhow::ensure!(
+            self.is_loaded(),
+            "the revocation marks have not been read back from the database yet"
+        );
         Ok(self.revokes(&Subject {
             session: sid.0,
             jti,
