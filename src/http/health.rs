@@ -28,5 +28,9 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
                 "redis": why,
             })));
     }
-    Ok(HttpResponse::Ok().json(json!({"status": "ok", "postgres": "ok", "redis": "ok"})))
+    let redis = match state.auth.revocations.in_process() {
+        true => "not used: single-instance mode, revocations in process",
+        false => "ok",
+    };
+    Ok(HttpResponse::Ok().json(json!({"status": "ok", "postgres": "ok", "redis": redis})))
 }

@@ -278,6 +278,10 @@ pub trait Revocations: Send + Sync + 'static {
     fn local_copy(&self) -> Option<&tessera_marks::Feed> {
         None
     }
+    /// True when the marks live in this process only (no Redis).
+    fn in_process(&self) -> bool {
+        false
+    }
 }
 
 /// What a revocation backend says about the safety of its marks.

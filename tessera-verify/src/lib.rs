@@ -21,7 +21,10 @@
 //!   are checked. Each failure has its own [`VerifyError`] kind.
 //! - **Revocation** (optional, [`RevocationConfig`]): a local set of revoked sessions,
 //!   tokens and users, kept current by Redis pub/sub from the server and resynced in
-//!   full on every (re)connect, so a check costs no network round trip.
+//!   full on every (re)connect, so a check costs no network round trip. It needs the
+//!   server to run with Redis: a Tessera without one (`redis.url` empty, the embedded
+//!   single-instance mode) keeps its marks in its own process, and downstream APIs then
+//!   have only the access tokens' short lifetime (or `/introspect`) to rely on.
 
 #[cfg(feature = "actix")]
 pub mod actix;

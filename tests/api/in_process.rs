@@ -18,7 +18,13 @@ fn in_process() -> Settings {
 async fn without_redis_every_kind_of_revocation_works_and_survives_a_restart() {
     let settings = in_process();
     let app = spawn_app_with(settings.clone()).await;
-    assert_eq!(app.get("/health/ready").await.status(), StatusCode::OK);
+    let ready = app.get("/health/ready").await;
+    assert_eq!(ready.status(), StatusCode::OK);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["redis"].as_str().unwrap().contains("single-instance"),
+        "{body}"
+    );
     let admin = app.admin().await;
     let email = app.new_user().await;
     let id = app.user_id(&email).await;

@@ -178,6 +178,10 @@ impl Revocations for MemoryMarks {
     async fn health(&self) -> anyhow::Result<MarksHealth> {
         Ok(MarksHealth::Ok)
     }
+
+    fn in_process(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
