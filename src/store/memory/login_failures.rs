@@ -37,8 +37,12 @@ impl Entry {
     }
 }
 
+/// Idle budgets are dropped at most this often (a sweep over all of them).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 pub struct MemoryBudgets {
     entries: Mutex<HashMap<(Budget, String), Entry>>,
+    last_sweep: Mutex<Instant>,
     free: u32,
     device_free: u32,
     base: Duration,
@@ -50,6 +54,7 @@ impl MemoryBudgets {
     pub fn new(settings: &LoginSettings) -> Self {
         MemoryBudgets {
             entries: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(Instant::now()),
             free: settings.free_failures,
             device_free: settings.device_free_failures,
             base: Duration::from_secs(settings.delay_base_secs),
@@ -84,13 +89,20 @@ impl FailureBudgets for MemoryBudgets {
         }
         let now = Instant::now();
         let mut entries = self.entries();
-        // Idle entries go on every reservation's way past them: memory stays bounded by
-        // the budgets in use within one failure window.
-        entries.retain(|_, e| {
-            e.forget_expired(now);
-            !e.is_idle()
-        });
+        // Idle budgets are swept out now and then: memory stays bounded by the budgets
+        // in use within one failure window, and a reservation costs no sweep of its own.
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            if now.duration_since(*last) >= SWEEP_EVERY {
+                entries.retain(|_, e| {
+                    e.forget_expired(now);
+                    !e.is_idle()
+                });
+                *last = now;
+            }
+        }
         let entry = entries.entry((budget, key.to_owned())).or_default();
+        entry.forget_expired(now);
         let in_flight = entry.in_flight.len() as u32;
         if entry.failures >= free {
             if base.is_zero() {
@@ -242,5 +254,29 @@ mod tests {
             b.reserve(Budget::Account, "a").await.unwrap(),
             Gate::Exhausted
         ));
+    }
+
+    #[tokio::test]
+    async fn past_the_free_failures_one_attempt_at_a_time_with_growing_delays() {
+        let b = budgets(1, 1, 1);
+        let p = place(&b, Budget::Account, "a").await;
+        b.finish(&p, Outcome::Failed).await.unwrap();
+        assert!(matches!(
+            b.reserve(Budget::Account, "a").await.unwrap(),
+            Gate::Wait(_)
+        ));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // The delay has passed: one attempt may go, the next waits for it.
+        let p = place(&b, Budget::Account, "a").await;
+        assert!(matches!(
+            b.reserve(Budget::Account, "a").await.unwrap(),
+            Gate::Busy
+        ));
+        b.finish(&p, Outcome::Failed).await.unwrap();
+        // Two past the free one: the delay doubled.
+        match b.reserve(Budget::Account, "a").await.unwrap() {
+            Gate::Wait(wait) => assert!(wait > Duration::from_millis(1500), "{wait:?}"),
+            other => panic!("expected a wait, got {other:?}"),
+        }
     }
 }
