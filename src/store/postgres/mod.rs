@@ -19,7 +19,7 @@ use super::{
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 #[derive(Clone)]
 pub struct PgStore {
