@@ -80,6 +80,14 @@ pub struct TokenSettings {
     pub refresh_reuse_grace_secs: u64,
 }
 
+impl TokenSettings {
+    /// How long a revocation mark must live: until every access token issued before it
+    /// has expired, leeway included.
+    pub fn access_token_horizon(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.access_ttl_secs + self.leeway_secs + 1)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySettings {

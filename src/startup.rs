@@ -83,7 +83,7 @@ async fn revocations_and_budgets(
             );
         }
         let marks = Arc::new(MemoryMarks::persistent(store.clone()));
-        let session_mark_secs = settings.tokens.access_ttl_secs + settings.tokens.leeway_secs + 1;
+        let session_mark_secs = settings.tokens.access_token_horizon().as_secs();
         tracing::info!(
             "single-instance mode: revocation marks and login failure budgets are kept in \
              this process (redis.url is empty); set redis.url to run more than one instance"

@@ -24,47 +24,20 @@ impl AuthService {
         let c = &self.settings().cleanup;
         let batch = i64::from(c.batch_size);
         let idle = self.settings().tokens.refresh_idle_ttl_secs as i64;
-        let mut done = Cleaned::default();
-        loop {
-            let n = self
-                .store
-                .delete_ended_sessions(idle, c.session_retention_secs as i64, batch)
-                .await?;
-            done.sessions += n;
-            if n < batch as u64 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        if c.audit_retention_secs > 0 {
-            loop {
-                let n = self
-                    .store
-                    .delete_old_audit(c.audit_retention_secs as i64, batch)
-                    .await?;
-                done.audit_events += n;
-                if n < batch as u64 {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-        }
-        loop {
-            let n = self.store.delete_expired_devices(batch).await?;
-            done.devices += n;
-            if n < batch as u64 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        loop {
-            let n = self.store.delete_expired_marks(batch).await?;
-            done.marks += n;
-            if n < batch as u64 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        let store = &self.store;
+        let audit_events = match c.audit_retention_secs {
+            0 => 0,
+            secs => in_batches(batch, || store.delete_old_audit(secs as i64, batch)).await?,
+        };
+        let done = Cleaned {
+            sessions: in_batches(batch, || {
+                store.delete_ended_sessions(idle, c.session_retention_secs as i64, batch)
+            })
+            .await?,
+            audit_events,
+            devices: in_batches(batch, || store.delete_expired_devices(batch)).await?,
+            marks: in_batches(batch, || store.delete_expired_marks(batch)).await?,
+        };
         if done != Cleaned::default() {
             tracing::info!(
                 sessions = done.sessions,
@@ -75,5 +48,23 @@ impl AuthService {
             );
         }
         Ok(done)
+    }
+}
+
+/// Runs `delete` (one batch of at most `batch` rows) until a batch comes back short,
+/// yielding between batches; the rows deleted in all.
+async fn in_batches<F, Fut>(batch: i64, mut delete: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let n = delete().await?;
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
     }
 }

@@ -101,9 +101,7 @@ impl AuthService {
     /// How long a session's denylist mark must live: until every access token issued
     /// under it has expired, leeway included.
     pub(super) fn access_token_horizon(&self) -> Duration {
-        Duration::from_secs(
-            self.settings.tokens.access_ttl_secs + self.settings.tokens.leeway_secs + 1,
-        )
+        self.settings.tokens.access_token_horizon()
     }
 
     #[tracing::instrument(skip_all)]

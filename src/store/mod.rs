@@ -337,6 +337,62 @@ pub enum Budget {
     Device,
 }
 
+impl Place {
+    /// A new place for one attempt (a fresh random id).
+    pub fn new(budget: Budget, key: &str, counted: bool) -> Self {
+        Place {
+            budget,
+            key: key.to_owned(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            counted,
+        }
+    }
+}
+
+/// How long a reserved place is held at most: longer than any queue wait plus hash (a
+/// crashed instance's places free themselves after it).
+pub const BUDGET_LEASE: Duration = Duration::from_secs(30);
+
+/// The failure budgets' settings, as every backend applies them.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetRules {
+    pub free: u32,
+    pub device_free: u32,
+    pub delay_base: Duration,
+    pub delay_max: Duration,
+    pub window: Duration,
+}
+
+impl BudgetRules {
+    pub fn from_settings(settings: &crate::config::LoginSettings) -> Self {
+        BudgetRules {
+            free: settings.free_failures,
+            device_free: settings.device_free_failures,
+            delay_base: Duration::from_secs(settings.delay_base_secs),
+            delay_max: Duration::from_secs(settings.delay_max_secs),
+            window: Duration::from_secs(settings.failure_window_secs.max(1)),
+        }
+    }
+
+    /// A budget's free failures and base delay (a device's has none).
+    pub fn limits(&self, budget: Budget) -> (u32, Duration) {
+        match budget {
+            Budget::Account => (self.free, self.delay_base),
+            Budget::Device => (self.device_free, Duration::ZERO),
+        }
+    }
+
+    /// The answer for a budget that is switched off (no free failures, no delay): an
+    /// account budget counts nothing, a device is never known. `None` when it is on.
+    pub fn switched_off(&self, budget: Budget, key: &str) -> Option<Gate> {
+        let (free, base) = self.limits(budget);
+        (free == 0 && base.is_zero()).then(|| match budget {
+            Budget::Account => Gate::Reserved(Place::new(budget, key, false)),
+            Budget::Device => Gate::Exhausted,
+        })
+    }
+}
+
 /// Login failure budgets (see [`redis::login_failures`] for the rules).
 #[async_trait::async_trait]
 pub trait FailureBudgets: Send + Sync + 'static {

@@ -78,12 +78,19 @@ impl Marks {
 
     pub fn revokes(&self, subject: &Subject<'_>, now: Instant) -> bool {
         let live = |until: &Instant| *until > now;
-        self.sessions.get(&subject.session).is_some_and(live)
+        self.revokes_session(subject.session, now)
             || self.tokens.get(subject.jti).is_some_and(live)
             || self
                 .users
                 .get(&subject.user)
                 .is_some_and(|(at, until)| live(until) && subject.issued_ms <= *at)
+    }
+
+    /// Whether the session itself has a live mark.
+    pub fn revokes_session(&self, session: Uuid, now: Instant) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|until| *until > now)
     }
 
     /// Drops the marks that no longer count.

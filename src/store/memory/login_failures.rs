@@ -7,10 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::LoginSettings;
-use crate::store::{Budget, FailureBudgets, Gate, Outcome, Place};
-
-/// How long a reserved place is held at most (as in the Redis version).
-const LEASE: Duration = Duration::from_secs(30);
+use crate::store::{BUDGET_LEASE, Budget, BudgetRules, FailureBudgets, Gate, Outcome, Place};
 
 #[derive(Default)]
 struct Entry {
@@ -43,11 +40,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct MemoryBudgets {
     entries: Mutex<HashMap<(Budget, String), Entry>>,
     last_sweep: Mutex<Instant>,
-    free: u32,
-    device_free: u32,
-    base: Duration,
-    max: Duration,
-    window: Duration,
+    rules: BudgetRules,
 }
 
 impl MemoryBudgets {
@@ -55,11 +48,7 @@ impl MemoryBudgets {
         MemoryBudgets {
             entries: Mutex::new(HashMap::new()),
             last_sweep: Mutex::new(Instant::now()),
-            free: settings.free_failures,
-            device_free: settings.device_free_failures,
-            base: Duration::from_secs(settings.delay_base_secs),
-            max: Duration::from_secs(settings.delay_max_secs),
-            window: Duration::from_secs(settings.failure_window_secs.max(1)),
+            rules: BudgetRules::from_settings(settings),
         }
     }
 
@@ -71,22 +60,10 @@ impl MemoryBudgets {
 #[async_trait::async_trait]
 impl FailureBudgets for MemoryBudgets {
     async fn reserve(&self, budget: Budget, key: &str) -> anyhow::Result<Gate> {
-        let (free, base) = match budget {
-            Budget::Account => (self.free, self.base),
-            Budget::Device => (self.device_free, Duration::ZERO),
-        };
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        if free == 0 && base.is_zero() {
-            return Ok(match budget {
-                Budget::Account => Gate::Reserved(Place {
-                    budget,
-                    key: key.to_owned(),
-                    id,
-                    counted: false,
-                }),
-                Budget::Device => Gate::Exhausted,
-            });
+        if let Some(gate) = self.rules.switched_off(budget, key) {
+            return Ok(gate);
         }
+        let (free, base) = self.rules.limits(budget);
         let now = Instant::now();
         let mut entries = self.entries();
         // Idle budgets are swept out now and then: memory stays bounded by the budgets
@@ -110,8 +87,10 @@ impl FailureBudgets for MemoryBudgets {
             }
             let past = entry.failures - free;
             let delay = match past {
-                0..40 => base.saturating_mul(1 << past.min(31)).min(self.max),
-                _ => self.max,
+                0..40 => base
+                    .saturating_mul(1 << past.min(31))
+                    .min(self.rules.delay_max),
+                _ => self.rules.delay_max,
             };
             let ready_at = entry.last_failure.map_or(now, |at| at + delay);
             if ready_at > now {
@@ -123,13 +102,9 @@ impl FailureBudgets for MemoryBudgets {
         } else if entry.failures + in_flight >= free {
             return Ok(Gate::Busy);
         }
-        entry.in_flight.insert(id.clone(), now + LEASE);
-        Ok(Gate::Reserved(Place {
-            budget,
-            key: key.to_owned(),
-            id,
-            counted: true,
-        }))
+        let place = Place::new(budget, key, true);
+        entry.in_flight.insert(place.id.clone(), now + BUDGET_LEASE);
+        Ok(Gate::Reserved(place))
     }
 
     async fn finish(&self, place: &Place, outcome: Outcome) -> anyhow::Result<()> {
@@ -147,7 +122,7 @@ impl FailureBudgets for MemoryBudgets {
                 entry.forget_expired(now);
                 entry.failures += 1;
                 entry.last_failure = Some(now);
-                entry.until = Some(now + self.window);
+                entry.until = Some(now + self.rules.window);
             }
             Outcome::Succeeded => {
                 entry.failures = 0;

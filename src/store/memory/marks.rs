@@ -104,20 +104,8 @@ impl MemoryMarks {
 
     /// Whether a session mark is live (for `ensure_session_revoked`).
     fn session_marked(&self, sid: SessionId) -> bool {
-        self.revokes(&Subject {
-            session: sid.0,
-            jti: "",
-            user: uuid::Uuid::nil(),
-            issued_ms: i64::MAX,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.0.revokes_session(sid.0, Instant::now())
     }
 }
 

@@ -94,11 +94,6 @@ impl Denylist {
         Ok(())
     }
 
-    /// The in-memory copy, if this instance keeps one.
-    pub fn copy(&self) -> Option<&Feed> {
-        self.copy.as_deref()
-    }
-
     pub fn session_key(&self, sid: SessionId) -> String {
         format!("{}revoked:sid:{}", self.prefix, sid.0)
     }
@@ -213,7 +208,7 @@ impl Denylist {
     }
 
     /// The check as one `MGET`, without the copy.
-    pub async fn ask_redis(
+    async fn ask_redis(
         &self,
         sid: SessionId,
         jti: &str,

@@ -29,7 +29,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 
 use crate::config::LoginSettings;
-use crate::store::{Budget, FailureBudgets, Gate, Outcome, Place};
+use crate::store::{BUDGET_LEASE, Budget, BudgetRules, FailureBudgets, Gate, Outcome, Place};
 
 /// Returns 0 after reserving a place for attempt ARGV[5], -1 when the free places are
 /// all held by attempts in flight (wait for them), -2 when a budget without delay is
@@ -87,20 +87,13 @@ end
 return 0
 ";
 
-/// How long a reserved place is held at most: longer than any queue wait plus hash.
-const LEASE: Duration = Duration::from_secs(30);
-
 #[derive(Clone)]
 pub struct LoginFailures {
     conn: ConnectionManager,
     prefix: String,
     gate: Script,
     finish: Script,
-    free: u32,
-    device_free: u32,
-    base_ms: u64,
-    max_ms: u64,
-    window_secs: u64,
+    rules: BudgetRules,
 }
 
 impl LoginFailures {
@@ -110,11 +103,7 @@ impl LoginFailures {
             prefix: prefix.to_owned(),
             gate: Script::new(GATE),
             finish: Script::new(FINISH),
-            free: settings.free_failures,
-            device_free: settings.device_free_failures,
-            base_ms: settings.delay_base_secs * 1000,
-            max_ms: settings.delay_max_secs * 1000,
-            window_secs: settings.failure_window_secs.max(1),
+            rules: BudgetRules::from_settings(settings),
         }
     }
 
@@ -135,45 +124,27 @@ impl LoginFailures {
 #[async_trait::async_trait]
 impl FailureBudgets for LoginFailures {
     async fn reserve(&self, budget: Budget, key: &str) -> anyhow::Result<Gate> {
-        let (free, base_ms) = match budget {
-            Budget::Account => (self.free, self.base_ms),
-            Budget::Device => (self.device_free, 0),
-        };
-        let keys = self.keys(budget, key);
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        if free == 0 && base_ms == 0 {
-            // An account budget switched off (free_failures = delay_base_secs = 0), or
-            // devices that are never known (device_free_failures = 0).
-            return Ok(match budget {
-                Budget::Account => Gate::Reserved(Place {
-                    budget,
-                    key: key.to_owned(),
-                    id,
-                    counted: false,
-                }),
-                Budget::Device => Gate::Exhausted,
-            });
+        if let Some(gate) = self.rules.switched_off(budget, key) {
+            return Ok(gate);
         }
+        let (free, base) = self.rules.limits(budget);
+        let keys = self.keys(budget, key);
+        let place = Place::new(budget, key, true);
         let mut conn = self.conn.clone();
         let answer: i64 = self
             .gate
             .key(&keys[0])
             .key(&keys[1])
             .arg(free)
-            .arg(base_ms)
-            .arg(self.max_ms)
-            .arg(self.window_secs)
-            .arg(&id)
-            .arg(LEASE.as_millis() as u64)
+            .arg(base.as_millis() as u64)
+            .arg(self.rules.delay_max.as_millis() as u64)
+            .arg(self.rules.window.as_secs())
+            .arg(&place.id)
+            .arg(BUDGET_LEASE.as_millis() as u64)
             .invoke_async(&mut conn)
             .await?;
         Ok(match answer {
-            0 => Gate::Reserved(Place {
-                budget,
-                key: key.to_owned(),
-                id,
-                counted: true,
-            }),
+            0 => Gate::Reserved(place),
             -1 => Gate::Busy,
             -2 => Gate::Exhausted,
             ms => Gate::Wait(Duration::from_millis(ms.max(1) as u64)),
@@ -197,7 +168,7 @@ impl FailureBudgets for LoginFailures {
             .key(&keys[1])
             .arg(&place.id)
             .arg(outcome)
-            .arg(self.window_secs)
+            .arg(self.rules.window.as_secs())
             .invoke_async(&mut conn)
             .await?;
         Ok(())
