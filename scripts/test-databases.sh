@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Removal of the test suite's databases and key directories, sourced by scripts/test.sh.
-# Names carry the run id (tessera_test_r<pid>_..., tessera-test-keys-r<pid>_...):
+# Names carry the run id (tessera_test_r<pid>_..., tessera-test-keys-r<pid>_..., and
+# tessera-test-data-r<pid>_... for the SQLite databases of the embedded run):
 #   drop_test_databases own    removes this run's ($TESSERA_TEST_RUN)
 #   drop_test_databases stale  removes those of runs whose process is gone
 # so two runs at once never remove each other's. Needs TESSERA_TEST_POSTGRES.
@@ -17,9 +18,9 @@ is_doomed() { # which run
 
 drop_test_databases() { # own | stale
   local which=$1 name run dir tmp=${TMPDIR:-/tmp}
-  for dir in "$tmp"/tessera-test-keys-r*; do
+  for dir in "$tmp"/tessera-test-keys-r* "$tmp"/tessera-test-data-r*; do
     [ -e "$dir" ] || continue
-    run=${dir#"$tmp"/tessera-test-keys-}
+    run=${dir#"$tmp"/tessera-test-*-}
     if is_doomed "$which" "${run%%_*}"; then rm -rf "$dir"; fi
   done
   command -v psql >/dev/null || return 0

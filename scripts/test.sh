@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs Tessera's whole test suite (unit and integration tests) against real PostgreSQL
+# Runs Tessera's whole test suite (unit and integration tests): against real PostgreSQL
 # and Redis, found or provided by scripts/services.sh (which changes nothing the
-# machine already has).
+# machine already has), then the HTTP suite again on the embedded default (SQLite,
+# revocations in process).
 #   TESSERA_TEST_POSTGRES  base URL of the test server (no database name)
 #   TESSERA_TEST_REDIS     Redis URL
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh refresh).
@@ -22,9 +23,9 @@ drop_test_databases stale
 export SQLX_OFFLINE=true
 say "building and running the test suite (PostgreSQL + Redis) ..."
 cargo test --workspace --tests "$@"
-# The same HTTP suite on the embedded configuration: revocation marks and login
-# failure budgets in process (redis.url empty); the tests about Redis itself or about
-# several instances end early there. (SQLite joins this run with the SQLite store.)
-say "running the HTTP suite again on the embedded configuration ..."
+# The same HTTP suite on the embedded configuration: SQLite, with revocation marks and
+# login failure budgets in process (redis.url empty); the tests about PostgreSQL or
+# Redis themselves or about several instances end early there.
+say "running the HTTP suite again on the embedded configuration (SQLite) ..."
 TESSERA_TEST_BACKEND=embedded cargo test --test api "$@"
 drop_test_databases own

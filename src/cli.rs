@@ -1,4 +1,5 @@
-//! The `tessera` command line: `serve` (default), `migrate`, `user create`, `keys`.
+//! The `tessera` command line: `serve` (default), `migrate`, `user create`, `keys`,
+//! `backup` (a copy of the live embedded database).
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -11,8 +12,8 @@ use crate::auth::password::PasswordHasherPool;
 use crate::config::Settings;
 use crate::domain::{Email, Password};
 use crate::startup::Application;
-use crate::store::Store;
-use crate::store::postgres::PgStore;
+use crate::store::Backend;
+use crate::store::sqlite::SqliteStore;
 
 #[derive(Parser)]
 #[command(name = "tessera", version, about = "Token authentication server")]
@@ -39,6 +40,12 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Write a consistent copy of the embedded (SQLite) database to FILE, while the
+    /// server runs.
+    Backup {
+        /// Where to write the copy (must not exist).
+        file: PathBuf,
     },
 }
 
@@ -75,7 +82,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             eprintln!("migrating the database ...");
-            PgStore::prepare(&settings.database, true).await?;
+            Backend::from_settings(&settings.database)?
+                .prepare(&settings.database, true)
+                .await?;
             eprintln!("database is up to date");
         }
         Command::User {
@@ -89,8 +98,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("--role: {e}"))?
             };
             let password = Password::parse_new(read_password()?).map_err(anyhow::Error::msg)?;
-            PgStore::prepare(&settings.database, true).await?;
-            let store = PgStore::connect_lazy(&settings.database)?;
+            let backend = Backend::from_settings(&settings.database)?;
+            backend.prepare(&settings.database, true).await?;
+            let store = backend.connect_lazy(&settings.database)?;
             let hasher = PasswordHasherPool::new(&settings.password)?;
             eprintln!("hashing the password ...");
             let hash = hasher
@@ -113,6 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 user.roles.join(",")
             );
         }
+        Command::Backup { file } => backup(&settings, &file).await?,
         Command::Keys { command } => {
             let store = KeyStore::from_settings(&settings)?;
             let dir = store.dir().display();
@@ -176,4 +187,45 @@ fn read_password() -> anyhow::Result<String> {
             .unwrap_or(&line)
             .to_owned())
     }
+}
+
+/// The embedded store of `settings`, for `backup`: it must exist.
+async fn embedded_store(settings: &Settings, what: &str) -> anyhow::Result<SqliteStore> {
+    if Backend::from_settings(&settings.database)? != Backend::Sqlite {
+        anyhow::bail!(
+            "{what} works on the embedded database, and database.url is not sqlite://...; \
+             for PostgreSQL use its own tools (pg_dump)"
+        );
+    }
+    let store = SqliteStore::connect_lazy(&settings.database)?;
+    if !store.file().is_file() {
+        anyhow::bail!(
+            "there is no database at {}; is database.url (TESSERA__DATABASE__URL) right, \
+             and is this the directory the server runs in?",
+            store.file().display()
+        );
+    }
+    Ok(store)
+}
+
+async fn backup(settings: &Settings, file: &std::path::Path) -> anyhow::Result<()> {
+    let store = embedded_store(settings, "backup").await?;
+    if file.exists() {
+        anyhow::bail!("{} exists; give a new file name", file.display());
+    }
+    eprintln!(
+        "copying {} to {} (the server may keep running) ...",
+        store.file().display(),
+        file.display()
+    );
+    store.backup(file).await?;
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "backup written: {} ({} KiB); restore by stopping the server and putting it in \
+         place of {}",
+        file.display(),
+        size / 1024,
+        store.file().display()
+    );
+    Ok(())
 }

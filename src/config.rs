@@ -471,7 +471,10 @@ mod tests {
         std::fs::write(&good, "[tokens]\naccess_ttl_secs = 60\n").unwrap();
         let s = Settings::load_from(Some(&good), env(&[])).unwrap();
         assert_eq!(s.tokens.access_ttl_secs, 60);
-        assert_eq!(s.keys.dir, std::env::current_dir().unwrap().join("keys"));
+        assert_eq!(
+            s.keys.dir,
+            std::env::current_dir().unwrap().join("data/keys")
+        );
         let with_keys = dir.join("with-keys.toml");
         std::fs::write(&with_keys, "[keys]\ndir = \"signing\"\n").unwrap();
         let s = Settings::load_from(Some(&with_keys), env(&[])).unwrap();

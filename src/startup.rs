@@ -24,9 +24,8 @@ use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
 use crate::http::{admin, auth, health, sessions, token, users, well_known};
 use crate::store::memory::{MemoryBudgets, MemoryMarks};
-use crate::store::postgres::PgStore;
 use crate::store::redis::{Denylist, LoginFailures};
-use crate::store::{FailureBudgets, MarksHealth, Revocations, Store};
+use crate::store::{Backend, FailureBudgets, MarksHealth, Revocations, Store};
 use secrecy::ExposeSecret;
 
 pub use crate::http::AppState;
@@ -79,15 +78,26 @@ async fn revocations_and_budgets(
             anyhow::bail!(
                 "another Tessera instance with an empty redis.url is running on this \
                  database: revocations kept in process cannot be shared, so only one may \
-                 run; stop it, or give every instance the same redis.url"
+                 run; stop it, or give every instance the same redis.url (and a \
+                 postgres:// database.url)"
             );
         }
         let marks = Arc::new(MemoryMarks::persistent(store.clone()));
         let session_mark_secs = settings.tokens.access_token_horizon().as_secs();
-        tracing::info!(
-            "single-instance mode: revocation marks and login failure budgets are kept in \
-             this process (redis.url is empty); set redis.url to run more than one instance"
-        );
+        match Backend::from_settings(&settings.database)? {
+            Backend::Sqlite => tracing::info!(
+                database = %settings.database.url.expose_secret(),
+                "single-instance mode: embedded SQLite database, revocation marks and \
+                 login failure budgets in this process; to run more than one instance, \
+                 move the data with `tessera copy --to postgres://...`, then set \
+                 database.url to it and redis.url"
+            ),
+            Backend::Postgres => tracing::info!(
+                "single-instance mode: revocation marks and login failure budgets are \
+                 kept in this process (redis.url is empty); set redis.url to run more \
+                 than one instance"
+            ),
+        }
         spawn_mark_loading(Arc::downgrade(&marks), session_mark_secs).await;
         return Ok((marks, Arc::new(MemoryBudgets::new(&settings.login))));
     }
@@ -111,8 +121,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        PgStore::prepare(&settings.database, settings.database.auto_migrate).await?;
-        let store: Arc<dyn Store> = Arc::new(PgStore::connect_lazy(&settings.database)?);
+        let backend = Backend::from_settings(&settings.database)?;
+        backend
+            .prepare(&settings.database, settings.database.auto_migrate)
+            .await?;
+        let store = backend.connect_lazy(&settings.database)?;
         let (revocations, failures) = revocations_and_budgets(&settings, &store).await?;
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
         let tokens = AccessTokens::new(keys.clone(), &settings.tokens)

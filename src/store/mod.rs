@@ -1,24 +1,80 @@
 //! Persistence behind small interfaces, one folder per backend.
 //!
 //! - [`Store`] is what the domain needs from a durable database: users, sessions,
-//!   refresh tokens, devices and audit events ([`postgres::PgStore`]).
+//!   refresh tokens, devices and audit events ([`sqlite::SqliteStore`], the embedded
+//!   default, or [`postgres::PgStore`]; [`Backend::of`] picks one by the scheme of
+//!   `database.url`).
 //! - [`Revocations`] holds the short-lived revocation marks every instance honours, and
 //!   [`FailureBudgets`] the per-account and per-device login failure budgets
-//!   ([`redis::Denylist`] and [`redis::LoginFailures`], shared by every instance).
+//!   ([`redis::Denylist`] and [`redis::LoginFailures`], shared by every instance, or
+//!   [`memory::MemoryMarks`] and [`memory::MemoryBudgets`] in one process).
 //!
 //! `auth/` names only these traits, so another backend is added beside the others
 //! without touching the domain or the handlers.
 
 pub mod memory;
+// scripts/prepare-sqlx.sh checks each backend's queries in a pass of its own.
+#[cfg(not(tessera_prepare = "sqlite"))]
 pub mod postgres;
 pub mod redis;
+#[cfg(not(tessera_prepare = "postgres"))]
+pub mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use secrecy::ExposeSecret;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
+
+/// The database `database.url` names, by its scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://PATH` (or `sqlite:PATH`): the embedded default, one file.
+    Sqlite,
+    /// `postgres://…` or `postgresql://…`.
+    Postgres,
+}
+
+impl Backend {
+    pub fn of(url: &str) -> anyhow::Result<Self> {
+        let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+        match scheme {
+            "sqlite" => Ok(Backend::Sqlite),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            _ => anyhow::bail!(
+                "database.url must start with sqlite:// (the embedded database, e.g. \
+                 sqlite://data/tessera.db) or postgres:// (e.g. \
+                 postgres://user:password@host:5432/tessera)"
+            ),
+        }
+    }
+
+    pub fn from_settings(settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        Backend::of(settings.url.expose_secret())
+    }
+
+    /// Creates the database if it is missing and, with `migrate`, applies pending
+    /// migrations.
+    pub async fn prepare(self, settings: &DatabaseSettings, migrate: bool) -> anyhow::Result<()> {
+        match self {
+            Backend::Sqlite => sqlite::SqliteStore::prepare(settings, migrate).await,
+            Backend::Postgres => postgres::PgStore::prepare(settings, migrate).await,
+        }
+    }
+
+    /// The store, connecting on first use.
+    pub fn connect_lazy(self, settings: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self {
+            Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect_lazy(settings)?),
+            Backend::Postgres => Arc::new(postgres::PgStore::connect_lazy(settings)?),
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -536,6 +592,12 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64>;
     /// Deletes up to `batch` expired devices; returns how many.
     async fn delete_expired_devices(&self, batch: i64) -> StoreResult<u64>;
+}
+
+/// Whether two role lists differ as sets (order and repeats aside).
+pub(crate) fn roles_differ(old: &[String], new: &[String]) -> bool {
+    use std::collections::BTreeSet;
+    old.iter().collect::<BTreeSet<_>>() != new.iter().collect::<BTreeSet<_>>()
 }
 
 /// Helper for ids coming back from SQL.

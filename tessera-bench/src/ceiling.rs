@@ -14,8 +14,8 @@ use argon2::{PasswordHasher, PasswordVerifier};
 use tessera::auth::keys::KeyStore;
 use tessera::auth::refresh_token::RefreshToken;
 use tessera::config::{PasswordSettings, Settings};
-use tessera::store::postgres::PgStore;
-use tessera::store::{ClientInfo, Rotation, Store};
+use tessera::store::Backend;
+use tessera::store::{ClientInfo, Rotation};
 
 use crate::load::{Outcome, Stats};
 
@@ -110,7 +110,7 @@ pub async fn bare_refresh(
     duration: Duration,
     warmup: Duration,
 ) -> anyhow::Result<Outcome> {
-    let store = Arc::new(PgStore::connect_lazy(&settings.database)?);
+    let store = Backend::from_settings(&settings.database)?.connect_lazy(&settings.database)?;
     let idle_ttl_secs = settings.tokens.refresh_idle_ttl_secs as i64;
     let grace_secs = settings.tokens.refresh_reuse_grace_secs as i64;
     let audit = settings.audit.refresh;

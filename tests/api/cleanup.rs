@@ -73,11 +73,14 @@ async fn cleanup_deletes_expired_and_idle_sessions_and_old_audit_rows() {
     let aged = app.login_ok(&email).await;
     let mut db = app.db().await;
     // Age one session past its absolute end; the other just idles out.
-    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 hour' WHERE id = $1::uuid")
-        .bind(&aged.session_id)
-        .execute(&mut db)
-        .await
-        .unwrap();
+    sqlx::query(app.pick(
+        "UPDATE sessions SET expires_at = now() - interval '1 hour' WHERE id = $1::uuid",
+        "UPDATE sessions SET expires_at = expires_at - 3600000000 WHERE id = $1",
+    ))
+    .bind(&aged.session_id)
+    .execute(&mut db)
+    .await
+    .unwrap();
     app.login_ok(&email).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let fresh = app.login_ok(&email).await;
@@ -85,7 +88,7 @@ async fn cleanup_deletes_expired_and_idle_sessions_and_old_audit_rows() {
     let cleaned = app.state.auth.cleanup().await.unwrap();
     assert_eq!(cleaned.sessions, 2);
     assert!(cleaned.audit_events >= 3, "{cleaned:?}");
-    let left: Vec<String> = sqlx::query_scalar("SELECT id::text FROM sessions")
+    let left: Vec<String> = sqlx::query_scalar("SELECT CAST(id AS TEXT) FROM sessions")
         .fetch_all(&mut db)
         .await
         .unwrap();

@@ -24,15 +24,15 @@ pub fn postgres_base() -> String {
 }
 
 /// Whether this run tests the embedded configuration (`TESSERA_TEST_BACKEND=embedded`,
-/// the second run of `scripts/test.sh`) rather than PostgreSQL + Redis. Today that is
-/// revocation marks and failure budgets in process on PostgreSQL; the SQLite store
-/// joins it when it lands (issue 14).
+/// the second run of `scripts/test.sh`) rather than PostgreSQL + Redis: SQLite, with
+/// revocation marks and failure budgets in process.
 pub fn embedded() -> bool {
     std::env::var("TESSERA_TEST_BACKEND").is_ok_and(|b| b == "embedded")
 }
 
-/// Ends a test that is about Redis itself or about several instances sharing it, when
-/// this run tests the embedded configuration (where neither applies).
+/// Ends a test that is about PostgreSQL or Redis themselves (their outages, row locks,
+/// statement timeouts, migration history) or about several instances sharing them,
+/// when this run tests the embedded configuration (where none of it applies).
 #[macro_export]
 macro_rules! shared_backend_only {
     () => {
@@ -64,7 +64,11 @@ pub fn test_settings() -> Settings {
     let id = format!("{run}_{}", Uuid::new_v4().simple());
     s.server.port = 0;
     s.server.workers = 2;
-    s.database.url = format!("{}/tessera_test_{id}", postgres_base()).into();
+    s.database.url = match embedded() {
+        true => format!("sqlite://{}/tessera.db", test_data_dir(&id).display()),
+        false => format!("{}/tessera_test_{id}", postgres_base()),
+    }
+    .into();
     s.database.max_connections = 8;
     s.redis.url = match embedded() {
         true => String::new().into(),
@@ -81,6 +85,11 @@ pub fn test_settings() -> Settings {
     s.login.free_failures = 10_000;
     s.log.level = "warn".into();
     s
+}
+
+/// Where a test's SQLite database lives (scripts/test-databases.sh removes it).
+pub fn test_data_dir(id: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tessera-test-data-{id}"))
 }
 
 /// [`test_settings`] with a real per-account failure budget: `free` free failures, then
@@ -286,22 +295,26 @@ impl TestApp {
     pub async fn admin(&self) -> Tokens {
         let email = self.new_user().await;
         let mut db = self.db().await;
-        sqlx::query("UPDATE users SET roles = '{user,admin}' WHERE email = $1")
-            .bind(&email)
-            .execute(&mut db)
-            .await
-            .unwrap();
+        sqlx::query(self.pick(
+            "UPDATE users SET roles = '{user,admin}' WHERE email = $1",
+            r#"UPDATE users SET roles = '["user","admin"]' WHERE email = $1"#,
+        ))
+        .bind(&email)
+        .execute(&mut db)
+        .await
+        .unwrap();
         self.login_ok(&email).await
     }
 
     /// The id of the user `email`.
     pub async fn user_id(&self, email: &str) -> Uuid {
         let mut db = self.db().await;
-        sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+        let id: String = sqlx::query_scalar("SELECT CAST(id AS TEXT) FROM users WHERE email = $1")
             .bind(email)
             .fetch_one(&mut db)
             .await
-            .unwrap()
+            .unwrap();
+        id.parse().unwrap()
     }
 
     /// Clears the shared per-account login failure count of `email` (as a success does).
@@ -343,14 +356,39 @@ impl TestApp {
             .unwrap()
     }
 
-    /// A direct connection to this test's database, to inspect or age rows.
-    pub async fn db(&self) -> sqlx::PgConnection {
-        use secrecy::ExposeSecret;
-        use sqlx::Connection;
-        sqlx::PgConnection::connect(self.settings.database.url.expose_secret())
-            .await
-            .unwrap()
+    /// A direct connection to this test's database (PostgreSQL or SQLite), to inspect
+    /// or age rows. sqlx's `Any` driver: text, integers, floats, bytes and booleans.
+    /// Portable SQL runs as it is (both accept `$1` and `CAST(id AS TEXT)`); where the
+    /// two differ (times, arrays), [`TestApp::pick`] chooses the backend's own statement.
+    pub async fn db(&self) -> sqlx::AnyConnection {
+        connect_db(&self.settings).await
     }
+
+    /// Whether this test's database is SQLite.
+    pub fn sqlite(&self) -> bool {
+        is_sqlite(&self.settings)
+    }
+
+    /// The statement for this test's backend: PostgreSQL's, or SQLite's (times there
+    /// are INTEGER microseconds since the epoch, ids TEXT, roles a JSON array).
+    pub fn pick(&self, postgres: &'static str, sqlite: &'static str) -> &'static str {
+        if self.sqlite() { sqlite } else { postgres }
+    }
+}
+
+pub fn is_sqlite(settings: &Settings) -> bool {
+    use secrecy::ExposeSecret;
+    settings.database.url.expose_secret().starts_with("sqlite:")
+}
+
+/// A direct connection to the database of `settings` (see [`TestApp::db`]).
+pub async fn connect_db(settings: &Settings) -> sqlx::AnyConnection {
+    use secrecy::ExposeSecret;
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(settings.database.url.expose_secret())
+        .await
+        .unwrap()
 }
 
 /// Asserts that every response is a 200 token response carrying the same refresh
@@ -638,6 +676,7 @@ pub fn server_binary(settings: &Settings) -> (std::process::Command, PathBuf) {
             "TESSERA__DATABASE__URL",
             settings.database.url.expose_secret(),
         )
+        .env("TESSERA__REDIS__URL", settings.redis.url.expose_secret())
         .env("TESSERA__REDIS__KEY_PREFIX", &settings.redis.key_prefix)
         .env("TESSERA__KEYS__DIR", &settings.keys.dir)
         .env("TESSERA__LOG__FORMAT", "json")

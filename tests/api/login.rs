@@ -52,9 +52,10 @@ async fn remember_me_gets_the_long_lifetime_capped_by_idle() {
     // 30 days absolute, but the idle lifetime (7 days) comes first.
     assert_eq!(body["refresh_token_expires_in"], 604_800);
     let mut db = app.db().await;
-    let days: f64 = sqlx::query_scalar(
+    let days: f64 = sqlx::query_scalar(app.pick(
         "SELECT extract(epoch FROM expires_at - created_at)::float8 / 86400 FROM sessions",
-    )
+        "SELECT (expires_at - created_at) / 86400e6 FROM sessions",
+    ))
     .fetch_one(&mut db)
     .await
     .unwrap();

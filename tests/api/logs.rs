@@ -7,7 +7,6 @@ use crate::helpers::*;
 /// checks that no password, token or hash ever reaches the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_sensitive_is_logged_even_at_debug_level() {
-    use secrecy::ExposeSecret;
     let settings = test_settings();
     let (mut cmd, log_path) = server_binary(&settings);
     let mut child = cmd
@@ -66,10 +65,7 @@ async fn nothing_sensitive_is_logged_even_at_debug_level() {
         .unwrap();
     assert_eq!(logout.status(), StatusCode::NO_CONTENT);
     let hash: String = {
-        use sqlx::Connection;
-        let mut db = sqlx::PgConnection::connect(settings.database.url.expose_secret())
-            .await
-            .unwrap();
+        let mut db = connect_db(&settings).await;
         sqlx::query_scalar("SELECT password_hash FROM users")
             .fetch_one(&mut db)
             .await

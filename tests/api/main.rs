@@ -6,6 +6,7 @@ mod audit;
 mod cleanup;
 mod devices;
 mod downstream;
+mod embedded;
 mod eviction;
 mod forged_tokens;
 mod forwarded;

@@ -14,6 +14,7 @@ pub fn addr_of(url: &str) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_gives_503_and_the_server_recovers() {
+    crate::shared_backend_only!();
     let proxy = Proxy::start(addr_of(&postgres_base())).await;
     let mut settings = test_settings();
     let db_name = secrecy::ExposeSecret::expose_secret(&settings.database.url)

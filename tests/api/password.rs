@@ -133,7 +133,7 @@ async fn failed_logins_hold_password_changes_in_the_same_budget() {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
 }
 
-async fn stored_hash(db: &mut sqlx::PgConnection, email: &str) -> String {
+async fn stored_hash(db: &mut sqlx::AnyConnection, email: &str) -> String {
     sqlx::query_scalar("SELECT password_hash FROM users WHERE email = $1")
         .bind(email)
         .fetch_one(db)

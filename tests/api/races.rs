@@ -25,11 +25,14 @@ async fn two_admins(app: &TestApp) -> (String, uuid::Uuid, Tokens) {
     let email = app.new_user().await;
     let id = app.user_id(&email).await;
     let mut db = app.db().await;
-    sqlx::query("UPDATE users SET roles = '{user,admin}' WHERE id = $1")
-        .bind(id)
-        .execute(&mut db)
-        .await
-        .unwrap();
+    sqlx::query(app.pick(
+        "UPDATE users SET roles = '{user,admin}' WHERE id = $1::uuid",
+        r#"UPDATE users SET roles = '["user","admin"]' WHERE id = $1"#,
+    ))
+    .bind(id.to_string())
+    .execute(&mut db)
+    .await
+    .unwrap();
     (email, id, actor)
 }
 
@@ -125,7 +128,10 @@ async fn a_login_in_flight_during_a_disable_is_refused() {
 }
 
 /// Holds the row lock that `select_for_update` (with `$1` = the session id) takes, as a
-/// slow transaction would, until the returned sender is used or dropped.
+/// slow transaction would, until the returned sender is used or dropped. SQLite has no
+/// row locks: there it holds the database's write lock (`BEGIN IMMEDIATE` from another
+/// connection, as `tessera backup` or a second process would), which every write waits
+/// for.
 async fn hold_lock(
     app: &TestApp,
     select_for_update: &'static str,
@@ -135,8 +141,19 @@ async fn hold_lock(
     let mut db = app.db().await;
     let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let sid: uuid::Uuid = session.parse().unwrap();
+    let sid = session.to_owned();
+    let sqlite = app.sqlite();
     tokio::spawn(async move {
+        if sqlite {
+            sqlx::raw_sql("BEGIN IMMEDIATE")
+                .execute(&mut db)
+                .await
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.await;
+            sqlx::raw_sql("ROLLBACK").execute(&mut db).await.unwrap();
+            return;
+        }
         let mut tx = db.begin().await.unwrap();
         sqlx::query(select_for_update)
             .bind(sid)
@@ -151,8 +168,8 @@ async fn hold_lock(
     release_tx
 }
 
-const SESSION_ROW: &str = "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE";
-const TOKEN_ROWS: &str = "SELECT 1 FROM refresh_tokens WHERE session_id = $1 FOR UPDATE";
+const SESSION_ROW: &str = "SELECT 1 FROM sessions WHERE id = $1::uuid FOR UPDATE";
+const TOKEN_ROWS: &str = "SELECT 1 FROM refresh_tokens WHERE session_id = $1::uuid FOR UPDATE";
 
 /// `POST /refresh` with `token`, running on its own (it may be stalled by a lock).
 fn refresh_in_background(app: &TestApp, token: &str) -> tokio::task::JoinHandle<Response> {
@@ -163,6 +180,9 @@ fn refresh_in_background(app: &TestApp, token: &str) -> tokio::task::JoinHandle<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_in_flight_during_a_demotion_never_yields_an_admin_token() {
+    // Stalls the refresh on a row lock; SQLite has none (one writer at a time orders
+    // the two instead).
+    crate::shared_backend_only!();
     let app = spawn_app().await;
     let (email, id, actor) = two_admins(&app).await;
     let victim = app.login_ok(&email).await;
@@ -185,6 +205,7 @@ async fn a_refresh_in_flight_during_a_demotion_never_yields_an_admin_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_in_flight_during_a_disable_yields_no_usable_token() {
+    crate::shared_backend_only!(); // a row lock, as above
     let app = spawn_app().await;
     let (email, id, actor) = two_admins(&app).await;
     let victim = app.login_ok(&email).await;
@@ -242,6 +263,7 @@ async fn a_rotation_stalled_longer_than_the_grace_window_still_gives_a_second_ta
 
 #[tokio::test]
 async fn a_statement_stalled_past_the_statement_timeout_answers_503_and_the_session_survives() {
+    crate::shared_backend_only!(); // PostgreSQL's statement_timeout and row locks
     let mut settings = test_settings();
     settings.database.statement_timeout_ms = 500;
     let app = spawn_app_with(settings).await;

@@ -96,8 +96,8 @@ async fn revoke(app: &TestApp, token: &str) {
     assert_eq!(res.status(), StatusCode::OK);
 }
 
-async fn revoked_at(db: &mut sqlx::PgConnection) -> chrono::DateTime<chrono::Utc> {
-    sqlx::query_scalar("SELECT revoked_at FROM sessions WHERE revoked_at IS NOT NULL")
+async fn revoked_at(db: &mut sqlx::AnyConnection) -> String {
+    sqlx::query_scalar("SELECT CAST(revoked_at AS TEXT) FROM sessions WHERE revoked_at IS NOT NULL")
         .fetch_one(db)
         .await
         .unwrap()

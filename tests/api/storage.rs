@@ -13,14 +13,13 @@ use crate::helpers::*;
 /// by a few bytes with where a tuple sits, not with how much it holds).
 async fn footprint(app: &TestApp, sid: &str) -> (i64, i64) {
     let mut db = app.db().await;
-    let sid: uuid::Uuid = sid.parse().unwrap();
-    sqlx::query_as(
-        "SELECT (SELECT count(*) FROM refresh_tokens WHERE session_id = $1),
+    sqlx::query_as(app.pick(
+        "SELECT (SELECT count(*) FROM refresh_tokens WHERE session_id = $1::uuid),
                 (SELECT coalesce(sum(pg_column_size(token_hash) + pg_column_size(session_id)
                         + pg_column_size(created_at) + coalesce(pg_column_size(rotated_at), 0)
                         + coalesce(pg_column_size(successor_hash), 0)
                         + coalesce(pg_column_size(successor_sealed), 0)), 0)
-                 FROM refresh_tokens WHERE session_id = $1)::int8
+                 FROM refresh_tokens WHERE session_id = $1::uuid)::int8
               + (SELECT sum(pg_column_size(v)) FROM sessions s,
                         LATERAL (VALUES (pg_column_size(s.id)), (pg_column_size(s.user_id)),
                                         (pg_column_size(s.expires_at)),
@@ -29,8 +28,20 @@ async fn footprint(app: &TestApp, sid: &str) -> (i64, i64) {
                                         (pg_column_size(s.chain_hash)),
                                         (pg_column_size(s.last_ip)),
                                         (pg_column_size(s.last_user_agent))) AS c(v)
-                 WHERE s.id = $1)::int8",
-    )
+                 WHERE s.id = $1::uuid)::int8",
+        // SQLite stores an integer in up to 8 bytes by its value: counted as 8, so
+        // that only what the rows hold is compared.
+        "SELECT (SELECT count(*) FROM refresh_tokens WHERE session_id = $1),
+                (SELECT coalesce(sum(length(token_hash) + length(session_id) + 8
+                        + (CASE WHEN rotated_at IS NULL THEN 0 ELSE 8 END)
+                        + coalesce(length(successor_hash), 0)
+                        + coalesce(length(successor_sealed), 0)), 0)
+                 FROM refresh_tokens WHERE session_id = $1)
+              + (SELECT length(id) + length(user_id) + 8 + 8 + 8
+                        + coalesce(length(chain_hash), 0) + coalesce(length(last_ip), 0)
+                        + coalesce(length(last_user_agent), 0)
+                 FROM sessions WHERE id = $1)",
+    ))
     .bind(sid)
     .fetch_one(&mut db)
     .await
@@ -142,14 +153,14 @@ async fn tokens_of_the_first_format_still_refresh() {
     let t = app.login_ok(&email).await;
     let legacy = RefreshToken::generate();
     let mut db = app.db().await;
-    let sid: uuid::Uuid = t.session_id.parse().unwrap();
-    sqlx::query("UPDATE refresh_tokens SET token_hash = $2 WHERE session_id = $1")
+    let sid = t.session_id.as_str();
+    sqlx::query("UPDATE refresh_tokens SET token_hash = $2 WHERE CAST(session_id AS TEXT) = $1")
         .bind(sid)
         .bind(legacy.hash())
         .execute(&mut db)
         .await
         .unwrap();
-    sqlx::query("UPDATE sessions SET chain_hash = NULL WHERE id = $1")
+    sqlx::query("UPDATE sessions SET chain_hash = NULL WHERE CAST(id AS TEXT) = $1")
         .bind(sid)
         .execute(&mut db)
         .await

@@ -688,12 +688,7 @@ impl Store for PgStore {
             Vec::new()
         };
         tx.commit().await.map_err(classify)?;
-        let sorted = |mut roles: Vec<String>| {
-            roles.sort();
-            roles.dedup();
-            roles
-        };
-        let roles_changed = sorted(row.old_roles) != sorted(row.roles.clone());
+        let roles_changed = super::roles_differ(&row.old_roles, &row.roles);
         Ok(Some(UserUpdate {
             user: user_from(row.id, row.email, row.roles, row.disabled, row.created_at),
             roles_changed,

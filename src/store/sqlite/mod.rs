@@ -1,0 +1,1098 @@
+//! The SQLite [`Store`]: the embedded default (`database.url = "sqlite://…"`).
+//!
+//! The same behaviour as [`super::postgres::PgStore`], built the way SQLite wants:
+//!
+//! - **One writer.** Every write is a `BEGIN IMMEDIATE` transaction on the single
+//!   connection of the writer pool, so writes queue in this process (fairly, in the
+//!   pool's order) instead of polling SQLite's lock, and a transaction never has to
+//!   upgrade a read lock (no deadlock, no `SQLITE_BUSY` mid-way). Other processes on
+//!   the file (`tessera backup`, the CLI) wait on `busy_timeout`.
+//! - **Many readers.** WAL mode: reads run on the reader pool beside the writer and see
+//!   every committed write.
+//! - **Statements, not CTEs.** SQLite has no data-modifying CTEs and no row locks, so
+//!   what PostgreSQL does in one locking statement is a few statements inside one
+//!   write transaction; holding the writer lock is what makes them atomic, so of two
+//!   rotations of one token exactly one wins, as on PostgreSQL.
+//! - **One clock.** Times are the process clock, read inside the write transaction (the
+//!   order argument of docs/design.md, "Privilege races", then holds as it does with the
+//!   database clock), stored as INTEGER microseconds; ids are TEXT; roles a JSON array.
+//!
+//! Every query is compile-time checked against `migrations/sqlite/` (`.sqlx/`).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Connection, Sqlite, Transaction};
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+use uuid::Uuid;
+
+use super::{
+    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
+    Credentials, Grant, NewSession, RefreshState, Rotation, SavedMark, SessionInfo, Store,
+    StoreError, StoreResult, User, UserChange, UserUpdate,
+};
+use crate::config::DatabaseSettings;
+use crate::domain::{Email, SessionId, UserId};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a writer from another process (a backup, the CLI) is waited for.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    reader: SqlitePool,
+    /// One connection: every write transaction, in turn.
+    writer: SqlitePool,
+    file: PathBuf,
+    /// The lock file held while this process keeps revocations in process.
+    claim: Arc<Mutex<Option<std::fs::File>>>,
+}
+
+impl SqliteStore {
+    /// Pools that open the file on first use (it exists once [`SqliteStore::prepare`]
+    /// ran).
+    pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        let options = connect_options(settings)?;
+        let file = options.get_filename().to_owned();
+        let acquire = Duration::from_millis(settings.acquire_timeout_ms);
+        let reader = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(acquire)
+            .connect_lazy_with(options.clone());
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(acquire)
+            .connect_lazy_with(options);
+        Ok(SqliteStore {
+            reader,
+            writer,
+            file,
+            claim: Default::default(),
+        })
+    }
+
+    /// Creates the database file (and its directory, mode 0700) if missing, then
+    /// migrates.
+    pub async fn prepare(settings: &DatabaseSettings, migrate: bool) -> anyhow::Result<()> {
+        let options = connect_options(settings)?;
+        let file = options.get_filename().to_owned();
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        let mut conn = options
+            .create_if_missing(settings.create_database)
+            .connect()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the SQLite database {}; does its directory exist and may \
+                     this user write there? (database.url, TESSERA__DATABASE__URL)",
+                    file.display()
+                )
+            })?;
+        if migrate {
+            MIGRATOR
+                .run(&mut conn)
+                .await
+                .context("running migrations failed")?;
+        }
+        conn.close().await.ok();
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The reader pool, e.g. for `tessera copy`.
+    pub fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)
+    }
+
+    /// One statement in a write transaction of its own; returns the rows it changed.
+    async fn write_one(&self, statement: SqliteQuery<'_>) -> StoreResult<u64> {
+        let mut tx = self.write().await?;
+        let done = statement.execute(&mut *tx).await.map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Makes a consistent copy of the live database at `to` (`VACUUM INTO`, which
+    /// reads one snapshot: writers go on meanwhile); `to` must not exist.
+    pub async fn backup(&self, to: &Path) -> anyhow::Result<()> {
+        let to = to
+            .to_str()
+            .context("the backup path is not valid UTF-8")?
+            .to_owned();
+        let mut conn = self.reader.acquire().await?;
+        sqlx::query("VACUUM INTO ?1")
+            .bind(to)
+            .execute(&mut *conn)
+            .await
+            .context("VACUUM INTO failed")?;
+        Ok(())
+    }
+}
+
+fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<SqliteConnectOptions> {
+    Ok(SqliteConnectOptions::from_str(settings.url.expose_secret())
+        .context("database.url is not a valid SQLite URL (sqlite://PATH)")?
+        .journal_mode(SqliteJournalMode::Wal)
+        // Every commit reaches the disk before it is answered: a rotation that was
+        // answered survives a crash or a power cut.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true)
+        .log_statements(log::LevelFilter::Debug))
+}
+
+/// Creates `dir` (and its parents) if missing; a directory Tessera creates is 0700.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))
+}
+
+/// Sorts sqlx errors into "retry later" (503) and everything else.
+fn classify(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
+            StoreError::Conflict
+        }
+        sqlx::Error::Database(db) => {
+            // Primary result codes: 5 BUSY, 6 LOCKED (another process holds the file
+            // past busy_timeout), 10 IOERR, 13 FULL, 14 CANTOPEN.
+            let code: i64 = db.code().and_then(|c| c.parse().ok()).unwrap_or(0);
+            if matches!(code & 0xff, 5 | 6 | 10 | 13 | 14) {
+                StoreError::Unavailable(err.into())
+            } else {
+                StoreError::Other(err.into())
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.into()),
+        _ => StoreError::Other(err.into()),
+    }
+}
+
+/// The process clock in the stored form (Unix microseconds).
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn us(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn time(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn secs_us(secs: i64) -> i64 {
+    secs.saturating_mul(1_000_000)
+}
+
+fn uuid(text: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(text).map_err(|e| StoreError::Other(anyhow::anyhow!("stored id: {e}")))
+}
+
+fn opt_uuid(text: Option<String>) -> StoreResult<Option<Uuid>> {
+    text.as_deref().map(uuid).transpose()
+}
+
+fn roles_from(json: &str) -> StoreResult<Vec<String>> {
+    serde_json::from_str(json).map_err(|e| StoreError::Other(anyhow::anyhow!("stored roles: {e}")))
+}
+
+fn roles_json(roles: &[String]) -> String {
+    serde_json::Value::from(roles).to_string()
+}
+
+fn user_from(
+    id: &str,
+    email: String,
+    roles: &str,
+    disabled: bool,
+    created_at: i64,
+) -> StoreResult<User> {
+    Ok(User {
+        id: UserId(uuid(id)?),
+        email,
+        roles: roles_from(roles)?,
+        disabled,
+        created_at: time(created_at),
+    })
+}
+
+fn ids(rows: Vec<String>) -> StoreResult<Vec<SessionId>> {
+    rows.iter().map(|s| uuid(s).map(SessionId)).collect()
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn clock(&self) -> StoreResult<DateTime<Utc>> {
+        Ok(Utc::now())
+    }
+
+    async fn save_mark(
+        &self,
+        key: &str,
+        value: i64,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let existed =
+            sqlx::query_scalar!("SELECT 1 AS one FROM revocation_marks WHERE key = ?1", key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?
+                .is_some();
+        let expires_at = us(expires_at);
+        sqlx::query!(
+            r#"INSERT INTO revocation_marks (key, value, expires_at) VALUES (?1, ?2, ?3)
+               ON CONFLICT (key) DO UPDATE
+                 SET value = max(value, excluded.value),
+                     expires_at = max(expires_at, excluded.expires_at)"#,
+            key,
+            value,
+            expires_at,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(!existed)
+    }
+
+    async fn live_marks(&self, session_mark_secs: i64) -> StoreResult<Vec<SavedMark>> {
+        let now = now_us();
+        let saved = sqlx::query!(
+            "SELECT key, value, expires_at FROM revocation_marks WHERE expires_at > ?1",
+            now,
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        let ended = sqlx::query!(
+            r#"SELECT id, revoked_at AS "revoked_at!" FROM sessions
+               WHERE revoked_at > ?1"#,
+            now - secs_us(session_mark_secs),
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        let mut marks: Vec<SavedMark> = saved
+            .into_iter()
+            .map(|r| SavedMark {
+                key: r.key,
+                value: r.value,
+                expires_at: time(r.expires_at),
+            })
+            .collect();
+        for r in ended {
+            marks.push(SavedMark {
+                key: format!("revoked:sid:{}", uuid(&r.id)?),
+                value: 1,
+                expires_at: time(r.revoked_at + secs_us(session_mark_secs)),
+            });
+        }
+        Ok(marks)
+    }
+
+    async fn delete_expired_marks(&self, batch: i64) -> StoreResult<u64> {
+        let now = now_us();
+        self.write_one(sqlx::query!(
+            r#"DELETE FROM revocation_marks WHERE key IN (
+                   SELECT key FROM revocation_marks WHERE expires_at < ?1 LIMIT ?2
+               )"#,
+            now,
+            batch,
+        ))
+        .await
+    }
+
+    async fn claim_single_instance(&self) -> StoreResult<bool> {
+        let mut claim = self.claim.lock().expect("claim lock");
+        if claim.is_some() {
+            return Ok(true);
+        }
+        let path = lock_file(&self.file);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| {
+                StoreError::Other(anyhow::anyhow!("cannot open {}: {e}", path.display()))
+            })?;
+        // An advisory lock held while the file is open: the OS lets go of it when the
+        // process ends, however it ends.
+        match file.try_lock() {
+            Ok(()) => {
+                *claim = Some(file);
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Other(anyhow::anyhow!(
+                "cannot lock {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    async fn create_user(
+        &self,
+        email: &Email,
+        password_hash: &str,
+        roles: &[String],
+    ) -> StoreResult<User> {
+        let id = Uuid::new_v4().to_string();
+        let normalized = email.normalized();
+        let roles = roles_json(roles);
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let row = sqlx::query!(
+            r#"INSERT INTO users (id, email, email_normalized, password_hash, roles, created_at,
+                                  updated_at)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+               RETURNING id, email, roles, disabled, created_at"#,
+            id,
+            email.as_str(),
+            normalized,
+            password_hash,
+            roles,
+            now,
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        user_from(&row.id, row.email, &row.roles, row.disabled, row.created_at)
+    }
+
+    async fn find_credentials(
+        &self,
+        email: &Email,
+        device: Option<&[u8]>,
+    ) -> StoreResult<Option<Credentials>> {
+        let normalized = email.normalized();
+        let now = now_us();
+        let row = sqlx::query!(
+            r#"SELECT u.id, u.email, u.roles, u.disabled, u.created_at, u.password_hash,
+                      EXISTS (SELECT 1 FROM devices d
+                              WHERE d.token_hash = ?2 AND d.user_id = u.id
+                                AND d.expires_at > ?3) AS "device_known!: bool"
+               FROM users u WHERE u.email_normalized = ?1"#,
+            normalized,
+            device,
+            now,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok(Credentials {
+                user: user_from(&r.id, r.email, &r.roles, r.disabled, r.created_at)?,
+                password_hash: r.password_hash,
+                device_known: r.device_known,
+            })
+        })
+        .transpose()
+    }
+
+    async fn find_user(&self, id: UserId) -> StoreResult<Option<User>> {
+        let id = id.0.to_string();
+        let row = sqlx::query!(
+            "SELECT id, email, roles, disabled, created_at FROM users WHERE id = ?1",
+            id,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        row.map(|r| user_from(&r.id, r.email, &r.roles, r.disabled, r.created_at))
+            .transpose()
+    }
+
+    async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()> {
+        let user = user.0.to_string();
+        let now = now_us();
+        self.write_one(sqlx::query!(
+            r#"UPDATE users SET password_hash = ?3, updated_at = ?4
+               WHERE id = ?1 AND password_hash = ?2"#,
+            user,
+            old,
+            new,
+            now,
+        ))
+        .await?;
+        Ok(())
+    }
+
+    async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<CreatedSession>> {
+        // The writer lock orders this login against a password change, disable or role
+        // change: either it ran first (and this sees it) or it runs after and ends this
+        // session or marks its token.
+        let user = new.user_id.0.to_string();
+        let session = new.id.0.to_string();
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let Some(roles) = sqlx::query_scalar!(
+            "SELECT roles FROM users WHERE id = ?1 AND password_hash = ?2 AND NOT disabled",
+            user,
+            new.password_hash,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        else {
+            return Ok(None);
+        };
+        // Sessions the cap ended recently, then the least recently used live ones past
+        // the cap (cap - 1 others are kept beside the new one).
+        let recent = now - secs_us(new.recent_secs);
+        let mut evicted = sqlx::query_scalar!(
+            r#"SELECT id FROM sessions
+               WHERE user_id = ?1 AND revoked_reason = 'session_cap' AND revoked_at > ?2"#,
+            user,
+            recent,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if new.max_per_user > 0 {
+            let keep = i64::from(new.max_per_user) - 1;
+            let ended = sqlx::query_scalar!(
+                r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'session_cap'
+                   WHERE id IN (
+                       SELECT id FROM sessions
+                       WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
+                       ORDER BY last_used_at DESC
+                       LIMIT -1 OFFSET ?3
+                   )
+                   RETURNING id"#,
+                user,
+                now,
+                keep,
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+            evicted.extend(ended);
+        }
+        let expires_at = us(new.expires_at);
+        sqlx::query!(
+            r#"INSERT INTO sessions (id, user_id, remember_me, created_at, last_used_at,
+                                     expires_at, login_ip, login_user_agent, last_ip,
+                                     last_user_agent, chain_hash)
+               VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?6, ?7, ?8)"#,
+            session,
+            user,
+            new.remember_me,
+            now,
+            expires_at,
+            new.client.ip,
+            new.client.user_agent,
+            new.chain_hash,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        sqlx::query!(
+            "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES (?1, ?2, ?3)",
+            new.refresh_hash,
+            session,
+            now,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        // A device token is only ever renewed for the user it belongs to.
+        let device_expires = now + secs_us(new.device_ttl_secs);
+        sqlx::query!(
+            r#"INSERT INTO devices (token_hash, user_id, created_at, last_used_at, expires_at)
+               VALUES (?1, ?2, ?3, ?3, ?4)
+               ON CONFLICT (token_hash) DO UPDATE
+                   SET last_used_at = excluded.last_used_at, expires_at = excluded.expires_at
+                   WHERE devices.user_id = excluded.user_id"#,
+            new.device_hash,
+            user,
+            now,
+            device_expires,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        evicted.sort();
+        evicted.dedup();
+        Ok(Some(CreatedSession {
+            grant: Grant {
+                session_id: new.id,
+                user_id: new.user_id,
+                roles: roles_from(&roles)?,
+                expires_at: new.expires_at,
+                issued_at: time(now),
+            },
+            evicted: ids(evicted)?,
+        }))
+    }
+
+    async fn rotate_refresh(&self, r: Rotation<'_>) -> StoreResult<Option<Grant>> {
+        // The writer lock is the race arbiter: of two requests presenting the same
+        // token, the second runs after the first committed, finds it rotated, and falls
+        // back to `refresh_state`. `rotated_at` is the clock once the lock is held.
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let idle_since = now - secs_us(r.idle_ttl_secs);
+        let Some(row) = sqlx::query!(
+            r#"SELECT rt.session_id, s.user_id, s.expires_at, u.roles
+               FROM refresh_tokens rt
+               JOIN sessions s ON s.id = rt.session_id
+               JOIN users u ON u.id = s.user_id
+               WHERE rt.token_hash = ?1 AND rt.rotated_at IS NULL
+                 AND s.revoked_at IS NULL AND s.expires_at > ?2 AND s.last_used_at > ?3
+                 AND NOT u.disabled"#,
+            r.token_hash,
+            now,
+            idle_since,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        else {
+            return Ok(None);
+        };
+        sqlx::query!(
+            r#"UPDATE refresh_tokens
+               SET rotated_at = ?2, successor_hash = ?3, successor_sealed = ?4
+               WHERE token_hash = ?1"#,
+            r.token_hash,
+            now,
+            r.successor_hash,
+            r.successor_sealed,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        sqlx::query!(
+            r#"UPDATE sessions SET last_used_at = ?2, last_ip = ?3, last_user_agent = ?4,
+                                   generation = generation + 1
+               WHERE id = ?1"#,
+            row.session_id,
+            now,
+            r.client.ip,
+            r.client.user_agent,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        sqlx::query!(
+            "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES (?1, ?2, ?3)",
+            r.successor_hash,
+            row.session_id,
+            now,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let grace_since = now - secs_us(r.grace_secs);
+        sqlx::query!(
+            r#"DELETE FROM refresh_tokens
+               WHERE session_id = ?1 AND token_hash <> ?2 AND rotated_at < ?3"#,
+            row.session_id,
+            r.token_hash,
+            grace_since,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if r.audit {
+            let kind = AuditKind::Refresh.as_str();
+            sqlx::query!(
+                r#"INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
+                                             user_agent)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+                now,
+                kind,
+                row.user_id,
+                row.session_id,
+                r.client.ip,
+                r.client.user_agent,
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(Some(Grant {
+            session_id: SessionId(uuid(&row.session_id)?),
+            user_id: UserId(uuid(&row.user_id)?),
+            roles: roles_from(&row.roles)?,
+            expires_at: time(row.expires_at),
+            issued_at: time(now),
+        }))
+    }
+
+    async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>> {
+        let row = sqlx::query!(
+            r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
+                      s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
+                      u.roles, u.disabled
+               FROM refresh_tokens rt
+               JOIN sessions s ON s.id = rt.session_id
+               JOIN users u ON u.id = s.user_id
+               WHERE rt.token_hash = ?1"#,
+            token_hash,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        let now = Utc::now();
+        row.map(|r| {
+            Ok(RefreshState {
+                grant: Grant {
+                    session_id: SessionId(uuid(&r.session_id)?),
+                    user_id: UserId(uuid(&r.user_id)?),
+                    roles: roles_from(&r.roles)?,
+                    expires_at: time(r.expires_at),
+                    issued_at: now,
+                },
+                rotated_at: r.rotated_at.map(time),
+                successor_sealed: r.successor_sealed,
+                last_used_at: time(r.last_used_at),
+                revoked_at: r.revoked_at.map(time),
+                disabled: r.disabled,
+                now,
+            })
+        })
+        .transpose()
+    }
+
+    async fn chain_state(
+        &self,
+        session: SessionId,
+        secret_hash: &[u8],
+    ) -> StoreResult<Option<(RefreshState, i64)>> {
+        let session = session.0.to_string();
+        let row = sqlx::query!(
+            r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
+                      s.generation, u.roles, u.disabled
+               FROM sessions s JOIN users u ON u.id = s.user_id
+               WHERE s.id = ?1 AND s.chain_hash = ?2"#,
+            session,
+            secret_hash,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        let now = Utc::now();
+        row.map(|r| {
+            let state = RefreshState {
+                grant: Grant {
+                    session_id: SessionId(uuid(&r.id)?),
+                    user_id: UserId(uuid(&r.user_id)?),
+                    roles: roles_from(&r.roles)?,
+                    expires_at: time(r.expires_at),
+                    issued_at: now,
+                },
+                rotated_at: None,
+                successor_sealed: None,
+                last_used_at: time(r.last_used_at),
+                revoked_at: r.revoked_at.map(time),
+                disabled: r.disabled,
+                now,
+            };
+            Ok((state, r.generation))
+        })
+        .transpose()
+    }
+
+    async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>> {
+        let id = id.0.to_string();
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let user = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3
+               WHERE id = ?1 AND revoked_at IS NULL
+               RETURNING user_id"#,
+            id,
+            now,
+            reason,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(opt_uuid(user)?.map(UserId))
+    }
+
+    async fn revoke_user_sessions(
+        &self,
+        user: UserId,
+        except: Option<SessionId>,
+        reason: &str,
+        recent_secs: i64,
+    ) -> StoreResult<Vec<SessionId>> {
+        let user = user.0.to_string();
+        let except = except.map(|s| s.0.to_string());
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let recent = now - secs_us(recent_secs);
+        // Those ended earlier, within the window, then those ended now.
+        let mut ended = sqlx::query_scalar!(
+            r#"SELECT id FROM sessions
+               WHERE user_id = ?1 AND (?2 IS NULL OR id <> ?2) AND revoked_at > ?3"#,
+            user,
+            except,
+            recent,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let now_ended = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+               WHERE user_id = ?1 AND revoked_at IS NULL AND (?2 IS NULL OR id <> ?2)
+               RETURNING id"#,
+            user,
+            except,
+            now,
+            reason,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        ended.extend(now_ended);
+        ids(ended)
+    }
+
+    async fn list_sessions(
+        &self,
+        user: UserId,
+        idle_ttl_secs: i64,
+    ) -> StoreResult<Vec<SessionInfo>> {
+        let user = user.0.to_string();
+        let now = now_us();
+        let idle = secs_us(idle_ttl_secs);
+        let rows = sqlx::query!(
+            r#"SELECT id, remember_me, created_at, last_used_at,
+                      min(expires_at, last_used_at + ?3) AS "expires_at!: i64",
+                      login_ip, login_user_agent, last_ip, last_user_agent
+               FROM sessions
+               WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
+                 AND last_used_at > ?2 - ?3
+               ORDER BY last_used_at DESC
+               LIMIT 1000"#,
+            user,
+            now,
+            idle,
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(SessionInfo {
+                    id: SessionId(uuid(&r.id)?),
+                    remember_me: r.remember_me,
+                    created_at: time(r.created_at),
+                    last_used_at: time(r.last_used_at),
+                    expires_at: time(r.expires_at),
+                    login_ip: r.login_ip,
+                    login_user_agent: r.login_user_agent,
+                    last_ip: r.last_ip,
+                    last_user_agent: r.last_user_agent,
+                })
+            })
+            .collect()
+    }
+
+    async fn revoke_own_session(
+        &self,
+        user: UserId,
+        id: SessionId,
+        reason: &str,
+        recent_secs: i64,
+    ) -> StoreResult<bool> {
+        let user = user.0.to_string();
+        let id = id.0.to_string();
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let recent = now - secs_us(recent_secs);
+        let recently_ended = sqlx::query_scalar!(
+            "SELECT 1 AS one FROM sessions WHERE id = ?1 AND user_id = ?2 AND revoked_at > ?3",
+            id,
+            user,
+            recent,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?
+        .is_some();
+        let ended = sqlx::query!(
+            r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+               WHERE id = ?1 AND user_id = ?2 AND revoked_at IS NULL"#,
+            id,
+            user,
+            now,
+            reason,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        tx.commit().await.map_err(classify)?;
+        Ok(recently_ended || ended > 0)
+    }
+
+    async fn change_password(
+        &self,
+        user: UserId,
+        old: &str,
+        new: &str,
+        keep: SessionId,
+    ) -> StoreResult<Option<Vec<SessionId>>> {
+        let user = user.0.to_string();
+        let keep = keep.0.to_string();
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let changed = sqlx::query!(
+            r#"UPDATE users SET password_hash = ?3, updated_at = ?4
+               WHERE id = ?1 AND password_hash = ?2 AND NOT disabled"#,
+            user,
+            old,
+            new,
+            now,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(None);
+        }
+        let ended = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = 'password_changed'
+               WHERE user_id = ?1 AND revoked_at IS NULL AND id <> ?2
+               RETURNING id"#,
+            user,
+            keep,
+            now,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Some(ids(ended)?))
+    }
+
+    async fn update_user(
+        &self,
+        user: UserId,
+        change: &UserChange,
+    ) -> StoreResult<Option<UserUpdate>> {
+        let id = user.0.to_string();
+        let roles = change.roles.as_deref().map(roles_json);
+        let mut tx = self.write().await?;
+        let now = now_us();
+        let Some(old_roles) = sqlx::query_scalar!("SELECT roles FROM users WHERE id = ?1", id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?
+        else {
+            return Ok(None);
+        };
+        let row = sqlx::query!(
+            r#"UPDATE users
+               SET disabled = coalesce(?2, disabled), roles = coalesce(?3, roles),
+                   updated_at = ?4
+               WHERE id = ?1
+               RETURNING id AS "id!", email AS "email!", roles AS "roles!",
+                         disabled AS "disabled!: bool", created_at AS "created_at!""#,
+            id,
+            change.disabled,
+            roles,
+            now,
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let ended = if row.disabled {
+            sqlx::query_scalar!(
+                r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'user_disabled'
+                   WHERE user_id = ?1 AND revoked_at IS NULL
+                   RETURNING id"#,
+                id,
+                now,
+            )
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await.map_err(classify)?;
+        let user = user_from(&row.id, row.email, &row.roles, row.disabled, row.created_at)?;
+        let roles_changed = super::roles_differ(&roles_from(&old_roles)?, &user.roles);
+        Ok(Some(UserUpdate {
+            user,
+            roles_changed,
+            ended: ids(ended)?,
+        }))
+    }
+
+    async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
+        let ClientInfo { ip, user_agent } = e.client;
+        let user = e.user_id.map(|u| u.0.to_string());
+        let session = e.session_id.map(|s| s.0.to_string());
+        let actor = e.actor_id.map(|u| u.0.to_string());
+        let detail = e.detail.to_string();
+        let kind = e.kind.as_str();
+        let now = now_us();
+        self.write_one(sqlx::query!(
+            r#"INSERT INTO audit_events (occurred_at, kind, user_id, session_id, actor_id, ip,
+                                         user_agent, detail)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"#,
+            now,
+            kind,
+            user,
+            session,
+            actor,
+            ip,
+            user_agent,
+            detail,
+        ))
+        .await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let (before_id, before_time) = match q.before {
+            Some(AuditCursor::Id(id)) => (Some(id), None),
+            Some(AuditCursor::Time(t)) => (None, Some(us(t))),
+            None => (None, None),
+        };
+        let user = q.user.map(|u| u.0.to_string());
+        let rows = sqlx::query!(
+            r#"SELECT id AS "id!", occurred_at, kind, user_id, session_id, actor_id, ip,
+                      user_agent, detail
+               FROM audit_events
+               WHERE (?1 IS NULL OR user_id = ?1 OR actor_id = ?1)
+                 AND (?2 IS NULL OR id < ?2)
+                 AND (?3 IS NULL OR occurred_at < ?3)
+               ORDER BY id DESC
+               LIMIT ?4"#,
+            user,
+            before_id,
+            before_time,
+            q.limit,
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    id: r.id,
+                    occurred_at: time(r.occurred_at),
+                    kind: r.kind,
+                    user_id: opt_uuid(r.user_id)?,
+                    session_id: opt_uuid(r.session_id)?,
+                    actor_id: opt_uuid(r.actor_id)?,
+                    ip: r.ip,
+                    user_agent: r.user_agent,
+                    detail: serde_json::from_str(&r.detail).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_ended_sessions(
+        &self,
+        idle_ttl_secs: i64,
+        retention_secs: i64,
+        batch: i64,
+    ) -> StoreResult<u64> {
+        let now = now_us();
+        let retained = now - secs_us(retention_secs);
+        let idle = secs_us(idle_ttl_secs);
+        self.write_one(sqlx::query!(
+            r#"DELETE FROM sessions WHERE id IN (
+                   SELECT id FROM sessions
+                   WHERE revoked_at < ?1 OR expires_at < ?1 OR last_used_at < ?1 - ?2
+                   LIMIT ?3
+               )"#,
+            retained,
+            idle,
+            batch,
+        ))
+        .await
+    }
+
+    async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64> {
+        let retained = now_us() - secs_us(retention_secs);
+        self.write_one(sqlx::query!(
+            r#"DELETE FROM audit_events WHERE id IN (
+                   SELECT id FROM audit_events WHERE occurred_at < ?1 LIMIT ?2
+               )"#,
+            retained,
+            batch,
+        ))
+        .await
+    }
+
+    async fn delete_expired_devices(&self, batch: i64) -> StoreResult<u64> {
+        let now = now_us();
+        self.write_one(sqlx::query!(
+            r#"DELETE FROM devices WHERE token_hash IN (
+                   SELECT token_hash FROM devices WHERE expires_at < ?1 LIMIT ?2
+               )"#,
+            now,
+            batch,
+        ))
+        .await
+    }
+}
+
+/// The lock file beside the database: `data/tessera.db` → `data/tessera.lock`.
+pub fn lock_file(db: &Path) -> PathBuf {
+    db.with_extension("lock")
+}

@@ -1,0 +1,282 @@
+//! The embedded default as a new user meets it: `tessera serve` with no configuration
+//! runs on SQLite in `./data` with revocations in process, one instance per data
+//! directory, nothing answered lost when the process is killed; `tessera backup` copies
+//! the live database while refreshes run.
+//!
+//! These tests choose SQLite themselves, so they run once, in the PostgreSQL + Redis run
+//! of `scripts/test.sh` (the embedded run runs the whole suite on SQLite anyway).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// `tessera serve` in `dir` with no configuration at all but a free port (8080 may be
+/// taken on the machine) and JSON logs; returns the child and its log file.
+fn zero_config(dir: &Path) -> (Child, PathBuf) {
+    let log = dir.join(format!("log-{}.json", uuid::Uuid::new_v4().simple()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TESSERA_") || name == "RUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    let child = cmd
+        .current_dir(dir)
+        .env("TESSERA__SERVER__PORT", "0")
+        .env("TESSERA__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+async fn address(log: &Path) -> String {
+    let mut address = None;
+    eventually("the server logs its address", || {
+        address = json_log(log)
+            .into_iter()
+            .find(|l| l["message"] == "tessera listening")
+            .and_then(|l| l["address"].as_str().map(String::from));
+        std::future::ready(address.is_some())
+    })
+    .await;
+    format!("http://{}", address.unwrap())
+}
+
+async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn refresh(base: &str, token: &str) -> reqwest::Response {
+    post(base, "/refresh", json!({"refresh_token": token})).await
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tessera-test-data-{}_{name}-{}",
+        std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into()),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_configuration_the_server_runs_embedded_in_data_alone_and_loses_nothing_on_a_kill()
+{
+    crate::shared_backend_only!(); // runs once (see the module docs)
+    let dir = scratch_dir("zero");
+    let (mut first, log) = zero_config(&dir);
+    let base = address(&log).await;
+
+    // Created on first start: the database in data/, the directory private, keys beside.
+    let data = dir.join("data");
+    assert!(data.join("tessera.db").is_file());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "data/ is private");
+    assert!(
+        std::fs::read_dir(data.join("keys")).unwrap().count() > 0,
+        "a signing key beside the database"
+    );
+    // One line says this is single-instance mode and how to switch.
+    let lines: Vec<Value> = json_log(&log)
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("single-instance mode"))
+        })
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = lines[0]["message"].as_str().unwrap();
+    assert!(
+        line.contains("SQLite") && line.contains("tessera copy") && line.contains("redis.url"),
+        "{line}"
+    );
+    let ready: Value = reqwest::get(format!("{base}/health/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ready["redis"].as_str().unwrap().contains("not used"),
+        "{ready}"
+    );
+
+    // It works end to end on the production defaults.
+    let email = "first@example.com";
+    let res = post(
+        &base,
+        "/users",
+        json!({"email": email, "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = post(
+        &base,
+        "/login",
+        json!({"email": email, "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut current = Tokens::from_body(res.json().await.unwrap());
+    for _ in 0..20 {
+        let res = refresh(&base, &current.refresh).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        current = Tokens::from_body(res.json().await.unwrap());
+    }
+
+    // A second server on the same data directory refuses to start, saying why.
+    let (mut second, second_log) = zero_config(&dir);
+    let status = tokio::task::spawn_blocking(move || second.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(!status.success());
+    let said = std::fs::read_to_string(&second_log).unwrap();
+    assert!(said.contains("another Tessera instance"), "{said}");
+
+    // Killed at once (no shutdown), then started again: every answered rotation is
+    // there, and the session goes on.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (mut again, log) = zero_config(&dir);
+    let base = address(&log).await;
+    let res = refresh(&base, &current.refresh).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "the last answered token rotates"
+    );
+    let next = Tokens::from_body(res.json().await.unwrap());
+    let me = reqwest::Client::new()
+        .get(format!("{base}/me"))
+        .bearer_auth(&next.access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::OK);
+    again.kill().unwrap();
+    again.wait().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Settings for a server on SQLite (whatever this run's backend), in a fresh directory.
+fn on_sqlite() -> tessera::config::Settings {
+    let mut settings = test_settings();
+    let dir = scratch_dir("backup");
+    settings.database.url = format!("sqlite://{}/tessera.db", dir.display()).into();
+    settings.redis.url = String::new().into();
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_refreshes_run_is_consistent_and_serves_the_chain() {
+    crate::shared_backend_only!(); // runs once (see the module docs)
+    let settings = on_sqlite();
+    let app = spawn_app_with(settings.clone()).await;
+    let email = app.new_user().await;
+    let first = app.login_ok(&email).await;
+
+    // One chain refreshed in a loop while the backup runs in another process.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chain = {
+        let (client, url, stop) = (app.client.clone(), app.url("/refresh"), stop.clone());
+        let mut token = first.refresh.clone();
+        tokio::spawn(async move {
+            let mut issued = vec![token.clone()];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let res = client
+                    .post(&url)
+                    .json(&json!({"refresh_token": token}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), StatusCode::OK);
+                token = Tokens::from_body(res.json().await.unwrap()).refresh;
+                issued.push(token.clone());
+            }
+            issued
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let backup = std::env::temp_dir().join(format!(
+        "tessera-test-data-{}_copy-{}.db",
+        std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into()),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let out = crate::keys::tessera(&app, &["backup", backup.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("backup written"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let issued = chain.await.unwrap();
+    assert!(issued.len() > 5, "refreshes ran during the backup");
+
+    // A second backup onto the same file is refused (nothing overwritten).
+    let again = crate::keys::cli(&app)
+        .args(["backup", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+
+    app.stop().await;
+    let mut restored = settings.clone();
+    restored.database.url = format!("sqlite://{}", backup.display()).into();
+    let app = spawn_app_with(restored).await;
+    let mut db = app.db().await;
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    // One snapshot: the session has exactly one unrotated token, one of the chain's.
+    let current: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT token_hash FROM refresh_tokens WHERE rotated_at IS NULL")
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+    assert_eq!(current.len(), 1);
+    let token = issued
+        .iter()
+        .find(|t| tessera::domain::sha256(t.as_bytes()).as_slice() == current[0].as_slice())
+        .expect("the backup's current token is one the chain issued");
+    assert!(
+        token != issued.last().unwrap(),
+        "taken while the chain moved on"
+    );
+    // A server on the backup serves that session on.
+    app.refresh_ok(token).await;
+    app.login_ok(&email).await;
+    std::fs::remove_file(&backup).ok();
+}
+
+#[tokio::test]
+async fn backup_is_for_the_embedded_database_only() {
+    crate::shared_backend_only!(); // the PostgreSQL run's server
+    let app = spawn_app().await;
+    let out = crate::keys::cli(&app)
+        .args(["backup", "/tmp/never-written.db"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("pg_dump"), "{said}");
+    assert!(!Path::new("/tmp/never-written.db").exists());
+}
