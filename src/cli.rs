@@ -1,5 +1,5 @@
 //! The `tessera` command line: `serve` (default), `migrate`, `user create`, `keys`,
-//! `backup` (a copy of the live embedded database).
+//! `backup` and `copy` (the embedded database's backup and its move to PostgreSQL).
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::domain::{Email, Password};
 use crate::startup::Application;
 use crate::store::Backend;
+use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
 #[derive(Parser)]
@@ -46,6 +47,21 @@ pub enum Command {
     Backup {
         /// Where to write the copy (must not exist).
         file: PathBuf,
+    },
+    /// Copy everything from the embedded database (database.url) into a new PostgreSQL
+    /// database, so that the deployment can grow past one instance with every user
+    /// still logged in. Stop the server first.
+    Copy {
+        /// The target, postgres://USER:PASSWORD@HOST:PORT/NAME (created and migrated if
+        /// missing; it must hold no user yet). Default: $TESSERA_COPY_TO, which keeps
+        /// the password off the command line.
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+        /// The Redis the new deployment will use (default: redis.url, if set): the
+        /// live revocation marks are written there, so that a token revoked before
+        /// the move stays revoked.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
     },
 }
 
@@ -124,6 +140,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Backup { file } => backup(&settings, &file).await?,
+        Command::Copy { to, redis } => {
+            let to = match to.or_else(|| std::env::var("TESSERA_COPY_TO").ok()) {
+                Some(to) => to,
+                None => anyhow::bail!(
+                    "say where to copy to: --to postgres://USER:PASSWORD@HOST:PORT/NAME, \
+                     or TESSERA_COPY_TO"
+                ),
+            };
+            copy(&settings, to, redis).await?;
+        }
         Command::Keys { command } => {
             let store = KeyStore::from_settings(&settings)?;
             let dir = store.dir().display();
@@ -189,7 +215,7 @@ fn read_password() -> anyhow::Result<String> {
     }
 }
 
-/// The embedded store of `settings`, for `backup`: it must exist.
+/// The embedded store of `settings`, for `backup` and `copy`: it must exist.
 async fn embedded_store(settings: &Settings, what: &str) -> anyhow::Result<SqliteStore> {
     if Backend::from_settings(&settings.database)? != Backend::Sqlite {
         anyhow::bail!(
@@ -226,6 +252,76 @@ async fn backup(settings: &Settings, file: &std::path::Path) -> anyhow::Result<(
         file.display(),
         size / 1024,
         store.file().display()
+    );
+    Ok(())
+}
+
+async fn copy(settings: &Settings, to: String, redis: Option<String>) -> anyhow::Result<()> {
+    use crate::store::postgres::PgStore;
+    use secrecy::ExposeSecret;
+
+    let source = embedded_store(settings, "copy").await?;
+    // The same migrations as `serve`, so both sides have the current schema.
+    SqliteStore::prepare(&settings.database, true).await?;
+    if !source.claim_single_instance().await? {
+        anyhow::bail!(
+            "a Tessera server is running on {}: stop it first, or what it writes after the \
+             copy (a refresh, a logout) would not reach PostgreSQL",
+            source.file().display()
+        );
+    }
+    if Backend::of(&to)? != Backend::Postgres {
+        anyhow::bail!("--to must be a postgres:// URL");
+    }
+    let mut target = settings.database.clone();
+    target.url = to.into();
+    eprintln!("preparing the PostgreSQL database (create if missing, migrate) ...");
+    PgStore::prepare(&target, true).await?;
+    let pg = PgStore::connect_lazy(&target)?;
+    eprintln!("copying from {} ...", source.file().display());
+    let copied = crate::store::copy::sqlite_to_postgres(&source, &pg, |table, done, total| {
+        eprintln!("  {table}: {done}/{total}");
+    })
+    .await?;
+    eprintln!(
+        "copied {} users, {} sessions, {} refresh tokens, {} devices, {} audit events, {} \
+         saved revocation marks",
+        copied.users,
+        copied.sessions,
+        copied.refresh_tokens,
+        copied.devices,
+        copied.audit_events,
+        copied.revocation_marks
+    );
+    let redis = redis.or_else(|| {
+        let url = settings.redis.url.expose_secret().trim().to_owned();
+        (!url.is_empty()).then_some(url)
+    });
+    let horizon = settings.tokens.access_token_horizon().as_secs() as i64;
+    match redis {
+        Some(url) => {
+            let mut redis_settings = settings.redis.clone();
+            redis_settings.url = url.into();
+            let denylist = crate::store::redis::Denylist::connect_lazy(&redis_settings)?;
+            let marks = crate::store::copy::copy_marks(&source, &denylist, horizon)
+                .await
+                .context("writing the revocation marks to Redis")?;
+            eprintln!(
+                "{marks} live revocation marks written to Redis (key prefix {:?})",
+                redis_settings.key_prefix
+            );
+        }
+        None => eprintln!(
+            "no Redis given (--redis): the revocation marks went to PostgreSQL only, which \
+             a single instance with an empty redis.url reads; give --redis URL before \
+             running several instances on Redis, or wait {horizon} s (the longest an \
+             access token lives) before switching"
+        ),
+    }
+    eprintln!(
+        "done: start Tessera with database.url (TESSERA__DATABASE__URL) set to the new \
+         database and redis.url for more than one instance; keep {} as a backup",
+        source.file().display()
     );
     Ok(())
 }

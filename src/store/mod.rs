@@ -12,6 +12,7 @@
 //! `auth/` names only these traits, so another backend is added beside the others
 //! without touching the domain or the handlers.
 
+pub mod copy;
 pub mod memory;
 // scripts/prepare-sqlx.sh checks each backend's queries in a pass of its own.
 #[cfg(not(tessera_prepare = "sqlite"))]

@@ -280,3 +280,90 @@ async fn backup_is_for_the_embedded_database_only() {
     assert!(said.contains("pg_dump"), "{said}");
     assert!(!Path::new("/tmp/never-written.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_still_logged_in() {
+    crate::shared_backend_only!(); // needs the PostgreSQL and Redis of that run
+    let settings = on_sqlite();
+    let app = spawn_app_with(settings.clone()).await;
+    let email = app.new_user().await;
+    let kept = app.login_ok(&email).await;
+    let kept = app.refresh_ok(&kept.refresh).await;
+    let logged_out = app.login_ok(&email).await;
+    let revoked = app.login_ok(&email).await;
+    assert_eq!(
+        app.logout(&logged_out.access, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let res = app
+        .post_form("/revoke", &[("token", &revoked.access)])
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let audited = app.audit_kinds().await.len();
+
+    let run = std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into());
+    let target = format!(
+        "{}/tessera_test_{run}_{}",
+        postgres_base(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let prefix = format!("tessera_test:copy-{}:", uuid::Uuid::new_v4().simple());
+    let copy = || {
+        use secrecy::ExposeSecret;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.env(
+            "TESSERA__DATABASE__URL",
+            settings.database.url.expose_secret(),
+        )
+        .env("TESSERA__LOG__LEVEL", "warn")
+        .env("TESSERA_COPY_TO", &target)
+        .env("TESSERA__REDIS__KEY_PREFIX", &prefix)
+        .args(["copy", "--redis", &redis_url()]);
+        cmd.output().unwrap()
+    };
+    // Not while the server runs: what it wrote afterwards would be lost.
+    let out = copy();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+
+    let keys = app.settings.keys.dir.clone();
+    app.stop().await;
+    let out = copy();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("users: 1/1"), "progress: {said}");
+    assert!(said.contains("sessions: 3/3"), "progress: {said}");
+    assert!(said.contains("written to Redis"), "{said}");
+
+    // The same deployment on PostgreSQL + Redis (the signing keys stay where they are).
+    let mut moved = test_settings();
+    moved.database.url = target.clone().into();
+    moved.redis.url = redis_url().into();
+    moved.redis.key_prefix = prefix.clone();
+    moved.keys.dir = keys;
+    let app = spawn_app_with(moved).await;
+    assert!(!app.sqlite());
+    // A refresh token issued on SQLite rotates on PostgreSQL; its access token works.
+    assert_eq!(app.me(&kept.access).await.status(), StatusCode::OK);
+    let next = app.refresh_ok(&kept.refresh).await;
+    assert_eq!(next.session_id, kept.session_id);
+    assert_eq!(app.me(&next.access).await.status(), StatusCode::OK);
+    // What was revoked stays revoked: the ended session, the revoked access token.
+    assert_invalid_token(app.me(&logged_out.access).await).await;
+    assert_invalid_grant(app.refresh(&logged_out.refresh).await, "revoked").await;
+    assert_invalid_token(app.me(&revoked.access).await).await;
+    // Passwords, devices and the audit trail came along; new events follow the old.
+    app.login_ok(&email).await;
+    let kinds = app.audit_kinds().await;
+    assert!(
+        kinds.len() >= audited + 2,
+        "{} then {}",
+        audited,
+        kinds.len()
+    );
+
+    // A second copy into the now used database is refused.
+    let out = copy();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds users"));
+}

@@ -67,6 +67,13 @@ async fn redis_down_gives_503_and_the_server_recovers() {
     assert_eq!(app.me(&t.access).await.status(), StatusCode::OK);
 
     proxy.cut();
+    // A copy of the marks that was current may answer for the rest of its lease (no
+    // revocation can complete meanwhile: each needs Redis); once the copy has noticed
+    // the loss, token checks answer 503.
+    eventually("token checks notice that Redis is gone", || async {
+        app.me(&t.access).await.status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
     let me = app.me(&t.access).await;
     assert_unavailable(me).await;
     // The per-account login budget lives in Redis: without it, no guessing.

@@ -2,6 +2,8 @@
 //! offline data) and every request path is one statement on one pooled connection, so
 //! a request never holds a connection while waiting for a second one.
 
+pub mod import;
+
 use std::str::FromStr;
 use std::time::Duration;
 

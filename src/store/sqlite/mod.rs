@@ -19,6 +19,8 @@
 //!
 //! Every query is compile-time checked against `migrations/sqlite/` (`.sqlx/`).
 
+pub mod export;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
