@@ -4,6 +4,9 @@
 # every scenario and ceiling with tessera-bench, prints one markdown table and writes it
 # to $BENCH_OUT (default target/bench/report.md).
 #
+#   BENCH_BACKEND      postgres (default: PostgreSQL + Redis) or sqlite (the embedded
+#                      default: SQLite, revocations in process; the two-instance "pair"
+#                      check is left out, since the mode is one instance)
 #   BENCH_SECS         seconds per scenario and ceiling (default 10)
 #   BENCH_CONNECTIONS  connections of the closed-loop scenarios (default 32)
 #   BENCH_ARGS         more tessera-bench suite flags (see `tessera-bench suite --help`)
@@ -47,12 +50,32 @@ export SQLX_OFFLINE=true
 say "building tessera and tessera-bench (release; a few minutes the first time) ..."
 cargo build --release --quiet -p tessera -p tessera-bench
 
-say "fresh database $DB and keys in $work/keys"
-if command -v psql >/dev/null; then
-  psql -q "$PG_BASE/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
-fi
+BACKEND=${BENCH_BACKEND:-postgres}
+# The setup instance (below) logs sessions in beside the server under test. On SQLite
+# the server keeps revocations in process and so holds the data directory alone; the
+# setup instance is given Redis instead (it never revokes anything), which lets it share
+# the file.
+SETUP_REDIS=$TESSERA__REDIS__URL
+case $BACKEND in
+  postgres)
+    say "fresh database $DB and keys in $work/keys"
+    if command -v psql >/dev/null; then
+      psql -q "$PG_BASE/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+    fi
+    export TESSERA__DATABASE__URL="$PG_BASE/$DB"
+    ;;
+  sqlite)
+    say "fresh SQLite database in $work/data and keys in $work/keys"
+    export TESSERA__DATABASE__URL="sqlite://$work/data/tessera.db"
+    export TESSERA__REDIS__URL=""
+    case " ${BENCH_ARGS:-} " in
+      *" --only "*) ;;
+      *) BENCH_ARGS="${BENCH_ARGS:-} --only ceilings,empty,login,refresh,me,logout,mixed,flood" ;;
+    esac
+    ;;
+  *) die "BENCH_BACKEND must be postgres or sqlite" ;;
+esac
 secret=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-export TESSERA__DATABASE__URL="$PG_BASE/$DB"
 export TESSERA__KEYS__DIR="$work/keys"
 export TESSERA__REDIS__KEY_PREFIX="tessera-bench-$$:"
 export TESSERA__LOG__LEVEL=${TESSERA__LOG__LEVEL:-warn}
@@ -93,6 +116,7 @@ wait_ready "$PORT" "$server"
 say "starting the setup instance on 127.0.0.1:$SETUP_PORT (cheap argon2, for seeding sessions only)"
 TESSERA__SERVER__PORT=$SETUP_PORT TESSERA__PASSWORD__MEMORY_KIB=8 TESSERA__PASSWORD__ITERATIONS=1 \
   TESSERA__PASSWORD__ALLOW_WEAK=true TESSERA__DATABASE__AUTO_MIGRATE=false \
+  TESSERA__REDIS__URL=$SETUP_REDIS \
   target/release/tessera serve >"$work/server-$SETUP_PORT.log" 2>&1 &
 pids+=("$!")
 wait_ready "$SETUP_PORT" "$!"
@@ -116,6 +140,6 @@ target/release/tessera-bench suite \
   --secs "${BENCH_SECS:-10}" --connections "${BENCH_CONNECTIONS:-32}" \
   --out "$OUT" ${BENCH_ARGS:-}
 
-if command -v psql >/dev/null; then
+if [ "$BACKEND" = postgres ] && command -v psql >/dev/null; then
   psql -q "$PG_BASE/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
 fi

@@ -54,6 +54,18 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     pub create_database: bool,
     pub auto_migrate: bool,
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// When a SQLite commit reaches the disk (`database.sqlite_synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// Before the commit is answered: nothing answered is lost, even on a power cut.
+    Full,
+    /// At checkpoints (WAL): nothing is lost when the process is killed; a power cut may
+    /// lose the last commits (the database stays consistent).
+    Normal,
 }
 
 #[derive(Debug, Clone, Deserialize)]

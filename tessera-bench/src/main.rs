@@ -556,8 +556,12 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     }
 
     let heading = format!(
-        "Tessera benchmark, {}: {} cores; {alg}; argon2id m={} KiB t={} p={}; {}s per scenario after {}s warmup",
+        "Tessera benchmark, {}: {}; {} cores; {alg}; argon2id m={} KiB t={} p={}; {}s per scenario after {}s warmup",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        match tessera::store::Backend::from_settings(&settings.database)? {
+            tessera::store::Backend::Sqlite => "SQLite, revocations in process",
+            tessera::store::Backend::Postgres => "PostgreSQL + Redis",
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         settings.password.memory_kib,
         settings.password.iterations,

@@ -67,13 +67,17 @@ impl SqliteStore {
         let options = connect_options(settings)?;
         let file = options.get_filename().to_owned();
         let acquire = Duration::from_millis(settings.acquire_timeout_ms);
+        // A connection to a local file does not go stale: no ping before each use (one
+        // round trip to the connection's thread saved per request).
         let reader = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(acquire)
+            .test_before_acquire(false)
             .connect_lazy_with(options.clone());
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(acquire)
+            .test_before_acquire(false)
             .connect_lazy_with(options);
         Ok(SqliteStore {
             reader,
@@ -158,9 +162,11 @@ fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<SqliteConnectO
     Ok(SqliteConnectOptions::from_str(settings.url.expose_secret())
         .context("database.url is not a valid SQLite URL (sqlite://PATH)")?
         .journal_mode(SqliteJournalMode::Wal)
-        // Every commit reaches the disk before it is answered: a rotation that was
-        // answered survives a crash or a power cut.
-        .synchronous(SqliteSynchronous::Full)
+        // When a commit reaches the disk (see config/default.toml).
+        .synchronous(match settings.sqlite_synchronous {
+            crate::config::SqliteSynchronous::Full => SqliteSynchronous::Full,
+            crate::config::SqliteSynchronous::Normal => SqliteSynchronous::Normal,
+        })
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
         .log_statements(log::LevelFilter::Debug))
@@ -581,96 +587,97 @@ impl Store for SqliteStore {
         // The writer lock is the race arbiter: of two requests presenting the same
         // token, the second runs after the first committed, finds it rotated, and falls
         // back to `refresh_state`. `rotated_at` is the clock once the lock is held.
+        //
+        // One command to the connection's thread for all of it (each statement sent on
+        // its own costs a round trip to that thread, most of a rotation's time), so the
+        // statements go together, each taking its next `?` parameters in order. The
+        // first marks the token rotated only if it and its session are live; the others
+        // act only where it did (the successor's hash, fresh and random, names this
+        // rotation); the last returns the grant, or nothing.
         let mut tx = self.write().await?;
         let now = now_us();
         let idle_since = now - secs_us(r.idle_ttl_secs);
-        let Some(row) = sqlx::query!(
-            r#"SELECT rt.session_id, s.user_id, s.expires_at, u.roles
+        let grace_since = now - secs_us(r.grace_secs);
+        let kind = AuditKind::Refresh.as_str();
+        let (token, successor) = (r.token_hash, r.successor_hash);
+        let row = sqlx::query!(
+            r#"UPDATE refresh_tokens
+               SET rotated_at = ?, successor_hash = ?, successor_sealed = ?
+               WHERE token_hash = ? AND rotated_at IS NULL
+                 AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
+                             WHERE s.id = refresh_tokens.session_id
+                               AND s.revoked_at IS NULL AND s.expires_at > ?
+                               AND s.last_used_at > ? AND NOT u.disabled);
+               UPDATE sessions SET last_used_at = ?, last_ip = ?, last_user_agent = ?,
+                                   generation = generation + 1
+               WHERE id = (SELECT session_id FROM refresh_tokens
+                           WHERE token_hash = ? AND successor_hash = ?);
+               INSERT INTO refresh_tokens (token_hash, session_id, created_at)
+               SELECT ?, session_id, ? FROM refresh_tokens
+               WHERE token_hash = ? AND successor_hash = ?;
+               DELETE FROM refresh_tokens
+               WHERE session_id = (SELECT session_id FROM refresh_tokens
+                                   WHERE token_hash = ? AND successor_hash = ?)
+                 AND token_hash <> ? AND rotated_at < ?;
+               INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
+                                         user_agent)
+               SELECT ?, ?, s.user_id, s.id, ?, ?
+               FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
+               WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
+               SELECT rt.session_id, s.user_id, s.expires_at, u.roles
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
                JOIN users u ON u.id = s.user_id
-               WHERE rt.token_hash = ?1 AND rt.rotated_at IS NULL
-                 AND s.revoked_at IS NULL AND s.expires_at > ?2 AND s.last_used_at > ?3
-                 AND NOT u.disabled"#,
-            r.token_hash,
+               WHERE rt.token_hash = ? AND rt.successor_hash = ?"#,
+            // the rotation
+            now,
+            successor,
+            r.successor_sealed,
+            token,
             now,
             idle_since,
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?
-        else {
-            return Ok(None);
-        };
-        sqlx::query!(
-            r#"UPDATE refresh_tokens
-               SET rotated_at = ?2, successor_hash = ?3, successor_sealed = ?4
-               WHERE token_hash = ?1"#,
-            r.token_hash,
-            now,
-            r.successor_hash,
-            r.successor_sealed,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        sqlx::query!(
-            r#"UPDATE sessions SET last_used_at = ?2, last_ip = ?3, last_user_agent = ?4,
-                                   generation = generation + 1
-               WHERE id = ?1"#,
-            row.session_id,
+            // the session's use
             now,
             r.client.ip,
             r.client.user_agent,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        sqlx::query!(
-            "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES (?1, ?2, ?3)",
-            r.successor_hash,
-            row.session_id,
+            token,
+            successor,
+            // the successor
+            successor,
             now,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let grace_since = now - secs_us(r.grace_secs);
-        sqlx::query!(
-            r#"DELETE FROM refresh_tokens
-               WHERE session_id = ?1 AND token_hash <> ?2 AND rotated_at < ?3"#,
-            row.session_id,
-            r.token_hash,
+            token,
+            successor,
+            // the pruning
+            token,
+            successor,
+            token,
             grace_since,
+            // the audit row
+            now,
+            kind,
+            r.client.ip,
+            r.client.user_agent,
+            r.audit,
+            token,
+            successor,
+            // the grant
+            token,
+            successor,
         )
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(classify)?;
-        if r.audit {
-            let kind = AuditKind::Refresh.as_str();
-            sqlx::query!(
-                r#"INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
-                                             user_agent)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
-                now,
-                kind,
-                row.user_id,
-                row.session_id,
-                r.client.ip,
-                r.client.user_agent,
-            )
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
         tx.commit().await.map_err(classify)?;
-        Ok(Some(Grant {
-            session_id: SessionId(uuid(&row.session_id)?),
-            user_id: UserId(uuid(&row.user_id)?),
-            roles: roles_from(&row.roles)?,
-            expires_at: time(row.expires_at),
-            issued_at: time(now),
-        }))
+        row.map(|row| {
+            Ok(Grant {
+                session_id: SessionId(uuid(&row.session_id)?),
+                user_id: UserId(uuid(&row.user_id)?),
+                roles: roles_from(&row.roles)?,
+                expires_at: time(row.expires_at),
+                issued_at: time(now),
+            })
+        })
+        .transpose()
     }
 
     async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>> {
