@@ -404,6 +404,7 @@ mod tests {
             ("server", "trusted_proxies") => "10.0.0.1,10.0.0.0/8".into(),
             ("server", "cors_allowed_origins") => "https://app.example.com".into(),
             ("database", "url") => "postgres://u:p@db.example.com/other".into(),
+            ("database", "sqlite_synchronous") => "normal".into(),
             ("redis", "url") => "redis://cache.example.com:6380".into(),
             ("tokens", "algorithm") => "EdDSA".into(),
             ("tokens", "issuer") => "https://auth.example.com".into(),
