@@ -20,6 +20,7 @@
 //! Every query is compile-time checked against `migrations/sqlite/` (`.sqlx/`).
 
 pub mod export;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -32,7 +33,7 @@ use secrecy::ExposeSecret;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Connection, Sqlite};
 
 type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 use uuid::Uuid;
@@ -47,14 +48,17 @@ use crate::domain::{Email, SessionId, UserId};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// How much of the file is read through a memory map (256 MiB).
+const MMAP_SIZE: u64 = 256 << 20;
+
 /// How long a writer from another process (a backup, the CLI) is waited for.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct SqliteStore {
     reader: SqlitePool,
-    /// One connection: every write transaction, in turn.
-    writer: SqlitePool,
+    /// The one writer (see [`writer`]).
+    writer: writer::Writer,
     file: PathBuf,
     /// The lock file held while this process keeps revocations in process.
     claim: Arc<Mutex<Option<std::fs::File>>>,
@@ -74,11 +78,12 @@ impl SqliteStore {
             .acquire_timeout(acquire)
             .test_before_acquire(false)
             .connect_lazy_with(options.clone());
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(acquire)
-            .test_before_acquire(false)
-            .connect_lazy_with(options);
+        let writer = writer::Writer::start(move || {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .test_before_acquire(false)
+                .connect_lazy_with(options)
+        })?;
         Ok(SqliteStore {
             reader,
             writer,
@@ -126,19 +131,13 @@ impl SqliteStore {
         &self.reader
     }
 
-    async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+    /// One statement in a write transaction; returns the rows it changed.
+    async fn write_one(&self, statement: SqliteQuery<'static>) -> StoreResult<u64> {
         self.writer
-            .begin_with("BEGIN IMMEDIATE")
+            .write(Box::new(move |conn| {
+                Box::pin(async move { Ok(statement.execute(&mut *conn).await?.rows_affected()) })
+            }))
             .await
-            .map_err(classify)
-    }
-
-    /// One statement in a write transaction of its own; returns the rows it changed.
-    async fn write_one(&self, statement: SqliteQuery<'_>) -> StoreResult<u64> {
-        let mut tx = self.write().await?;
-        let done = statement.execute(&mut *tx).await.map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(done.rows_affected())
     }
 
     /// Makes a consistent copy of the live database at `to` (`VACUUM INTO`, which
@@ -169,6 +168,11 @@ fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<SqliteConnectO
         })
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
+        // Reads through a memory map of the file (the OS page cache, shared by every
+        // connection) rather than a read() per page missing from each connection's own
+        // cache, which is small by default (2 MiB).
+        .pragma("mmap_size", MMAP_SIZE.to_string())
+        .pragma("cache_size", "-16384")
         .log_statements(log::LevelFilter::Debug))
 }
 
@@ -286,27 +290,34 @@ impl Store for SqliteStore {
         value: i64,
         expires_at: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let mut tx = self.write().await?;
-        let existed =
-            sqlx::query_scalar!("SELECT 1 AS one FROM revocation_marks WHERE key = ?1", key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?
-                .is_some();
-        let expires_at = us(expires_at);
-        sqlx::query!(
-            r#"INSERT INTO revocation_marks (key, value, expires_at) VALUES (?1, ?2, ?3)
-               ON CONFLICT (key) DO UPDATE
-                 SET value = max(value, excluded.value),
-                     expires_at = max(expires_at, excluded.expires_at)"#,
-            key,
-            value,
-            expires_at,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        let key = key.to_owned();
+        let existed = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let existed = sqlx::query_scalar!(
+                        "SELECT 1 AS one FROM revocation_marks WHERE key = ?1",
+                        key
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .is_some();
+                    let expires_at = us(expires_at);
+                    sqlx::query!(
+                        r#"INSERT INTO revocation_marks (key, value, expires_at) VALUES (?1, ?2, ?3)
+                       ON CONFLICT (key) DO UPDATE
+                         SET value = max(value, excluded.value),
+                             expires_at = max(expires_at, excluded.expires_at)"#,
+                        key,
+                        value,
+                        expires_at,
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(existed)
+                })
+            }))
+            .await?;
         Ok(!existed)
     }
 
@@ -395,24 +406,33 @@ impl Store for SqliteStore {
         let id = Uuid::new_v4().to_string();
         let normalized = email.normalized();
         let roles = roles_json(roles);
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let row = sqlx::query!(
-            r#"INSERT INTO users (id, email, email_normalized, password_hash, roles, created_at,
-                                  updated_at)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-               RETURNING id, email, roles, disabled, created_at"#,
-            id,
-            email.as_str(),
-            normalized,
-            password_hash,
-            roles,
-            now,
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        let (email, password_hash) = (email.as_str().to_owned(), password_hash.to_owned());
+        // A taken email is no error here (it would roll back the writes that share its
+        // transaction): nothing is inserted, and nothing returned.
+        let row = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    sqlx::query!(
+                        r#"INSERT INTO users (id, email, email_normalized, password_hash,
+                                              roles, created_at, updated_at)
+                           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                           ON CONFLICT (email_normalized) DO NOTHING
+                           RETURNING id, email, roles, disabled, created_at"#,
+                        id,
+                        email,
+                        normalized,
+                        password_hash,
+                        roles,
+                        now,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
+            }))
+            .await?
+            .ok_or(StoreError::Conflict)?;
         user_from(&row.id, row.email, &row.roles, row.disabled, row.created_at)
     }
 
@@ -480,95 +500,117 @@ impl Store for SqliteStore {
         // session or marks its token.
         let user = new.user_id.0.to_string();
         let session = new.id.0.to_string();
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let Some(roles) = sqlx::query_scalar!(
-            "SELECT roles FROM users WHERE id = ?1 AND password_hash = ?2 AND NOT disabled",
-            user,
-            new.password_hash,
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?
+        let password_hash = new.password_hash.to_owned();
+        let (ip, user_agent) = (new.client.ip.clone(), new.client.user_agent.clone());
+        let (refresh_hash, chain_hash, device_hash) = (
+            new.refresh_hash.to_vec(),
+            new.chain_hash.to_vec(),
+            new.device_hash.to_vec(),
+        );
+        let (recent_secs, max_per_user, remember_me, expires_at) = (
+            new.recent_secs,
+            new.max_per_user,
+            new.remember_me,
+            us(new.expires_at),
+        );
+        let device_ttl_secs = new.device_ttl_secs;
+        let Some((roles, mut evicted, now)) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                let now = now_us();
+                let Some(roles) = sqlx::query_scalar!(
+                    "SELECT roles FROM users WHERE id = ?1 AND password_hash = ?2 AND NOT disabled",
+                    user,
+                    password_hash,
+                )
+                .fetch_optional(&mut *conn)
+                .await
+                ?
+                else {
+                    return Ok(None);
+                };
+                // Sessions the cap ended recently, then the least recently used live ones past
+                // the cap (cap - 1 others are kept beside the new one).
+                let recent = now - secs_us(recent_secs);
+                let mut evicted = sqlx::query_scalar!(
+                    r#"SELECT id FROM sessions
+                       WHERE user_id = ?1 AND revoked_reason = 'session_cap' AND revoked_at > ?2"#,
+                    user,
+                    recent,
+                )
+                .fetch_all(&mut *conn)
+                .await
+                ?;
+                if max_per_user > 0 {
+                    let keep = i64::from(max_per_user) - 1;
+                    let ended = sqlx::query_scalar!(
+                        r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'session_cap'
+                           WHERE id IN (
+                               SELECT id FROM sessions
+                               WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
+                               ORDER BY last_used_at DESC
+                               LIMIT -1 OFFSET ?3
+                           )
+                           RETURNING id"#,
+                        user,
+                        now,
+                        keep,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await
+                    ?;
+                    evicted.extend(ended);
+                }
+                sqlx::query!(
+                    r#"INSERT INTO sessions (id, user_id, remember_me, created_at, last_used_at,
+                                             expires_at, login_ip, login_user_agent, last_ip,
+                                             last_user_agent, chain_hash)
+                       VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?6, ?7, ?8)"#,
+                    session,
+                    user,
+                    remember_me,
+                    now,
+                    expires_at,
+                    ip,
+                    user_agent,
+                    chain_hash,
+                )
+                .execute(&mut *conn)
+                .await
+                ?;
+                sqlx::query!(
+                    "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES (?1, ?2, ?3)",
+                    refresh_hash,
+                    session,
+                    now,
+                )
+                .execute(&mut *conn)
+                .await
+                ?;
+                // A device token is only ever renewed for the user it belongs to.
+                let device_expires = now + secs_us(device_ttl_secs);
+                sqlx::query!(
+                    r#"INSERT INTO devices (token_hash, user_id, created_at, last_used_at, expires_at)
+                       VALUES (?1, ?2, ?3, ?3, ?4)
+                       ON CONFLICT (token_hash) DO UPDATE
+                           SET last_used_at = excluded.last_used_at, expires_at = excluded.expires_at
+                           WHERE devices.user_id = excluded.user_id"#,
+                    device_hash,
+                    user,
+                    now,
+                    device_expires,
+                )
+                .execute(&mut *conn)
+                .await
+                ?;
+                Ok(Some((roles, evicted, now)))
+                })
+            }))
+            .await?
         else {
             return Ok(None);
         };
-        // Sessions the cap ended recently, then the least recently used live ones past
-        // the cap (cap - 1 others are kept beside the new one).
-        let recent = now - secs_us(new.recent_secs);
-        let mut evicted = sqlx::query_scalar!(
-            r#"SELECT id FROM sessions
-               WHERE user_id = ?1 AND revoked_reason = 'session_cap' AND revoked_at > ?2"#,
-            user,
-            recent,
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
-        if new.max_per_user > 0 {
-            let keep = i64::from(new.max_per_user) - 1;
-            let ended = sqlx::query_scalar!(
-                r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'session_cap'
-                   WHERE id IN (
-                       SELECT id FROM sessions
-                       WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
-                       ORDER BY last_used_at DESC
-                       LIMIT -1 OFFSET ?3
-                   )
-                   RETURNING id"#,
-                user,
-                now,
-                keep,
-            )
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
-            evicted.extend(ended);
-        }
-        let expires_at = us(new.expires_at);
-        sqlx::query!(
-            r#"INSERT INTO sessions (id, user_id, remember_me, created_at, last_used_at,
-                                     expires_at, login_ip, login_user_agent, last_ip,
-                                     last_user_agent, chain_hash)
-               VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?6, ?7, ?8)"#,
-            session,
-            user,
-            new.remember_me,
-            now,
-            expires_at,
-            new.client.ip,
-            new.client.user_agent,
-            new.chain_hash,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        sqlx::query!(
-            "INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES (?1, ?2, ?3)",
-            new.refresh_hash,
-            session,
-            now,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        // A device token is only ever renewed for the user it belongs to.
-        let device_expires = now + secs_us(new.device_ttl_secs);
-        sqlx::query!(
-            r#"INSERT INTO devices (token_hash, user_id, created_at, last_used_at, expires_at)
-               VALUES (?1, ?2, ?3, ?3, ?4)
-               ON CONFLICT (token_hash) DO UPDATE
-                   SET last_used_at = excluded.last_used_at, expires_at = excluded.expires_at
-                   WHERE devices.user_id = excluded.user_id"#,
-            new.device_hash,
-            user,
-            now,
-            device_expires,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
         evicted.sort();
         evicted.dedup();
         Ok(Some(CreatedSession {
@@ -594,80 +636,88 @@ impl Store for SqliteStore {
         // first marks the token rotated only if it and its session are live; the others
         // act only where it did (the successor's hash, fresh and random, names this
         // rotation); the last returns the grant, or nothing.
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let idle_since = now - secs_us(r.idle_ttl_secs);
-        let grace_since = now - secs_us(r.grace_secs);
-        let kind = AuditKind::Refresh.as_str();
-        let (token, successor) = (r.token_hash, r.successor_hash);
-        let row = sqlx::query!(
-            r#"UPDATE refresh_tokens
-               SET rotated_at = ?, successor_hash = ?, successor_sealed = ?
-               WHERE token_hash = ? AND rotated_at IS NULL
-                 AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
-                             WHERE s.id = refresh_tokens.session_id
-                               AND s.revoked_at IS NULL AND s.expires_at > ?
-                               AND s.last_used_at > ? AND NOT u.disabled);
-               UPDATE sessions SET last_used_at = ?, last_ip = ?, last_user_agent = ?,
-                                   generation = generation + 1
-               WHERE id = (SELECT session_id FROM refresh_tokens
-                           WHERE token_hash = ? AND successor_hash = ?);
-               INSERT INTO refresh_tokens (token_hash, session_id, created_at)
-               SELECT ?, session_id, ? FROM refresh_tokens
-               WHERE token_hash = ? AND successor_hash = ?;
-               DELETE FROM refresh_tokens
-               WHERE session_id = (SELECT session_id FROM refresh_tokens
-                                   WHERE token_hash = ? AND successor_hash = ?)
-                 AND token_hash <> ? AND rotated_at < ?;
-               INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
-                                         user_agent)
-               SELECT ?, ?, s.user_id, s.id, ?, ?
-               FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
-               WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
-               SELECT rt.session_id, s.user_id, s.expires_at, u.roles
-               FROM refresh_tokens rt
-               JOIN sessions s ON s.id = rt.session_id
-               JOIN users u ON u.id = s.user_id
-               WHERE rt.token_hash = ? AND rt.successor_hash = ?"#,
-            // the rotation
-            now,
-            successor,
-            r.successor_sealed,
-            token,
-            now,
-            idle_since,
-            // the session's use
-            now,
-            r.client.ip,
-            r.client.user_agent,
-            token,
-            successor,
-            // the successor
-            successor,
-            now,
-            token,
-            successor,
-            // the pruning
-            token,
-            successor,
-            token,
-            grace_since,
-            // the audit row
-            now,
-            kind,
-            r.client.ip,
-            r.client.user_agent,
-            r.audit,
-            token,
-            successor,
-            // the grant
-            token,
-            successor,
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        let (token, successor) = (r.token_hash.to_vec(), r.successor_hash.to_vec());
+        let sealed = r.successor_sealed.to_vec();
+        let (ip, user_agent) = (r.client.ip.clone(), r.client.user_agent.clone());
+        let (idle_ttl_secs, grace_secs, audit) = (r.idle_ttl_secs, r.grace_secs, r.audit);
+        let (row, now) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let idle_since = now - secs_us(idle_ttl_secs);
+                    let grace_since = now - secs_us(grace_secs);
+                    let kind = AuditKind::Refresh.as_str();
+                    let row = sqlx::query!(
+                        r#"UPDATE refresh_tokens
+                       SET rotated_at = ?, successor_hash = ?, successor_sealed = ?
+                       WHERE token_hash = ? AND rotated_at IS NULL
+                         AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
+                                     WHERE s.id = refresh_tokens.session_id
+                                       AND s.revoked_at IS NULL AND s.expires_at > ?
+                                       AND s.last_used_at > ? AND NOT u.disabled);
+                       UPDATE sessions SET last_used_at = ?, last_ip = ?, last_user_agent = ?,
+                                           generation = generation + 1
+                       WHERE id = (SELECT session_id FROM refresh_tokens
+                                   WHERE token_hash = ? AND successor_hash = ?);
+                       INSERT INTO refresh_tokens (token_hash, session_id, created_at)
+                       SELECT ?, session_id, ? FROM refresh_tokens
+                       WHERE token_hash = ? AND successor_hash = ?;
+                       DELETE FROM refresh_tokens
+                       WHERE session_id = (SELECT session_id FROM refresh_tokens
+                                           WHERE token_hash = ? AND successor_hash = ?)
+                         AND token_hash <> ? AND rotated_at < ?;
+                       INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
+                                                 user_agent)
+                       SELECT ?, ?, s.user_id, s.id, ?, ?
+                       FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
+                       WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
+                       SELECT rt.session_id, s.user_id, s.expires_at, u.roles
+                       FROM refresh_tokens rt
+                       JOIN sessions s ON s.id = rt.session_id
+                       JOIN users u ON u.id = s.user_id
+                       WHERE rt.token_hash = ? AND rt.successor_hash = ?"#,
+                        // the rotation
+                        now,
+                        &successor,
+                        sealed,
+                        &token,
+                        now,
+                        idle_since,
+                        // the session's use
+                        now,
+                        ip,
+                        user_agent,
+                        &token,
+                        &successor,
+                        // the successor
+                        &successor,
+                        now,
+                        &token,
+                        &successor,
+                        // the pruning
+                        &token,
+                        &successor,
+                        &token,
+                        grace_since,
+                        // the audit row
+                        now,
+                        kind,
+                        ip,
+                        user_agent,
+                        audit,
+                        &token,
+                        &successor,
+                        // the grant
+                        &token,
+                        &successor,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    Ok((row, now))
+                })
+            }))
+            .await?;
         row.map(|row| {
             Ok(Grant {
                 session_id: SessionId(uuid(&row.session_id)?),
@@ -756,20 +806,26 @@ impl Store for SqliteStore {
 
     async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>> {
         let id = id.0.to_string();
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let user = sqlx::query_scalar!(
-            r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3
-               WHERE id = ?1 AND revoked_at IS NULL
-               RETURNING user_id"#,
-            id,
-            now,
-            reason,
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        let reason = reason.to_owned();
+        let user = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let user = sqlx::query_scalar!(
+                        r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3
+                       WHERE id = ?1 AND revoked_at IS NULL
+                       RETURNING user_id"#,
+                        id,
+                        now,
+                        reason,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    Ok(user)
+                })
+            }))
+            .await?;
         Ok(opt_uuid(user)?.map(UserId))
     }
 
@@ -782,33 +838,38 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<SessionId>> {
         let user = user.0.to_string();
         let except = except.map(|s| s.0.to_string());
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let recent = now - secs_us(recent_secs);
-        // Those ended earlier, within the window, then those ended now.
-        let mut ended = sqlx::query_scalar!(
-            r#"SELECT id FROM sessions
-               WHERE user_id = ?1 AND (?2 IS NULL OR id <> ?2) AND revoked_at > ?3"#,
-            user,
-            except,
-            recent,
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let now_ended = sqlx::query_scalar!(
-            r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
-               WHERE user_id = ?1 AND revoked_at IS NULL AND (?2 IS NULL OR id <> ?2)
-               RETURNING id"#,
-            user,
-            except,
-            now,
-            reason,
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        let reason = reason.to_owned();
+        let (mut ended, now_ended) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let recent = now - secs_us(recent_secs);
+                    // Those ended earlier, within the window, then those ended now.
+                    let ended = sqlx::query_scalar!(
+                        r#"SELECT id FROM sessions
+                       WHERE user_id = ?1 AND (?2 IS NULL OR id <> ?2) AND revoked_at > ?3"#,
+                        user,
+                        except,
+                        recent,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let now_ended = sqlx::query_scalar!(
+                        r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+                       WHERE user_id = ?1 AND revoked_at IS NULL AND (?2 IS NULL OR id <> ?2)
+                       RETURNING id"#,
+                        user,
+                        except,
+                        now,
+                        reason,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    Ok((ended, now_ended))
+                })
+            }))
+            .await?;
         ended.extend(now_ended);
         ids(ended)
     }
@@ -863,32 +924,39 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let user = user.0.to_string();
         let id = id.0.to_string();
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let recent = now - secs_us(recent_secs);
-        let recently_ended = sqlx::query_scalar!(
-            "SELECT 1 AS one FROM sessions WHERE id = ?1 AND user_id = ?2 AND revoked_at > ?3",
-            id,
-            user,
-            recent,
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?
-        .is_some();
-        let ended = sqlx::query!(
-            r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
-               WHERE id = ?1 AND user_id = ?2 AND revoked_at IS NULL"#,
-            id,
-            user,
-            now,
-            reason,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-        tx.commit().await.map_err(classify)?;
+        let reason = reason.to_owned();
+        let (recently_ended, ended) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                let now = now_us();
+                let recent = now - secs_us(recent_secs);
+                let recently_ended = sqlx::query_scalar!(
+                    "SELECT 1 AS one FROM sessions WHERE id = ?1 AND user_id = ?2 AND revoked_at > ?3",
+                    id,
+                    user,
+                    recent,
+                )
+                .fetch_optional(&mut *conn)
+                .await
+                ?
+                .is_some();
+                let ended = sqlx::query!(
+                    r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+                       WHERE id = ?1 AND user_id = ?2 AND revoked_at IS NULL"#,
+                    id,
+                    user,
+                    now,
+                    reason,
+                )
+                .execute(&mut *conn)
+                .await
+                ?
+                .rows_affected();
+                Ok((recently_ended, ended))
+                })
+            }))
+            .await?;
         Ok(recently_ended || ended > 0)
     }
 
@@ -901,35 +969,43 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<Vec<SessionId>>> {
         let user = user.0.to_string();
         let keep = keep.0.to_string();
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let changed = sqlx::query!(
-            r#"UPDATE users SET password_hash = ?3, updated_at = ?4
-               WHERE id = ?1 AND password_hash = ?2 AND NOT disabled"#,
-            user,
-            old,
-            new,
-            now,
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?
-        .rows_affected();
-        if changed == 0 {
+        let (old, new) = (old.to_owned(), new.to_owned());
+        let Some(ended) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let changed = sqlx::query!(
+                        r#"UPDATE users SET password_hash = ?3, updated_at = ?4
+                       WHERE id = ?1 AND password_hash = ?2 AND NOT disabled"#,
+                        user,
+                        old,
+                        new,
+                        now,
+                    )
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if changed == 0 {
+                        return Ok(None);
+                    }
+                    let ended = sqlx::query_scalar!(
+                        r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = 'password_changed'
+                       WHERE user_id = ?1 AND revoked_at IS NULL AND id <> ?2
+                       RETURNING id"#,
+                        user,
+                        keep,
+                        now,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    Ok(Some(ended))
+                })
+            }))
+            .await?
+        else {
             return Ok(None);
-        }
-        let ended = sqlx::query_scalar!(
-            r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = 'password_changed'
-               WHERE user_id = ?1 AND revoked_at IS NULL AND id <> ?2
-               RETURNING id"#,
-            user,
-            keep,
-            now,
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        };
         Ok(Some(ids(ended)?))
     }
 
@@ -940,45 +1016,53 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<UserUpdate>> {
         let id = user.0.to_string();
         let roles = change.roles.as_deref().map(roles_json);
-        let mut tx = self.write().await?;
-        let now = now_us();
-        let Some(old_roles) = sqlx::query_scalar!("SELECT roles FROM users WHERE id = ?1", id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?
+        let disabled = change.disabled;
+        let Some((old_roles, row, ended)) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let Some(old_roles) =
+                        sqlx::query_scalar!("SELECT roles FROM users WHERE id = ?1", id)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                    else {
+                        return Ok(None);
+                    };
+                    let row = sqlx::query!(
+                        r#"UPDATE users
+                       SET disabled = coalesce(?2, disabled), roles = coalesce(?3, roles),
+                           updated_at = ?4
+                       WHERE id = ?1
+                       RETURNING id AS "id!", email AS "email!", roles AS "roles!",
+                                 disabled AS "disabled!: bool", created_at AS "created_at!""#,
+                        id,
+                        disabled,
+                        roles,
+                        now,
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    let ended = if row.disabled {
+                        sqlx::query_scalar!(
+                            r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'user_disabled'
+                           WHERE user_id = ?1 AND revoked_at IS NULL
+                           RETURNING id"#,
+                            id,
+                            now,
+                        )
+                        .fetch_all(&mut *conn)
+                        .await?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok(Some((old_roles, row, ended)))
+                })
+            }))
+            .await?
         else {
             return Ok(None);
         };
-        let row = sqlx::query!(
-            r#"UPDATE users
-               SET disabled = coalesce(?2, disabled), roles = coalesce(?3, roles),
-                   updated_at = ?4
-               WHERE id = ?1
-               RETURNING id AS "id!", email AS "email!", roles AS "roles!",
-                         disabled AS "disabled!: bool", created_at AS "created_at!""#,
-            id,
-            change.disabled,
-            roles,
-            now,
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let ended = if row.disabled {
-            sqlx::query_scalar!(
-                r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'user_disabled'
-                   WHERE user_id = ?1 AND revoked_at IS NULL
-                   RETURNING id"#,
-                id,
-                now,
-            )
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?
-        } else {
-            Vec::new()
-        };
-        tx.commit().await.map_err(classify)?;
         let user = user_from(&row.id, row.email, &row.roles, row.disabled, row.created_at)?;
         let roles_changed = super::roles_differ(&roles_from(&old_roles)?, &user.roles);
         Ok(Some(UserUpdate {
