@@ -1,4 +1,6 @@
 # Tessera server image: build with the committed .sqlx data (no database needed).
+# Run as it is, it serves on the embedded default in /var/lib/tessera/data (mount a
+# volume there and on the keys); docker-compose.yml runs it on PostgreSQL + Redis.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

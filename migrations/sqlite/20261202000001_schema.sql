@@ -5,7 +5,9 @@
 -- - times are INTEGER microseconds since the Unix epoch (UTC), taken from the process
 --   clock inside the write transaction (one process, one clock);
 -- - roles is TEXT holding a JSON array of strings, audit detail a JSON object;
--- - audit ids are AUTOINCREMENT, so they only grow (the audit cursor relies on it).
+-- - audit ids are AUTOINCREMENT, so they only grow (the audit cursor relies on it);
+-- - tables keyed by an id or a hash are WITHOUT ROWID (one B-tree per lookup, not an
+--   index and then the table).
 
 CREATE TABLE users (
     id               TEXT PRIMARY KEY NOT NULL,
@@ -17,7 +19,7 @@ CREATE TABLE users (
     disabled         BOOLEAN NOT NULL DEFAULT FALSE,
     created_at       INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 CREATE UNIQUE INDEX users_email_normalized_key ON users (email_normalized);
 
 -- A session is the chain of refresh tokens that one login started.
@@ -38,7 +40,7 @@ CREATE TABLE sessions (
     -- rotations so far, and SHA-256 of the chain secret (see migrations/postgres/)
     generation       INTEGER NOT NULL DEFAULT 0,
     chain_hash       BLOB
-);
+) WITHOUT ROWID;
 CREATE INDEX sessions_user_id_idx ON sessions (user_id, last_used_at);
 CREATE INDEX sessions_revoked_at_idx ON sessions (revoked_at) WHERE revoked_at IS NOT NULL;
 CREATE INDEX sessions_expires_at_idx ON sessions (expires_at);

@@ -367,3 +367,28 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds users"));
 }
+
+/// The embedded database's "backing service down": another process holds its write
+/// lock past the busy timeout (5 s). Writes answer 503, reads go on, and the server is
+/// back once the lock is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_locked_by_another_process_gives_503_and_the_server_recovers() {
+    crate::shared_backend_only!(); // runs once (see the module docs)
+    let app = spawn_app_with(on_sqlite()).await;
+    let email = app.new_user().await;
+    let t = app.login_ok(&email).await;
+    let mut other = app.db().await;
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    assert_unavailable(app.refresh(&t.refresh).await).await;
+    assert_eq!(
+        app.me(&t.access).await.status(),
+        StatusCode::OK,
+        "reads go on"
+    );
+    sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+    // Nothing was lost: the token that failed during the outage still rotates.
+    app.refresh_ok(&t.refresh).await;
+}

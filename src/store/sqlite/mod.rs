@@ -170,9 +170,8 @@ fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<SqliteConnectO
         .foreign_keys(true)
         // Reads through a memory map of the file (the OS page cache, shared by every
         // connection) rather than a read() per page missing from each connection's own
-        // cache, which is small by default (2 MiB).
+        // cache, which is small (2 MiB).
         .pragma("mmap_size", MMAP_SIZE.to_string())
-        .pragma("cache_size", "-16384")
         .log_statements(log::LevelFilter::Debug))
 }
 

@@ -141,3 +141,86 @@ async fn run_batch(pool: &SqlitePool, batch: &mut [Box<dyn Job>]) -> Result<(), 
     }
     tx.commit().await.map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+
+    use super::*;
+
+    fn statement(sql: &'static str) -> Work<()> {
+        Box::new(move |conn| {
+            Box::pin(async move { sqlx::query(sql).execute(&mut *conn).await.map(|_| ()) })
+        })
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_rolls_back_its_batch_and_tells_each_writer() {
+        let dir =
+            std::env::temp_dir().join(format!("tessera-writer-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.join("w.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let writer = Writer::start(move || {
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(options)
+        })
+        .unwrap();
+        writer
+            .write(statement("CREATE TABLE t (v INTEGER UNIQUE)"))
+            .await
+            .unwrap();
+
+        // The first write holds the connection while three more queue up behind it, so
+        // that those three share one transaction; one of them breaks the constraint.
+        let slow: Work<()> = Box::new(|conn| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                sqlx::query("INSERT INTO t VALUES (1)")
+                    .execute(&mut *conn)
+                    .await
+                    .map(|_| ())
+            })
+        });
+        let later = |sql| {
+            let writer = writer.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                writer.write(statement(sql)).await
+            }
+        };
+        let (first, ok_before, broken, ok_after) = tokio::join!(
+            writer.write(slow),
+            later("INSERT INTO t VALUES (2)"),
+            later("INSERT INTO t VALUES (1)"),
+            later("INSERT INTO t VALUES (3)"),
+        );
+        first.unwrap();
+        assert!(matches!(broken, Err(StoreError::Conflict)), "{broken:?}");
+        for other in [ok_before, ok_after] {
+            assert!(
+                matches!(&other, Err(StoreError::Unavailable(e)) if e.to_string().contains("retry")),
+                "{other:?}"
+            );
+        }
+        // Nothing of the failed transaction stayed, and the writer goes on.
+        writer
+            .write(statement("INSERT INTO t VALUES (4)"))
+            .await
+            .unwrap();
+        let values: Work<Vec<i64>> = Box::new(|conn| {
+            Box::pin(async move {
+                sqlx::query_scalar("SELECT v FROM t ORDER BY v")
+                    .fetch_all(&mut *conn)
+                    .await
+            })
+        });
+        assert_eq!(writer.write(values).await.unwrap(), [1, 4]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
