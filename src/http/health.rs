@@ -1,5 +1,6 @@
-//! `GET /health/live` (the process answers) and `GET /health/ready` (Postgres and Redis
-//! answer too, and Redis will not evict revocation marks).
+//! `GET /health/live` (the process answers) and `GET /health/ready` (the database and
+//! Redis answer too, and Redis will not evict revocation marks). The database's entry is
+//! named after it: `"postgres"` or `"sqlite"`.
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
@@ -15,6 +16,7 @@ pub async fn live() -> HttpResponse {
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let (db, marks) = tokio::join!(state.auth.store.ping(), state.auth.revocations.health());
     db?;
+    let database = state.auth.store.name();
     if let MarksHealth::Unsafe(why) = marks.map_err(ApiError::unavailable)? {
         // Not ready: under memory pressure Redis would drop revocation marks.
         // The contract's error shape, with the readiness details beside it.
@@ -24,7 +26,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
                 "error": "temporarily_unavailable",
                 "error_description": why,
                 "status": "unavailable",
-                "postgres": "ok",
+                database: "ok",
                 "redis": why,
             })));
     }
@@ -32,5 +34,5 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         true => "not used: single-instance mode, revocations in process",
         false => "ok",
     };
-    Ok(HttpResponse::Ok().json(json!({"status": "ok", "postgres": "ok", "redis": redis})))
+    Ok(HttpResponse::Ok().json(json!({"status": "ok", database: "ok", "redis": redis})))
 }

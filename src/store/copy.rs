@@ -73,19 +73,6 @@ pub struct DeviceRow {
     pub expires_at: DateTime<Utc>,
 }
 
-pub struct AuditRow {
-    pub id: i64,
-    pub occurred_at: DateTime<Utc>,
-    pub kind: String,
-    pub user_id: Option<Uuid>,
-    pub session_id: Option<Uuid>,
-    pub actor_id: Option<Uuid>,
-    pub ip: Option<String>,
-    pub user_agent: Option<String>,
-    /// A JSON object.
-    pub detail: String,
-}
-
 /// What was copied, table by table.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Copied {

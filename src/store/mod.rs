@@ -473,6 +473,8 @@ pub struct SavedMark {
 
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Which database this is ("postgres", "sqlite"), as readiness reports it.
+    fn name(&self) -> &'static str;
     async fn ping(&self) -> StoreResult<()>;
     /// The database's clock, read after whatever the caller committed: the time of a
     /// per-user revocation mark, so that every token issued by a statement that did not

@@ -115,6 +115,7 @@ async fn with_no_configuration_the_server_runs_embedded_in_data_alone_and_loses_
         ready["redis"].as_str().unwrap().contains("not used"),
         "{ready}"
     );
+    assert_eq!(ready["sqlite"], "ok", "{ready}");
 
     // It works end to end on the production defaults.
     let email = "first@example.com";

@@ -11,6 +11,11 @@ async fn health_endpoints_answer() {
     assert_eq!(live.headers()["x-content-type-options"], "nosniff");
     let ready = app.get("/health/ready").await;
     assert_eq!(ready.status(), StatusCode::OK);
+    // The database's entry is named after it.
+    let body: Value = ready.json().await.unwrap();
+    let database = if app.sqlite() { "sqlite" } else { "postgres" };
+    assert_eq!(body[database], "ok", "{body}");
+    assert_eq!(body["status"], "ok", "{body}");
 }
 
 #[tokio::test]

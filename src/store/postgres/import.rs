@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::store::SavedMark;
-use crate::store::copy::{AuditRow, DeviceRow, SessionRow, TokenRow, UserRow};
+use crate::store::copy::{DeviceRow, SessionRow, TokenRow, UserRow};
+use crate::store::{AuditRecord, SavedMark};
 
 /// One column of a page.
 fn col<R, T>(rows: &[R], f: impl Fn(&R) -> T) -> Vec<T> {
@@ -122,9 +122,9 @@ pub async fn devices(conn: &mut PgConnection, rows: &[DeviceRow]) -> anyhow::Res
     Ok(())
 }
 
-pub async fn audit_events(conn: &mut PgConnection, rows: &[AuditRow]) -> anyhow::Result<()> {
-    let ids = |f: fn(&AuditRow) -> Option<Uuid>| -> Vec<Option<Uuid>> { col(rows, f) };
-    let text = |f: fn(&AuditRow) -> &Option<String>| col(rows, |r| f(r).clone());
+pub async fn audit_events(conn: &mut PgConnection, rows: &[AuditRecord]) -> anyhow::Result<()> {
+    let ids = |f: fn(&AuditRecord) -> Option<Uuid>| -> Vec<Option<Uuid>> { col(rows, f) };
+    let text = |f: fn(&AuditRecord) -> &Option<String>| col(rows, |r| f(r).clone());
     sqlx::query!(
         r#"INSERT INTO audit_events (id, occurred_at, kind, user_id, session_id, actor_id,
                                      ip, user_agent, detail)
@@ -142,7 +142,7 @@ pub async fn audit_events(conn: &mut PgConnection, rows: &[AuditRow]) -> anyhow:
         &ids(|r| r.actor_id) as _,
         &text(|r| &r.ip) as _,
         &text(|r| &r.user_agent) as _,
-        &col(rows, |r| r.detail.clone()),
+        &col(rows, |r| r.detail.to_string()),
     )
     .execute(&mut *conn)
     .await?;

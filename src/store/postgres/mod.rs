@@ -198,6 +198,10 @@ fn user_from(
 
 #[async_trait::async_trait]
 impl Store for PgStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -5,8 +5,8 @@
 use sqlx::SqliteConnection;
 
 use super::{opt_uuid, roles_from, time, uuid};
-use crate::store::SavedMark;
-use crate::store::copy::{AuditRow, DeviceRow, SessionRow, TokenRow, UserRow};
+use crate::store::copy::{DeviceRow, SessionRow, TokenRow, UserRow};
+use crate::store::{AuditRecord, SavedMark, StoreError};
 
 pub async fn users(
     conn: &mut SqliteConnection,
@@ -133,7 +133,7 @@ pub async fn audit_events(
     conn: &mut SqliteConnection,
     after: i64,
     limit: i64,
-) -> anyhow::Result<Vec<AuditRow>> {
+) -> anyhow::Result<Vec<AuditRecord>> {
     let rows = sqlx::query!(
         r#"SELECT id AS "id!", occurred_at, kind, user_id, session_id, actor_id, ip,
                   user_agent, detail
@@ -143,21 +143,10 @@ pub async fn audit_events(
     )
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(AuditRow {
-                id: r.id,
-                occurred_at: time(r.occurred_at),
-                kind: r.kind,
-                user_id: opt_uuid(r.user_id)?,
-                session_id: opt_uuid(r.session_id)?,
-                actor_id: opt_uuid(r.actor_id)?,
-                ip: r.ip,
-                user_agent: r.user_agent,
-                detail: r.detail,
-            })
-        })
-        .collect()
+    Ok(rows
+        .into_iter()
+        .map(|r| audit_record!(r))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Every saved revocation mark, live or not (the target's cleanup deletes the expired).

@@ -19,6 +19,24 @@
 //!
 //! Every query is compile-time checked against `migrations/sqlite/` (`.sqlx/`).
 
+/// An [`AuditRecord`] from a row of `audit_events` (any query selecting its columns).
+macro_rules! audit_record {
+    ($r:expr) => {{
+        let r = $r;
+        Ok::<_, StoreError>(AuditRecord {
+            id: r.id,
+            occurred_at: time(r.occurred_at),
+            kind: r.kind,
+            user_id: opt_uuid(r.user_id)?,
+            session_id: opt_uuid(r.session_id)?,
+            actor_id: opt_uuid(r.actor_id)?,
+            ip: r.ip,
+            user_agent: r.user_agent,
+            detail: serde_json::from_str(&r.detail).unwrap_or_default(),
+        })
+    }};
+}
+
 pub mod export;
 mod writer;
 
@@ -271,6 +289,10 @@ fn ids(rows: Vec<String>) -> StoreResult<Vec<SessionId>> {
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.reader)
@@ -1120,21 +1142,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(classify)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    id: r.id,
-                    occurred_at: time(r.occurred_at),
-                    kind: r.kind,
-                    user_id: opt_uuid(r.user_id)?,
-                    session_id: opt_uuid(r.session_id)?,
-                    actor_id: opt_uuid(r.actor_id)?,
-                    ip: r.ip,
-                    user_agent: r.user_agent,
-                    detail: serde_json::from_str(&r.detail).unwrap_or_default(),
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| audit_record!(r)).collect()
     }
 
     async fn delete_ended_sessions(
