@@ -366,7 +366,12 @@ impl TestApp {
 
     /// Whether this test's database is SQLite.
     pub fn sqlite(&self) -> bool {
-        is_sqlite(&self.settings)
+        use secrecy::ExposeSecret;
+        self.settings
+            .database
+            .url
+            .expose_secret()
+            .starts_with("sqlite:")
     }
 
     /// The statement for this test's backend: PostgreSQL's, or SQLite's (times there
@@ -374,11 +379,6 @@ impl TestApp {
     pub fn pick(&self, postgres: &'static str, sqlite: &'static str) -> &'static str {
         if self.sqlite() { sqlite } else { postgres }
     }
-}
-
-pub fn is_sqlite(settings: &Settings) -> bool {
-    use secrecy::ExposeSecret;
-    settings.database.url.expose_secret().starts_with("sqlite:")
 }
 
 /// A direct connection to the database of `settings` (see [`TestApp::db`]).

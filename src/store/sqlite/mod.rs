@@ -2,17 +2,19 @@
 //!
 //! The same behaviour as [`super::postgres::PgStore`], built the way SQLite wants:
 //!
-//! - **One writer.** Every write is a `BEGIN IMMEDIATE` transaction on the single
-//!   connection of the writer pool, so writes queue in this process (fairly, in the
-//!   pool's order) instead of polling SQLite's lock, and a transaction never has to
-//!   upgrade a read lock (no deadlock, no `SQLITE_BUSY` mid-way). Other processes on
-//!   the file (`tessera backup`, the CLI) wait on `busy_timeout`.
+//! - **One writer.** A thread of its own owns the write connection and runs the writes
+//!   requests hand it in `BEGIN IMMEDIATE` transactions, several at once when they
+//!   queue up (group commit, see [`writer`]): the connection never changes hands and a
+//!   transaction never has to upgrade a read lock (no deadlock, no `SQLITE_BUSY`
+//!   mid-way). Other processes on the file (`tessera backup`, the CLI) wait on
+//!   `busy_timeout`.
 //! - **Many readers.** WAL mode: reads run on the reader pool beside the writer and see
 //!   every committed write.
 //! - **Statements, not CTEs.** SQLite has no data-modifying CTEs and no row locks, so
 //!   what PostgreSQL does in one locking statement is a few statements inside one
-//!   write transaction; holding the writer lock is what makes them atomic, so of two
-//!   rotations of one token exactly one wins, as on PostgreSQL.
+//!   write transaction (a rotation's sent as one command); holding the write lock is
+//!   what makes them atomic, so of two rotations of one token exactly one wins, as on
+//!   PostgreSQL.
 //! - **One clock.** Times are the process clock, read inside the write transaction (the
 //!   order argument of docs/design.md, "Privilege races", then holds as it does with the
 //!   database clock), stored as INTEGER microseconds; ids are TEXT; roles a JSON array.
@@ -52,8 +54,6 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Sqlite};
-
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 use uuid::Uuid;
 
 use super::{
@@ -65,6 +65,8 @@ use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
 /// How much of the file is read through a memory map (256 MiB).
 const MMAP_SIZE: u64 = 256 << 20;
@@ -193,19 +195,13 @@ fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<SqliteConnectO
         .log_statements(log::LevelFilter::Debug))
 }
 
-/// Creates `dir` (and its parents) if missing; a directory Tessera creates is 0700.
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
+/// Creates `dir` (and its parents) if missing; a directory Tessera creates is 0700 (an
+/// existing one is left as it is).
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create the data directory {}", dir.display()))
 }
@@ -1193,6 +1189,6 @@ impl Store for SqliteStore {
 }
 
 /// The lock file beside the database: `data/tessera.db` → `data/tessera.lock`.
-pub fn lock_file(db: &Path) -> PathBuf {
+fn lock_file(db: &Path) -> PathBuf {
     db.with_extension("lock")
 }
