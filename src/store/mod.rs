@@ -170,6 +170,9 @@ pub struct Grant {
     pub user_id: UserId,
     pub roles: Vec<String>,
     pub expires_at: DateTime<Utc>,
+    /// Whether the login asked to be remembered (a browser keeps its refresh cookie
+    /// across restarts only then).
+    pub remember_me: bool,
     /// The database's clock when the statement that granted it ran: the access token's
     /// issue time, compared with per-user revocation marks taken from the same clock.
     pub issued_at: DateTime<Utc>,

@@ -363,6 +363,7 @@ impl Store for PgStore {
                 user_id: new.user_id,
                 roles,
                 expires_at: new.expires_at,
+                remember_me: new.remember_me,
                 issued_at: row.issued_at,
             },
             evicted: session_ids(row.evicted),
@@ -393,7 +394,7 @@ impl Store for PgStore {
                      AND s.expires_at > now()
                      AND s.last_used_at > now() - make_interval(secs => $4::float8)
                      AND NOT u.disabled
-                   RETURNING rt.session_id, s.user_id, s.expires_at, u.roles
+                   RETURNING rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles
                ), touched AS (
                    UPDATE sessions SET last_used_at = now(), last_ip = $5, last_user_agent = $6,
                                        generation = generation + 1
@@ -412,7 +413,7 @@ impl Store for PgStore {
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!",
-                      now() AS "issued_at!"
+                      remember_me AS "remember_me!", now() AS "issued_at!"
                FROM rotated"#,
             r.token_hash,
             r.successor_hash,
@@ -432,6 +433,7 @@ impl Store for PgStore {
             user_id: UserId(r.user_id),
             roles: r.roles,
             expires_at: r.expires_at,
+            remember_me: r.remember_me,
             issued_at: r.issued_at,
         }))
     }
@@ -440,7 +442,7 @@ impl Store for PgStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at,
-                      s.revoked_at,
+                      s.revoked_at, s.remember_me,
                       u.roles, u.disabled, now() AS "now!"
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
@@ -457,6 +459,7 @@ impl Store for PgStore {
                 user_id: UserId(r.user_id),
                 roles: r.roles,
                 expires_at: r.expires_at,
+                remember_me: r.remember_me,
                 issued_at: r.now,
             },
             rotated_at: r.rotated_at,
@@ -475,7 +478,7 @@ impl Store for PgStore {
     ) -> StoreResult<Option<(RefreshState, i64)>> {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.generation, u.roles, u.disabled, now() AS "now!"
+                      s.generation, s.remember_me, u.roles, u.disabled, now() AS "now!"
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = $1 AND s.chain_hash = $2"#,
             session.0,
@@ -491,6 +494,7 @@ impl Store for PgStore {
                     user_id: UserId(r.user_id),
                     roles: r.roles,
                     expires_at: r.expires_at,
+                    remember_me: r.remember_me,
                     issued_at: r.now,
                 },
                 rotated_at: None,
