@@ -20,6 +20,7 @@ const ENV_PREFIX: &str = "TESSERA__";
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub cookies: CookieSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub tokens: TokenSettings,
@@ -43,6 +44,14 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<String>,
     pub workers: usize,
     pub cors_allowed_origins: Vec<String>,
+}
+
+/// Browser sessions (`[cookies]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookieSettings {
+    pub secure: bool,
+    pub domain: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +251,23 @@ impl Settings {
             bail!("session lifetimes must be positive");
         }
         crate::domain::KeyAlgorithm::parse(&t.algorithm)?;
+        for origin in &self.server.cors_allowed_origins {
+            if crate::domain::origin_of(origin).as_deref() != Some(origin.as_str()) {
+                bail!(
+                    "server.cors_allowed_origins: {origin:?} is not an origin; write it as \
+                     scheme://host[:port] in lower case, with no path or trailing slash"
+                );
+            }
+        }
+        let domain = &self.cookies.domain;
+        if !domain.is_empty()
+            && (domain.starts_with('.')
+                || !domain
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+        {
+            bail!("cookies.domain must be a plain domain name such as example.com");
+        }
         let p = &self.password;
         if !p.allow_weak && (p.memory_kib < 19 * 1024 || p.iterations < 2 || p.parallelism < 1) {
             bail!(
@@ -278,17 +304,6 @@ impl Settings {
         for proxy in &self.server.trusted_proxies {
             crate::domain::IpRange::parse(proxy)
                 .with_context(|| format!("server.trusted_proxies: {proxy:?}"))?;
-        }
-        for origin in &self.server.cors_allowed_origins {
-            let ok = origin
-                .strip_prefix("https://")
-                .or_else(|| origin.strip_prefix("http://"))
-                .is_some_and(|host| !host.is_empty() && !host.contains(['/', '*', ' ']));
-            if !ok {
-                bail!(
-                    "server.cors_allowed_origins: {origin:?} must look like https://app.example.com"
-                );
-            }
         }
         Ok(())
     }
@@ -403,6 +418,7 @@ mod tests {
             ("server", "host") => "0.0.0.0".into(),
             ("server", "trusted_proxies") => "10.0.0.1,10.0.0.0/8".into(),
             ("server", "cors_allowed_origins") => "https://app.example.com".into(),
+            ("cookies", "domain") => "example.com".into(),
             ("database", "url") => "postgres://u:p@db.example.com/other".into(),
             ("database", "sqlite_synchronous") => "normal".into(),
             ("redis", "url") => "redis://cache.example.com:6380".into(),
@@ -469,11 +485,22 @@ mod tests {
             "*",
             "app.example.com",
             "https://app.example.com/path",
+            "https://app.example.com/",
+            "https://App.example.com",
             "https://",
         ] {
             let vars = env(&[("TESSERA__SERVER__CORS_ALLOWED_ORIGINS", origin)]);
             assert!(Settings::load_from(None, vars).is_err(), "{origin}");
         }
+        for domain in [".example.com", "https://example.com", "example.com/x"] {
+            let vars = env(&[("TESSERA__COOKIES__DOMAIN", domain)]);
+            assert!(Settings::load_from(None, vars).is_err(), "{domain}");
+        }
+        let vars = env(&[(
+            "TESSERA__SERVER__CORS_ALLOWED_ORIGINS",
+            "http://localhost:8081",
+        )]);
+        assert!(Settings::load_from(None, vars).is_ok());
     }
 
     #[test]

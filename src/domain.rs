@@ -239,3 +239,50 @@ impl IpRange {
         (net & mask) == (ip & mask)
     }
 }
+
+/// The origin (`scheme://host[:port]`, RFC 6454) of an `http`/`https` URL, in the form
+/// browsers send in `Origin`: lower case, the default port left out, no path. `None`
+/// for anything else (another scheme, user info, no host).
+pub fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => ":443",
+        "http" => ":80",
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let authority = authority.to_ascii_lowercase();
+    let authority = authority.strip_suffix(default_port).unwrap_or(&authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin_of;
+
+    #[test]
+    fn origins_are_what_browsers_send() {
+        for (url, origin) in [
+            (
+                "https://Auth.Example.com/",
+                Some("https://auth.example.com"),
+            ),
+            (
+                "https://auth.example.com:443/x",
+                Some("https://auth.example.com"),
+            ),
+            ("http://127.0.0.1:8080", Some("http://127.0.0.1:8080")),
+            ("http://localhost:80?x", Some("http://localhost")),
+            ("ftp://example.com", None),
+            ("https://user@example.com", None),
+            ("https://", None),
+            ("null", None),
+        ] {
+            assert_eq!(origin_of(url).as_deref(), origin, "{url}");
+        }
+    }
+}

@@ -39,6 +39,9 @@ pub enum ApiError {
     InvalidClient,
     #[error("insufficient scope")]
     InsufficientScope,
+    /// A cookie-authenticated request failed the Origin or CSRF check.
+    #[error("access denied")]
+    AccessDenied,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::InvalidToken => "invalid_token",
             ApiError::InvalidClient => "invalid_client",
             ApiError::InsufficientScope => "insufficient_scope",
+            ApiError::AccessDenied => "access_denied",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "invalid_request",
             ApiError::Conflict => "conflict",
@@ -103,6 +107,10 @@ impl ApiError {
             ApiError::InvalidToken => "access token is missing, invalid, expired or revoked",
             ApiError::InvalidClient => "client authentication failed",
             ApiError::InsufficientScope => "not allowed for this token",
+            ApiError::AccessDenied => {
+                "a request authenticated by cookie needs an allowed Origin and the \
+                 session's X-CSRF-Token"
+            }
             ApiError::NotFound => "not found",
             ApiError::MethodNotAllowed => "method not allowed on this resource",
             ApiError::Conflict => "an account with this email already exists",
@@ -123,7 +131,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidCredentials | ApiError::InvalidToken | ApiError::InvalidClient => {
                 StatusCode::UNAUTHORIZED
             }
-            ApiError::InsufficientScope => StatusCode::FORBIDDEN,
+            ApiError::InsufficientScope | ApiError::AccessDenied => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict => StatusCode::CONFLICT,

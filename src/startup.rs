@@ -20,6 +20,7 @@ use crate::auth::password::PasswordHasherPool;
 use crate::auth::session::AuthService;
 use crate::config::Settings;
 use crate::error::ApiError;
+use crate::http::cookies::BrowserSessions;
 use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
 use crate::http::{admin, auth, health, sessions, token, users, well_known};
@@ -141,6 +142,16 @@ impl Application {
             &settings.introspection,
             settings.login.max_tracked_keys,
         )?;
+        let browser = BrowserSessions::new(
+            &settings,
+            &KeyStore::from_settings(&settings)?.csrf_secret()?,
+        );
+        if !settings.cookies.secure {
+            tracing::warn!(
+                "cookies.secure = false: browser sessions' cookies are sent over plain \
+                 HTTP and lose their __Host- prefix; for local development only"
+            );
+        }
 
         let address = settings.listen_address();
         let listener = TcpListener::bind(&address).with_context(|| {
@@ -160,6 +171,7 @@ impl Application {
             auth,
             trusted_proxies,
             introspection_clients,
+            browser,
         });
         let app_state = state.clone();
         let activity = state.auth.hasher.activity();
@@ -350,13 +362,20 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/health/ready", web::get().to(health::ready)));
 }
 
-/// CORS for SPAs on other origins: only the configured origins, no credentials (tokens
-/// never travel in cookies), and the headers a client needs to read exposed.
+/// CORS for SPAs on other origins: only the configured origins, with credentials (the
+/// browser sends the refresh cookie; see `http::cookies` for the checks such requests
+/// pass), `X-CSRF-Token` allowed, and the headers a client needs to read exposed.
+/// Other origins get no CORS headers.
 fn cors(origins: &[String]) -> Cors {
     let mut cors = Cors::default()
         .allowed_methods(["GET", "POST", "PUT", "PATCH", "DELETE"])
-        .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allowed_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-csrf-token"),
+        ])
         .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+        .supports_credentials()
         .max_age(3600);
     for origin in origins {
         cors = cors.allowed_origin(origin);

@@ -39,6 +39,9 @@ pub fn jwt_algorithm(alg: KeyAlgorithm) -> Algorithm {
     }
 }
 
+/// The CSRF secret's file in `keys.dir` (see [`KeyStore::csrf_secret`]).
+const CSRF_SECRET_FILE: &str = "csrf.secret";
+
 /// The on-disk form of one key.
 #[derive(Serialize, Deserialize)]
 struct KeyFile {
@@ -342,6 +345,53 @@ impl KeyStore {
             out.push((path, file));
         }
         Ok(out)
+    }
+
+    /// The secret that browser sessions' CSRF tokens are HMACs under
+    /// (`csrf.secret` beside the keys, 32 random bytes, base64): read, or made on first
+    /// use. Made by writing a temporary file and linking it into place, which fails if
+    /// another instance got there first; then that one's secret is read, so every
+    /// instance sharing `keys.dir` has the same.
+    pub fn csrf_secret(&self) -> anyhow::Result<Vec<u8>> {
+        let path = self.dir.join(CSRF_SECRET_FILE);
+        if !path.exists() {
+            self.create_dir()?;
+            let mut secret = [0u8; 32];
+            aws_lc_rs::rand::SystemRandom::new()
+                .fill(&mut secret)
+                .map_err(|_| anyhow::anyhow!("random generator failed"))?;
+            let tmp = self
+                .dir
+                .join(format!(".csrf.{}.tmp", uuid::Uuid::new_v4().simple()));
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            f.write_all(STANDARD.encode(secret).as_bytes())?;
+            f.sync_all()?;
+            let linked = fs::hard_link(&tmp, &path);
+            fs::remove_file(&tmp).ok();
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", path.display()));
+                }
+            }
+        }
+        check_private(&path, false)?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let secret = STANDARD.decode(text.trim()).ok().filter(|s| s.len() >= 32);
+        secret.with_context(|| {
+            format!(
+                "{} is damaged (want base64 of at least 32 bytes); remove it to make a new \
+                 one (every browser session's CSRF token then changes: its users log in again)",
+                path.display()
+            )
+        })
     }
 
     fn write_file(&self, file: &KeyFile) -> anyhow::Result<()> {

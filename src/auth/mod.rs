@@ -6,6 +6,7 @@ pub mod account;
 pub mod admin;
 pub mod attempt;
 pub mod cleanup;
+pub mod csrf;
 pub mod device;
 pub mod keys;
 pub mod password;

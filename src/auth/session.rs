@@ -38,6 +38,11 @@ pub struct TokenGrant {
     pub refresh_token: RefreshToken,
     pub refresh_token_expires_in: i64,
     pub session_id: SessionId,
+    /// Seconds until the session's absolute end (a remembered browser session's
+    /// refresh cookie lives that long).
+    pub session_expires_in: i64,
+    /// Whether the login asked to be remembered.
+    pub remember_me: bool,
     /// Only from a successful login: the device token to keep (see [`super::device`]).
     pub device_token: Option<DeviceToken>,
 }
@@ -361,32 +366,35 @@ impl AuthService {
         Ok(claims)
     }
 
-    #[tracing::instrument(skip_all, fields(session_id = %claims.sid))]
+    /// Ends the caller's session (`sid`, of `user`), the user's other sessions, or all
+    /// of them; returns the sessions ended.
+    #[tracing::instrument(skip_all, fields(session_id = %sid))]
     pub async fn logout(
         &self,
-        claims: &Claims,
+        sid: SessionId,
+        user: UserId,
         scope: LogoutScope,
         client: &ClientInfo,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Vec<SessionId>, ApiError> {
         let recent = self.access_token_horizon().as_secs() as i64;
         let ended = match scope {
             // Even if it was already ended in the database, make sure of the mark.
             LogoutScope::Local => {
-                self.store.revoke_session(claims.sid, "logout").await?;
-                vec![claims.sid]
+                self.store.revoke_session(sid, "logout").await?;
+                vec![sid]
             }
             LogoutScope::Others => {
                 self.store
-                    .revoke_user_sessions(claims.sub, Some(claims.sid), "logout_others", recent)
+                    .revoke_user_sessions(user, Some(sid), "logout_others", recent)
                     .await?
             }
             LogoutScope::Global => {
                 let mut ended = self
                     .store
-                    .revoke_user_sessions(claims.sub, None, "logout_global", recent)
+                    .revoke_user_sessions(user, None, "logout_global", recent)
                     .await?;
-                if !ended.contains(&claims.sid) {
-                    ended.push(claims.sid);
+                if !ended.contains(&sid) {
+                    ended.push(sid);
                 }
                 ended
             }
@@ -395,13 +403,41 @@ impl AuthService {
         let scope_name = format!("{scope:?}").to_lowercase();
         self.audit(
             AuditKind::Logout,
-            Some(claims.sub),
-            Some(claims.sid),
+            Some(user),
+            Some(sid),
             client,
             json!({"scope": scope_name, "sessions_ended": ended.len()}),
         )
         .await;
-        Ok(())
+        Ok(ended)
+    }
+
+    /// The session a refresh token (a browser's cookie) belongs to, and whether it is
+    /// live with this token: not ended, not expired, and the token its current one or
+    /// rotated within the grace window. `None`: the token names no session.
+    pub async fn session_of(
+        &self,
+        presented: &str,
+    ) -> Result<Option<(SessionId, UserId, bool)>, ApiError> {
+        let Some(token) = RefreshToken::parse(presented) else {
+            return Ok(None);
+        };
+        let Some((state, superseded)) = self.presented_state(&token, &token.hash()).await? else {
+            return Ok(None);
+        };
+        let t = &self.settings.tokens;
+        let idle = chrono::Duration::seconds(t.refresh_idle_ttl_secs as i64);
+        let grace = chrono::Duration::seconds(t.refresh_reuse_grace_secs as i64);
+        let current = match state.rotated_at {
+            None => !superseded,
+            Some(at) => state.now - at <= grace,
+        };
+        let live = current
+            && state.revoked_at.is_none()
+            && !state.disabled
+            && state.now < state.grant.expires_at
+            && state.now < state.last_used_at + idle;
+        Ok(Some((state.grant.session_id, state.grant.user_id, live)))
     }
 
     /// RFC 7009: a refresh token ends its session; an access token is revoked by `jti`.
@@ -530,6 +566,8 @@ impl AuthService {
             refresh_token: refresh,
             refresh_token_expires_in: remaining.min(idle),
             session_id: grant.session_id,
+            session_expires_in: remaining,
+            remember_me: grant.remember_me,
             device_token: None,
         })
     }

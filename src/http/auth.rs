@@ -1,11 +1,13 @@
-//! `POST /login` and `POST /logout`.
+//! `POST /login` and `POST /logout`, with body or cookie delivery (see [`super::cookies`]).
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::extract::{Authenticated, Caller, Json, OptionalJson};
+use super::cookies::Delivery;
+use super::extract::{Caller, Json, OptionalJson, bearer_token};
 use super::{device_token, token_response};
+use crate::auth::refresh_token::RefreshToken;
 use crate::auth::session::LogoutScope;
 use crate::domain::{Email, Password};
 use crate::error::ApiError;
@@ -16,30 +18,41 @@ pub struct LoginRequest {
     password: String,
     #[serde(default)]
     remember_me: bool,
-    /// The device token of an earlier successful login on this device, if any.
+    /// The device token of an earlier successful login on this device, if any (a
+    /// browser sends it as the device cookie instead).
     device_token: Option<String>,
+    /// `"body"` (the default) or `"cookie"`.
+    token_delivery: Option<String>,
 }
 
 pub async fn login(
     state: web::Data<AppState>,
+    req: HttpRequest,
     caller: Caller,
     Json(body): Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let delivery = Delivery::parse(body.token_delivery.as_deref())?;
     let email = Email::parse(&body.email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
     let password =
         Password::parse_existing(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let device = body
+        .device_token
+        .or_else(|| state.browser.device_cookie(&req));
     let grant = state
         .auth
         .login(
             email,
             password,
             body.remember_me,
-            device_token(body.device_token.as_deref()),
+            device_token(device.as_deref()),
             caller.ip,
             &caller.info,
         )
         .await?;
-    Ok(token_response(&grant))
+    Ok(match delivery {
+        Delivery::Body => token_response(&grant),
+        Delivery::Cookie => state.browser.token_response(&grant),
+    })
 }
 
 #[derive(Deserialize)]
@@ -47,10 +60,13 @@ pub struct LogoutRequest {
     scope: Option<String>,
 }
 
+/// Authenticated by the Bearer token, or else by the refresh cookie (with the Origin
+/// and CSRF checks). Either way, when the request carries the refresh cookie of a
+/// session that this logout ended, the response clears the cookies.
 pub async fn logout(
     state: web::Data<AppState>,
+    req: HttpRequest,
     caller: Caller,
-    Authenticated(claims): Authenticated,
     OptionalJson(body): OptionalJson<LogoutRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let scope = match body.and_then(|b| b.scope).as_deref() {
@@ -63,6 +79,49 @@ pub async fn logout(
             ));
         }
     };
-    state.auth.logout(&claims, scope, &caller.info).await?;
-    Ok(HttpResponse::NoContent().finish())
+    let cookie = state.browser.refresh_cookie(&req);
+    let cookie_session = cookie
+        .as_deref()
+        .and_then(RefreshToken::parse)
+        .and_then(|t| t.chain())
+        .map(|c| c.session);
+    let ended = if let Some(bearer) = bearer_token(&req) {
+        let claims = state.auth.authenticate(&bearer).await?;
+        state
+            .auth
+            .logout(claims.sid, claims.sub, scope, &caller.info)
+            .await?
+    } else if let Some(cookie) = cookie {
+        state.browser.check_origin(&req)?;
+        let Some(sid) = cookie_session else {
+            // Not a token Tessera issues to browsers: nothing to end, just forget it.
+            return Ok(cleared(&state));
+        };
+        state.browser.check(&req, sid)?;
+        match state.auth.session_of(&cookie).await? {
+            Some((sid, user, true)) => state.auth.logout(sid, user, scope, &caller.info).await?,
+            // An ended session, or one this token no longer speaks for: it can still be
+            // (re)ended, but cannot end others.
+            Some((sid, user, false)) => {
+                state
+                    .auth
+                    .logout(sid, user, LogoutScope::Local, &caller.info)
+                    .await?
+            }
+            None => return Ok(cleared(&state)),
+        }
+    } else {
+        return Err(ApiError::InvalidToken);
+    };
+    let mut res = HttpResponse::NoContent().finish();
+    if cookie_session.is_some_and(|sid| ended.contains(&sid)) {
+        state.browser.clear(&mut res);
+    }
+    Ok(res)
+}
+
+fn cleared(state: &AppState) -> HttpResponse {
+    let mut res = HttpResponse::NoContent().finish();
+    state.browser.clear(&mut res);
+    res
 }

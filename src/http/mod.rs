@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cookies;
 pub mod extract;
 pub mod health;
 pub mod sessions;
@@ -22,6 +23,8 @@ pub struct AppState {
     pub auth: AuthService,
     pub trusted_proxies: Vec<extract::IpRange>,
     pub introspection_clients: token::IntrospectionClients,
+    /// Cookie delivery for browsers: cookie policy and CSRF key.
+    pub browser: cookies::BrowserSessions,
 }
 
 /// The contract's token response (login, refresh, token).

@@ -2,7 +2,7 @@
 //! `POST /introspect` (RFC 7662).
 
 use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use aws_lc_rs::digest::{SHA256, digest};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -12,27 +12,54 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use super::extract::{Caller, Form, Json};
+use super::extract::{Caller, Form, OptionalJson};
 use super::{no_store, token_response};
+use crate::auth::refresh_token::RefreshToken;
 use crate::auth::throttle::FailureLimiter;
 use crate::config::IntrospectionSettings;
-use crate::error::ApiError;
+use crate::error::{ApiError, GrantFailure};
 
 #[derive(Deserialize)]
 pub struct RefreshRequest {
-    refresh_token: String,
+    refresh_token: Option<String>,
 }
 
+/// The refresh token from the body, or else from the browser's cookie (with the Origin
+/// and CSRF checks); a body token wins over the cookie. A cookie refresh answers with
+/// the successor in the cookie, and a refresh that failed for good (any
+/// `error_reason` but `unknown`) clears the cookies.
 pub async fn refresh(
     state: web::Data<AppState>,
+    req: HttpRequest,
     caller: Caller,
-    Json(body): Json<RefreshRequest>,
+    OptionalJson(body): OptionalJson<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let grant = state
-        .auth
-        .refresh(&body.refresh_token, &caller.info)
-        .await?;
-    Ok(token_response(&grant))
+    if let Some(token) = body.and_then(|b| b.refresh_token) {
+        let grant = state.auth.refresh(&token, &caller.info).await?;
+        return Ok(token_response(&grant));
+    }
+    let Some(cookie) = state.browser.refresh_cookie(&req) else {
+        return Err(ApiError::InvalidRequest(
+            "missing field `refresh_token`".into(),
+        ));
+    };
+    state.browser.check_origin(&req)?;
+    let session = RefreshToken::parse(&cookie)
+        .and_then(|t| t.chain())
+        .map(|c| c.session);
+    let Some(session) = session else {
+        return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
+    };
+    state.browser.check(&req, session)?;
+    match state.auth.refresh(&cookie, &caller.info).await {
+        Ok(grant) => Ok(state.browser.token_response(&grant)),
+        Err(e @ ApiError::InvalidGrant(reason)) if reason != GrantFailure::Unknown => {
+            let mut res = e.error_response();
+            state.browser.clear(&mut res);
+            Ok(res)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Deserialize)]

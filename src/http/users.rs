@@ -1,6 +1,6 @@
 //! `POST /users` (registration), `GET /me` and `PUT /me/password`.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +80,7 @@ pub struct PasswordChange {
 
 pub async fn change_password(
     state: web::Data<AppState>,
+    req: HttpRequest,
     caller: Caller,
     Authenticated(claims): Authenticated,
     Json(body): Json<PasswordChange>,
@@ -94,7 +95,11 @@ pub async fn change_password(
             &claims,
             current,
             new,
-            device_token(body.device_token.as_deref()),
+            device_token(
+                body.device_token
+                    .or_else(|| state.browser.device_cookie(&req))
+                    .as_deref(),
+            ),
             caller.ip,
             &caller.info,
         )

@@ -102,11 +102,8 @@ async fn cors_answers_only_configured_origins() {
             .unwrap()
             .contains("POST")
     );
-    assert!(
-        res.headers()
-            .get("access-control-allow-credentials")
-            .is_none()
-    );
+    // Credentialed: browser sessions send the refresh cookie (tests/api/cookies.rs).
+    assert_eq!(res.headers()["access-control-allow-credentials"], "true");
     let res = preflight("https://evil.example.com").await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
     assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;

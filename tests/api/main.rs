@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod cleanup;
+mod cookies;
 mod devices;
 mod downstream;
 mod embedded;
