@@ -17,6 +17,8 @@
 #   3. a Redis of the project's own on 127.0.0.1:6390 (loopback only) with a generated
 #      password in .dev/redis-password, data in .dev/redis (installed with apt-get if
 #      needed).
+# ensure_browser_tools installs what the browser tests need (chromium, chromium-driver,
+# nodejs) when missing.
 # Exports TESSERA_TEST_POSTGRES and TESSERA_TEST_REDIS for what it chose. Sourced by
 # scripts/test.sh and scripts/serve.sh; also runnable on its own.
 set -euo pipefail
@@ -157,6 +159,19 @@ ensure_redis() {
   fi
   say "Redis: using the project's own on 127.0.0.1:$OWN_REDIS_PORT"
   export TESSERA_TEST_REDIS="redis://:$password@127.0.0.1:$OWN_REDIS_PORT"
+}
+
+# The browser tests' tools: headless Chromium and its WebDriver from Debian's packages
+# (never a browser download), and Node.js for the JavaScript client's tests and the
+# demo's static server. Installed with apt-get when missing.
+ensure_browser_tools() {
+  local missing=()
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+  command -v node >/dev/null || missing+=(nodejs)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
+  fi
 }
 
 ensure_services() {

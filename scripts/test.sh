@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs Tessera's whole test suite (unit and integration tests): against real PostgreSQL
-# and Redis, found or provided by scripts/services.sh (which changes nothing the
-# machine already has), then the HTTP suite again on the embedded default (SQLite,
-# revocations in process).
+# Runs Tessera's whole test suite: the JavaScript client's unit tests (node --test), then
+# the Rust unit and integration tests against real PostgreSQL and Redis, found or
+# provided by scripts/services.sh (which changes nothing the machine already has), with
+# the demo SPA in headless Chromium (tests/api/browser.rs), then the HTTP suite again on
+# the embedded default (SQLite, revocations in process).
 #   TESSERA_TEST_POSTGRES  base URL of the test server (no database name)
 #   TESSERA_TEST_REDIS     Redis URL
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh refresh).
@@ -10,6 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
+ensure_browser_tools
+# The browser tests (tests/api/browser.rs) fail rather than skip when a tool is missing.
+export TESSERA_TEST_BROWSER=required
 
 # Each test makes its own database (tessera_test_<run>_*) and keys directory, named
 # after this run, so two runs at once never touch each other's. A run removes its own
@@ -18,6 +22,9 @@ ensure_services
 export TESSERA_TEST_RUN="r$$"
 source scripts/test-databases.sh
 drop_test_databases stale
+
+say "testing the JavaScript client (node --test clients/js/test/) ..."
+node --test clients/js/test/
 
 # Queries are checked at compile time against the committed .sqlx/ data.
 export SQLX_OFFLINE=true

@@ -2,6 +2,7 @@
 //! PostgreSQL and Redis, with its own database and Redis key prefix.
 
 mod admin;
+mod browser;
 mod audit;
 mod cleanup;
 mod cookies;
