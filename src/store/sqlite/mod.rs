@@ -40,7 +40,6 @@ macro_rules! audit_record {
 }
 
 pub mod export;
-mod rotation;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -58,9 +57,9 @@ use sqlx::{ConnectOptions, Connection, Sqlite};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEvent, AuditQuery, AuditRecord, ClientInfo, CreatedSession, Credentials,
-    Grant, NewSession, RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError,
-    StoreResult, User, UserChange, UserUpdate,
+    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
+    Credentials, Grant, NewSession, RefreshState, Rotation, SavedMark, SessionInfo, Store,
+    StoreError, StoreResult, User, UserChange, UserUpdate,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -645,23 +644,109 @@ impl Store for SqliteStore {
     }
 
     async fn rotate_refresh(&self, r: Rotation<'_>) -> StoreResult<Option<Grant>> {
-        // See `rotation` for how one rotation wins a race.
-        let rotated = self
+        // The writer lock is the race arbiter: of two requests presenting the same
+        // token, the second runs after the first committed, finds it rotated, and falls
+        // back to `refresh_state`. `rotated_at` is the clock once the lock is held.
+        //
+        // One command to the connection's thread for all of it (each statement sent on
+        // its own costs a round trip to that thread, most of a rotation's time), so the
+        // statements go together, each taking its next `?` parameters in order. The
+        // first marks the token rotated only if it and its session are live; the others
+        // act only where it did (the successor's hash, fresh and random, names this
+        // rotation); the last returns the grant, or nothing.
+        let (token, successor) = (r.token_hash.to_vec(), r.successor_hash.to_vec());
+        let sealed = r.successor_sealed.to_vec();
+        let (ip, user_agent) = (r.client.ip.clone(), r.client.user_agent.clone());
+        let (idle_ttl_secs, grace_secs, audit) = (r.idle_ttl_secs, r.grace_secs, r.audit);
+        let (row, now) = self
             .writer
-            .write_piece(rotation::RotationPiece::new(&r))
-            .await?;
-        rotated
-            .map(|row| {
-                Ok(Grant {
-                    session_id: SessionId(uuid(&row.session_id)?),
-                    user_id: UserId(uuid(&row.user_id)?),
-                    roles: roles_from(&row.roles)?,
-                    expires_at: time(row.expires_at),
-                    remember_me: row.remember_me,
-                    issued_at: time(row.now),
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let idle_since = now - secs_us(idle_ttl_secs);
+                    let grace_since = now - secs_us(grace_secs);
+                    let kind = AuditKind::Refresh.as_str();
+                    let row = sqlx::query!(
+                        r#"UPDATE refresh_tokens
+                       SET rotated_at = ?, successor_hash = ?, successor_sealed = ?
+                       WHERE token_hash = ? AND rotated_at IS NULL
+                         AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
+                                     WHERE s.id = refresh_tokens.session_id
+                                       AND s.revoked_at IS NULL AND s.expires_at > ?
+                                       AND s.last_used_at > ? AND NOT u.disabled);
+                       UPDATE sessions SET last_used_at = ?, last_ip = ?, last_user_agent = ?,
+                                           generation = generation + 1
+                       WHERE id = (SELECT session_id FROM refresh_tokens
+                                   WHERE token_hash = ? AND successor_hash = ?);
+                       INSERT INTO refresh_tokens (token_hash, session_id, created_at)
+                       SELECT ?, session_id, ? FROM refresh_tokens
+                       WHERE token_hash = ? AND successor_hash = ?;
+                       DELETE FROM refresh_tokens
+                       WHERE session_id = (SELECT session_id FROM refresh_tokens
+                                           WHERE token_hash = ? AND successor_hash = ?)
+                         AND token_hash <> ? AND rotated_at < ?;
+                       INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
+                                                 user_agent)
+                       SELECT ?, ?, s.user_id, s.id, ?, ?
+                       FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
+                       WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
+                       SELECT rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles
+                       FROM refresh_tokens rt
+                       JOIN sessions s ON s.id = rt.session_id
+                       JOIN users u ON u.id = s.user_id
+                       WHERE rt.token_hash = ? AND rt.successor_hash = ?"#,
+                        // the rotation
+                        now,
+                        &successor,
+                        sealed,
+                        &token,
+                        now,
+                        idle_since,
+                        // the session's use
+                        now,
+                        ip,
+                        user_agent,
+                        &token,
+                        &successor,
+                        // the successor
+                        &successor,
+                        now,
+                        &token,
+                        &successor,
+                        // the pruning
+                        &token,
+                        &successor,
+                        &token,
+                        grace_since,
+                        // the audit row
+                        now,
+                        kind,
+                        ip,
+                        user_agent,
+                        audit,
+                        &token,
+                        &successor,
+                        // the grant
+                        &token,
+                        &successor,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    Ok((row, now))
                 })
+            }))
+            .await?;
+        row.map(|row| {
+            Ok(Grant {
+                session_id: SessionId(uuid(&row.session_id)?),
+                user_id: UserId(uuid(&row.user_id)?),
+                roles: roles_from(&row.roles)?,
+                expires_at: time(row.expires_at),
+                remember_me: row.remember_me,
+                issued_at: time(now),
             })
-            .transpose()
+        })
+        .transpose()
     }
 
     async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>> {
