@@ -4,10 +4,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::cookies::Delivery;
+use super::cookies::{Delivery, session_in};
 use super::extract::{Caller, Json, OptionalJson, bearer_token};
 use super::{device_token, token_response};
-use crate::auth::refresh_token::RefreshToken;
 use crate::auth::session::LogoutScope;
 use crate::domain::{Email, Password};
 use crate::error::ApiError;
@@ -80,11 +79,7 @@ pub async fn logout(
         }
     };
     let cookie = state.browser.refresh_cookie(&req);
-    let cookie_session = cookie
-        .as_deref()
-        .and_then(RefreshToken::parse)
-        .and_then(|t| t.chain())
-        .map(|c| c.session);
+    let cookie_session = cookie.as_deref().and_then(session_in);
     let ended = if let Some(bearer) = bearer_token(&req) {
         let claims = state.auth.authenticate(&bearer).await?;
         state
@@ -97,7 +92,7 @@ pub async fn logout(
             // Not a token Tessera issues to browsers: nothing to end, just forget it.
             return Ok(cleared(&state));
         };
-        state.browser.check(&req, sid)?;
+        state.browser.check_csrf(&req, sid)?;
         match state.auth.session_of(&cookie).await? {
             Some((sid, user, true)) => state.auth.logout(sid, user, scope, &caller.info).await?,
             // An ended session, or one this token no longer speaks for: it can still be

@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use super::no_store;
 use crate::auth::csrf::CsrfKey;
+use crate::auth::refresh_token::RefreshToken;
 use crate::auth::session::TokenGrant;
 use crate::config::Settings;
 use crate::domain::{SessionId, origin_of};
@@ -135,10 +136,9 @@ impl BrowserSessions {
         }
     }
 
-    /// Both checks of a request that authenticates with the refresh cookie of
-    /// `session`: the `Origin`, and `X-CSRF-Token` equal to the session's token.
-    pub fn check(&self, req: &HttpRequest, session: SessionId) -> Result<(), ApiError> {
-        self.check_origin(req)?;
+    /// The second check: `X-CSRF-Token` equal to the token of `session`, the session
+    /// the refresh cookie names (see [`session_in`]).
+    pub fn check_csrf(&self, req: &HttpRequest, session: SessionId) -> Result<(), ApiError> {
         let presented = req
             .headers()
             .get("x-csrf-token")
@@ -219,6 +219,15 @@ impl BrowserSessions {
         out.push_str("; SameSite=Strict");
         out
     }
+}
+
+/// The session a browser's refresh token names in itself (cookie sessions always have
+/// chain tokens, which carry their session id), so the CSRF check needs no database
+/// read. `None` for anything Tessera does not issue to browsers.
+pub fn session_in(refresh_token: &str) -> Option<SessionId> {
+    RefreshToken::parse(refresh_token)
+        .and_then(|t| t.chain())
+        .map(|c| c.session)
 }
 
 /// The value of the first cookie named `name` in the request's `Cookie` headers.

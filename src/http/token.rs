@@ -12,9 +12,9 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use super::cookies::session_in;
 use super::extract::{Caller, Form, OptionalJson};
 use super::{no_store, token_response};
-use crate::auth::refresh_token::RefreshToken;
 use crate::auth::throttle::FailureLimiter;
 use crate::config::IntrospectionSettings;
 use crate::error::{ApiError, GrantFailure};
@@ -44,13 +44,10 @@ pub async fn refresh(
         ));
     };
     state.browser.check_origin(&req)?;
-    let session = RefreshToken::parse(&cookie)
-        .and_then(|t| t.chain())
-        .map(|c| c.session);
-    let Some(session) = session else {
+    let Some(session) = session_in(&cookie) else {
         return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
     };
-    state.browser.check(&req, session)?;
+    state.browser.check_csrf(&req, session)?;
     match state.auth.refresh(&cookie, &caller.info).await {
         Ok(grant) => Ok(state.browser.token_response(&grant)),
         Err(e @ ApiError::InvalidGrant(reason)) if reason != GrantFailure::Unknown => {

@@ -65,14 +65,6 @@ fn browser_available() -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A WebDriver session on headless Chromium.
 struct Browser {
     http: reqwest::Client,
@@ -242,9 +234,30 @@ impl Browser {
             .decode(png.as_str().unwrap())
             .unwrap()
     }
+}
 
-    async fn quit(self) {
-        self.cmd("DELETE", "", json!({})).await;
+impl Drop for Browser {
+    /// Ends the WebDriver session, which closes Chromium, also when a test fails half-way
+    /// (killing chromedriver alone would leave the browser running). Plain blocking HTTP:
+    /// no runtime is needed in a destructor.
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let Some(rest) = self.session.strip_prefix("http://") else {
+            return;
+        };
+        let Some((host, path)) = rest.split_once('/') else {
+            return;
+        };
+        if let Ok(mut stream) = std::net::TcpStream::connect(host) {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let request = format!(
+                "DELETE /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).ok();
+            }
+        }
         std::fs::remove_dir_all(&self.profile).ok();
     }
 }
@@ -368,10 +381,6 @@ impl Demo {
         of_kind.reverse();
         of_kind
     }
-
-    async fn finish(self) {
-        self.browser.quit().await;
-    }
 }
 
 fn secs(n: u64) -> Duration {
@@ -437,7 +446,6 @@ async fn signing_in_survives_a_reload_and_no_script_can_reach_the_refresh_token(
     if std::env::var("TESSERA_UPDATE_SCREENSHOT").is_ok() {
         std::fs::write(repo().join("docs/spa.png"), &png).unwrap();
     }
-    d.finish().await;
 }
 
 #[tokio::test]
@@ -515,7 +523,6 @@ async fn two_tabs_over_several_expiries_cause_one_refresh_each_and_stay_signed_i
             .is_empty()
     );
     eprintln!("{counted} calls, {} refreshes", during.len());
-    d.finish().await;
 }
 
 #[tokio::test]
@@ -565,7 +572,6 @@ async fn logging_out_in_one_tab_logs_the_other_out_within_a_second() {
         .await
         .unwrap();
     assert_invalid_grant(res, "revoked").await;
-    d.finish().await;
 }
 
 #[tokio::test]
@@ -617,7 +623,6 @@ async fn a_page_on_another_site_cannot_refresh_or_end_the_session() {
             .await
             .is_empty()
     );
-    d.finish().await;
 }
 
 #[tokio::test]
@@ -660,5 +665,4 @@ async fn a_short_session_warns_before_it_ends_and_then_asks_to_sign_in_again() {
         true
     );
     assert_eq!(d.refresh_cookie().await, None, "the cookies were cleared");
-    d.finish().await;
 }

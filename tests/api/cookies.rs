@@ -117,6 +117,19 @@ async fn cookie_post(
     origin: Option<&str>,
     csrf: Option<&str>,
 ) -> Response {
+    cookie_request(app, path, refresh_cookie, origin, csrf)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn cookie_request(
+    app: &TestApp,
+    path: &str,
+    refresh_cookie: &str,
+    origin: Option<&str>,
+    csrf: Option<&str>,
+) -> reqwest::RequestBuilder {
     let mut req = app
         .client
         .post(app.url(path))
@@ -127,7 +140,16 @@ async fn cookie_post(
     if let Some(csrf) = csrf {
         req = req.header("x-csrf-token", csrf);
     }
-    req.send().await.unwrap()
+    req
+}
+
+/// A global logout through the browser's cookie.
+async fn cookie_logout_everywhere(app: &TestApp, s: &BrowserSession) -> Response {
+    cookie_request(app, "/logout", &s.refresh, Some(APP_ORIGIN), Some(&s.csrf))
+        .json(&json!({"scope": "global"}))
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn cookie_refresh(app: &TestApp, s: &BrowserSession) -> Response {
@@ -543,16 +565,7 @@ async fn global_logout_through_the_cookie_ends_every_session_of_the_user() {
     let email = app.new_user().await;
     let s = browser_login(&app, &email).await;
     let elsewhere = app.login_ok(&email).await;
-    let res = app
-        .client
-        .post(app.url("/logout"))
-        .header("cookie", format!("__Host-tessera_refresh={}", s.refresh))
-        .header("origin", APP_ORIGIN)
-        .header("x-csrf-token", &s.csrf)
-        .json(&json!({"scope": "global"}))
-        .send()
-        .await
-        .unwrap();
+    let res = cookie_logout_everywhere(&app, &s).await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_cleared(res.headers());
     assert_invalid_token(app.me(&elsewhere.access).await).await;
@@ -560,16 +573,7 @@ async fn global_logout_through_the_cookie_ends_every_session_of_the_user() {
 
     // A cookie of an ended session cannot end anyone else's sessions.
     let fresh = app.login_ok(&email).await;
-    let res = app
-        .client
-        .post(app.url("/logout"))
-        .header("cookie", format!("__Host-tessera_refresh={}", s.refresh))
-        .header("origin", APP_ORIGIN)
-        .header("x-csrf-token", &s.csrf)
-        .json(&json!({"scope": "global"}))
-        .send()
-        .await
-        .unwrap();
+    let res = cookie_logout_everywhere(&app, &s).await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_eq!(app.me(&fresh.access).await.status(), StatusCode::OK);
 }

@@ -17,6 +17,15 @@ use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery";
 
+/// A TCP port free on loopback right now (for a child process to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Base URL of the test Postgres server (no database name).
 pub fn postgres_base() -> String {
     std::env::var("TESSERA_TEST_POSTGRES")

@@ -2,8 +2,8 @@
 //! PostgreSQL and Redis, with its own database and Redis key prefix.
 
 mod admin;
-mod browser;
 mod audit;
+mod browser;
 mod cleanup;
 mod cookies;
 mod devices;
