@@ -23,8 +23,8 @@ export TESSERA_TEST_RUN="r$$"
 source scripts/test-databases.sh
 drop_test_databases stale
 
-say "testing the JavaScript client (node --test clients/js/test/) ..."
-node --test clients/js/test/
+say "testing the JavaScript client (node --test clients/js/test/*.test.js) ..."
+node --test clients/js/test/*.test.js
 
 # Queries are checked at compile time against the committed .sqlx/ data.
 export SQLX_OFFLINE=true
