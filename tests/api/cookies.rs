@@ -584,26 +584,20 @@ async fn a_bearer_logout_of_the_cookies_session_clears_the_cookies_too() {
     let email = app.new_user().await;
     let s = browser_login(&app, &email).await;
     let other = browser_login(&app, &email).await;
+    // A Bearer logout from a browser that also sends the refresh cookie of `s`.
+    let logout = |access: String| {
+        app.client
+            .post(app.url("/logout"))
+            .bearer_auth(access)
+            .header("cookie", format!("__Host-tessera_refresh={}", s.refresh))
+            .send()
+    };
     // Bearer of another session, "local": the cookie's session lives on, cookies stay.
-    let res = app
-        .client
-        .post(app.url("/logout"))
-        .bearer_auth(&other.access)
-        .header("cookie", format!("__Host-tessera_refresh={}", s.refresh))
-        .send()
-        .await
-        .unwrap();
+    let res = logout(other.access.clone()).await.unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_not_cleared(res.headers());
     // Bearer of the cookie's own session: ended, so the cookies go.
-    let res = app
-        .client
-        .post(app.url("/logout"))
-        .bearer_auth(&s.access)
-        .header("cookie", format!("__Host-tessera_refresh={}", s.refresh))
-        .send()
-        .await
-        .unwrap();
+    let res = logout(s.access.clone()).await.unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_cleared(res.headers());
     // Neither a Bearer token nor a cookie: 401 as before.
