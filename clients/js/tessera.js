@@ -68,6 +68,7 @@ export class TesseraClient extends EventTarget {
 
   #access = null; // the access token
   #accessExpiresAt = 0; // ms since the epoch
+  #refreshAt = 0; // when this tab means to refresh: a third of the lifetime before the end
   #sessionEndsAt = 0;
   #sessionId = null;
   #adoptedAt = 0; // when this tab took its current tokens
@@ -351,6 +352,8 @@ export class TesseraClient extends EventTarget {
     this.#adoptedAt = Date.now();
     this.#access = t.access;
     this.#accessExpiresAt = t.accessExpiresAt;
+    const lifetime = Math.max(0, t.accessExpiresAt - this.#adoptedAt);
+    this.#refreshAt = t.accessExpiresAt - Math.min(this.#refreshBeforeSecs * 1000, lifetime / 3);
     this.#sessionEndsAt = t.sessionEndsAt;
     this.#sessionId = t.sessionId;
     if (t.csrf) {
@@ -363,6 +366,7 @@ export class TesseraClient extends EventTarget {
   #clear() {
     this.#access = null;
     this.#accessExpiresAt = 0;
+    this.#refreshAt = 0;
     this.#sessionEndsAt = 0;
     this.#sessionId = null;
     this.#csrf = null;
@@ -371,13 +375,8 @@ export class TesseraClient extends EventTarget {
     this.#clearTimers();
   }
 
-  #refreshLeadMs() {
-    const lifetime = Math.max(0, this.#accessExpiresAt - Date.now());
-    return Math.min(this.#refreshBeforeSecs * 1000, lifetime / 3);
-  }
-
   #dueForRefresh() {
-    return this.#accessExpiresAt - Date.now() <= this.#refreshLeadMs() + 50;
+    return Date.now() >= this.#refreshAt - 50;
   }
 
   /** Timers: the next refresh, the expiry warning, the session's end. */
@@ -385,10 +384,8 @@ export class TesseraClient extends EventTarget {
     this.#clearTimers();
     if (this.#closed || !this.#access) return;
     const now = Date.now();
-    const lead = Math.min(this.#refreshBeforeSecs * 1000, (this.#accessExpiresAt - now) / 3);
-    const refreshAt = this.#accessExpiresAt - lead;
-    if (refreshAt < this.#sessionEndsAt) {
-      this.#later(refreshAt - now, () => this.refresh().catch(() => {}));
+    if (this.#refreshAt < this.#sessionEndsAt) {
+      this.#later(this.#refreshAt - now, () => this.refresh().catch(() => {}));
     }
     const warnAt = this.#sessionEndsAt - this.#warnBeforeSecs * 1000;
     this.#later(warnAt - now, () => {

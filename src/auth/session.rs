@@ -274,18 +274,9 @@ impl AuthService {
             {
                 tracing::warn!(error = %e, "could not re-mark a revoked session");
             }
-            return Err(ApiError::InvalidGrant(GrantFailure::Revoked));
         }
-        if state.disabled {
-            return Err(ApiError::InvalidGrant(GrantFailure::Revoked));
-        }
-        if state.now >= state.grant.expires_at {
-            return Err(ApiError::InvalidGrant(GrantFailure::Expired));
-        }
-        if state.now
-            >= state.last_used_at + chrono::Duration::seconds(t.refresh_idle_ttl_secs as i64)
-        {
-            return Err(ApiError::InvalidGrant(GrantFailure::IdleExpired));
+        if let Some(reason) = self.ended(&state) {
+            return Err(ApiError::InvalidGrant(reason));
         }
         let rotated_at = match (state.rotated_at, superseded) {
             (Some(at), _) => Some(at),
@@ -425,19 +416,28 @@ impl AuthService {
         let Some((state, superseded)) = self.presented_state(&token, &token.hash()).await? else {
             return Ok(None);
         };
-        let t = &self.settings.tokens;
-        let idle = chrono::Duration::seconds(t.refresh_idle_ttl_secs as i64);
-        let grace = chrono::Duration::seconds(t.refresh_reuse_grace_secs as i64);
+        let grace = chrono::Duration::seconds(self.settings.tokens.refresh_reuse_grace_secs as i64);
         let current = match state.rotated_at {
             None => !superseded,
             Some(at) => state.now - at <= grace,
         };
-        let live = current
-            && state.revoked_at.is_none()
-            && !state.disabled
-            && state.now < state.grant.expires_at
-            && state.now < state.last_used_at + idle;
+        let live = current && self.ended(&state).is_none();
         Ok(Some((state.grant.session_id, state.grant.user_id, live)))
+    }
+
+    /// Why a session is over, if it is: revoked (or its user disabled), past its
+    /// absolute end, or idle too long.
+    fn ended(&self, state: &RefreshState) -> Option<GrantFailure> {
+        let idle = chrono::Duration::seconds(self.settings.tokens.refresh_idle_ttl_secs as i64);
+        if state.revoked_at.is_some() || state.disabled {
+            Some(GrantFailure::Revoked)
+        } else if state.now >= state.grant.expires_at {
+            Some(GrantFailure::Expired)
+        } else if state.now >= state.last_used_at + idle {
+            Some(GrantFailure::IdleExpired)
+        } else {
+            None
+        }
     }
 
     /// RFC 7009: a refresh token ends its session; an access token is revoked by `jti`.

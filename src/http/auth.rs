@@ -34,16 +34,14 @@ pub async fn login(
     let email = Email::parse(&body.email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
     let password =
         Password::parse_existing(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
-    let device = body
-        .device_token
-        .or_else(|| state.browser.device_cookie(&req));
+    let device = device_token(&state, &req, body.device_token);
     let grant = state
         .auth
         .login(
             email,
             password,
             body.remember_me,
-            device_token(device.as_deref()),
+            device,
             caller.ip,
             &caller.info,
         )

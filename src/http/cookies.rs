@@ -205,7 +205,8 @@ impl BrowserSessions {
         if let Some(secs) = max_age {
             out.push_str(&format!("; Max-Age={}", secs.max(0)));
         }
-        if name.ends_with("_csrf")
+        // Only the CSRF cookie is shared with a sibling subdomain.
+        if name == self.csrf_name()
             && let Some(domain) = &self.domain
         {
             out.push_str(&format!("; Domain={domain}"));

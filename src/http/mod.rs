@@ -63,9 +63,15 @@ pub(crate) fn token_response(grant: &TokenGrant) -> HttpResponse {
     })
 }
 
-/// A device token from a request body. One that cannot have been issued counts as
-/// absent (the login is then a new device's), so a stale or mangled value never
-/// turns a login into an error.
-pub(crate) fn device_token(raw: Option<&str>) -> Option<DeviceToken> {
-    raw.and_then(DeviceToken::parse)
+/// The device token of a request: from its body, or else from the browser's device
+/// cookie. One that cannot have been issued counts as absent (the login is then a new
+/// device's), so a stale or mangled value never turns a login into an error.
+pub(crate) fn device_token(
+    state: &AppState,
+    req: &actix_web::HttpRequest,
+    body: Option<String>,
+) -> Option<DeviceToken> {
+    body.or_else(|| state.browser.device_cookie(req))
+        .as_deref()
+        .and_then(DeviceToken::parse)
 }

@@ -95,11 +95,7 @@ pub async fn change_password(
             &claims,
             current,
             new,
-            device_token(
-                body.device_token
-                    .or_else(|| state.browser.device_cookie(&req))
-                    .as_deref(),
-            ),
+            device_token(&state, &req, body.device_token),
             caller.ip,
             &caller.info,
         )
