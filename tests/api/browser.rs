@@ -27,9 +27,6 @@ use crate::helpers::*;
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// One browser at a time (see the module docs).
-static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -389,7 +386,7 @@ fn secs(n: u64) -> Duration {
 
 #[tokio::test]
 async fn signing_in_survives_a_reload_and_no_script_can_reach_the_refresh_token() {
-    let _turn = TURN.lock().await;
+    let _turn = HEAVY.lock().await;
     let Some(d) = demo(|_| {}).await else { return };
     // A readable name for the screenshot below (every test has its own database).
     let email = "ada.lovelace@example.com";
@@ -451,7 +448,7 @@ async fn signing_in_survives_a_reload_and_no_script_can_reach_the_refresh_token(
 #[tokio::test]
 async fn two_tabs_over_several_expiries_cause_one_refresh_each_and_stay_signed_in() {
     const TTL: u64 = 3;
-    let _turn = TURN.lock().await;
+    let _turn = HEAVY.lock().await;
     let Some(d) = demo(|s| s.tokens.access_ttl_secs = TTL).await else {
         return;
     };
@@ -527,7 +524,7 @@ async fn two_tabs_over_several_expiries_cause_one_refresh_each_and_stay_signed_i
 
 #[tokio::test]
 async fn logging_out_in_one_tab_logs_the_other_out_within_a_second() {
-    let _turn = TURN.lock().await;
+    let _turn = HEAVY.lock().await;
     let Some(d) = demo(|_| {}).await else { return };
     let email = d.app.new_user().await;
     d.sign_in(&email, false).await;
@@ -576,7 +573,7 @@ async fn logging_out_in_one_tab_logs_the_other_out_within_a_second() {
 
 #[tokio::test]
 async fn a_page_on_another_site_cannot_refresh_or_end_the_session() {
-    let _turn = TURN.lock().await;
+    let _turn = HEAVY.lock().await;
     let Some(d) = demo(|_| {}).await else { return };
     let email = d.app.new_user().await;
     let admin = d.app.admin().await;
@@ -627,7 +624,7 @@ async fn a_page_on_another_site_cannot_refresh_or_end_the_session() {
 
 #[tokio::test]
 async fn a_short_session_warns_before_it_ends_and_then_asks_to_sign_in_again() {
-    let _turn = TURN.lock().await;
+    let _turn = HEAVY.lock().await;
     let Some(d) = demo(|s| {
         s.tokens.access_ttl_secs = 3;
         s.tokens.refresh_short_absolute_ttl_secs = 8;

@@ -17,6 +17,11 @@ use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery";
 
+/// Taken by the tests that load the machine for long (a browser) and by those that
+/// measure time (a side channel's ratio of medians), so that neither runs beside the
+/// other: one browser at a time, and no browser while a timing test measures.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A TCP port free on loopback right now (for a child process to listen on).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -65,6 +65,8 @@ async fn dormant_after_change(before: (u32, u32), after: (u32, u32)) -> f64 {
 /// machine for each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dormant_account_answers_like_an_unknown_email_after_the_cost_is_raised_or_lowered() {
+    // Not beside a browser test (Chromium's load skewed one run's medians to 1.28).
+    let _quiet = HEAVY.lock().await;
     let raised = dormant_after_change((1024, 1), (8192, 3)).await;
     let lowered = dormant_after_change((8192, 3), (1024, 1)).await;
     assert!((0.8..=1.25).contains(&raised), "raised: ratio {raised:.2}");
