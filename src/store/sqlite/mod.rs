@@ -1153,18 +1153,46 @@ impl Store for SqliteStore {
     ) -> StoreResult<u64> {
         let now = now_us();
         let retained = now - secs_us(retention_secs);
-        let idle = secs_us(idle_ttl_secs);
-        self.write_one(sqlx::query!(
-            r#"DELETE FROM sessions WHERE id IN (
-                   SELECT id FROM sessions
-                   WHERE revoked_at < ?1 OR expires_at < ?1 OR last_used_at < ?1 - ?2
-                   LIMIT ?3
-               )"#,
-            retained,
-            idle,
+        let idle_before = retained - secs_us(idle_ttl_secs);
+        // Ended or past their absolute end: found through the indexes.
+        let ended = self
+            .write_one(sqlx::query!(
+                r#"DELETE FROM sessions WHERE id IN (
+                       SELECT id FROM sessions WHERE revoked_at < ?1 OR expires_at < ?1
+                       LIMIT ?2
+                   )"#,
+                retained,
+                batch,
+            ))
+            .await?;
+        if ended >= batch as u64 {
+            return Ok(ended);
+        }
+        // Idle too long: `last_used_at` has no index (every rotation writes it; see
+        // migrations/sqlite/20261207000001_sessions_last_used_indexes.sql), so the scan
+        // runs on a read connection, beside the writer, which is handed only the ids
+        // (and checks them again: a refresh may have come meanwhile).
+        let idle: Vec<String> = sqlx::query_scalar!(
+            "SELECT id FROM sessions WHERE last_used_at < ?1 LIMIT ?2",
+            idle_before,
             batch,
-        ))
+        )
+        .fetch_all(&self.reader)
         .await
+        .map_err(classify)?;
+        if idle.is_empty() {
+            return Ok(ended);
+        }
+        let ids = serde_json::to_string(&idle).map_err(|e| StoreError::Other(e.into()))?;
+        let idle = self
+            .write_one(sqlx::query!(
+                r#"DELETE FROM sessions
+                   WHERE id IN (SELECT value FROM json_each(?1)) AND last_used_at < ?2"#,
+                ids,
+                idle_before,
+            ))
+            .await?;
+        Ok(ended + idle)
     }
 
     async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64> {
