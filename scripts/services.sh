@@ -18,7 +18,8 @@
 #      password in .dev/redis-password, data in .dev/redis (installed with apt-get if
 #      needed).
 # ensure_browser_tools installs what the browser tests need (chromium, chromium-driver,
-# nodejs) when missing.
+# nodejs) when missing; ensure_mail_tools the email tests' SMTP server (Debian's
+# python3-aiosmtpd, for /usr/bin/python3).
 # Exports TESSERA_TEST_POSTGRES and TESSERA_TEST_REDIS for what it chose. Sourced by
 # scripts/test.sh and scripts/serve.sh; also runnable on its own.
 set -euo pipefail
@@ -45,7 +46,8 @@ apt_install() {
     as_root apt-get update -qq
     export TESSERA_APT_UPDATED=1
   fi
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  # shellcheck disable=SC2086 # the options are words
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${TESSERA_APT_OPTIONS:-} "$@" >/dev/null
 }
 
 # A secret of 32 hex digits, made once and kept (mode 0600) in $DEV_DIR/$1.
@@ -171,6 +173,12 @@ ensure_browser_tools() {
   command -v node >/dev/null || missing+=(nodejs)
   if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
+  fi
+}
+
+ensure_mail_tools() {
+  if ! /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null; then
+    TESSERA_APT_OPTIONS=--no-install-recommends apt_install python3-aiosmtpd
   fi
 }
 

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_services
 ensure_browser_tools
+ensure_mail_tools
 # The browser tests (tests/api/browser.rs) fail rather than skip when a tool is missing.
 export TESSERA_TEST_BROWSER=required
 

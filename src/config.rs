@@ -33,6 +33,7 @@ pub struct Settings {
     pub cleanup: CleanupSettings,
     pub cache: CacheSettings,
     pub audit: AuditSettings,
+    pub email: EmailSettings,
     pub log: LogSettings,
 }
 
@@ -185,6 +186,33 @@ pub struct AuditSettings {
     pub refresh: bool,
 }
 
+/// Outgoing email (`[email]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSettings {
+    pub transport: EmailTransport,
+    /// `smtp://user:pass@host:587` (STARTTLS required) or `smtps://…:465`: a secret.
+    pub smtp_url: SecretString,
+    /// A PEM file of a CA to trust beside the system's roots ("" for none).
+    pub smtp_ca_file: PathBuf,
+    pub smtp_timeout_secs: u64,
+    pub from: String,
+    pub link_base: String,
+    /// Where overrides of the built-in templates live ("" for none).
+    pub templates_dir: PathBuf,
+}
+
+/// How email leaves (`email.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailTransport {
+    /// Nothing is sent.
+    None,
+    /// Written to the server log, links included: development only.
+    Log,
+    Smtp,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
@@ -301,6 +329,7 @@ impl Settings {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             bail!("log.format must be \"pretty\" or \"json\"");
         }
+        self.email.validate()?;
         for proxy in &self.server.trusted_proxies {
             crate::domain::IpRange::parse(proxy)
                 .with_context(|| format!("server.trusted_proxies: {proxy:?}"))?;
@@ -425,6 +454,10 @@ mod tests {
             ("tokens", "algorithm") => "EdDSA".into(),
             ("tokens", "issuer") => "https://auth.example.com".into(),
             ("introspection", "clients") => "api:secret".into(),
+            ("email", "transport") => "log".into(),
+            ("email", "smtp_url") => "smtps://u:p@mail.example.com".into(),
+            ("email", "from") => "Other <other@example.com>".into(),
+            ("email", "link_base") => "https://app.example.com/auth".into(),
             ("log", "format") => "json".into(),
             ("log", "level") => "debug".into(),
             _ => match default {
@@ -439,9 +472,10 @@ mod tests {
     /// Everything a setting holds, secrets included, to see one change.
     fn everything(s: &Settings) -> String {
         format!(
-            "{s:?} {} {} {:?}",
+            "{s:?} {} {} {} {:?}",
             s.database.url.expose_secret(),
             s.redis.url.expose_secret(),
+            s.email.smtp_url.expose_secret(),
             s.introspection
                 .clients
                 .iter()
@@ -492,6 +526,28 @@ mod tests {
             let vars = env(&[("TESSERA__SERVER__CORS_ALLOWED_ORIGINS", origin)]);
             assert!(Settings::load_from(None, vars).is_err(), "{origin}");
         }
+        for (key, value) in [
+            ("TESSERA__EMAIL__FROM", "not an address"),
+            ("TESSERA__EMAIL__LINK_BASE", "app.example.com/auth"),
+            (
+                "TESSERA__EMAIL__LINK_BASE",
+                "https://app.example.com/auth?x=1",
+            ),
+        ] {
+            assert!(
+                Settings::load_from(None, env(&[(key, value)])).is_err(),
+                "{value}"
+            );
+        }
+        let smtp = |url| {
+            env(&[
+                ("TESSERA__EMAIL__TRANSPORT", "smtp"),
+                ("TESSERA__EMAIL__SMTP_URL", url),
+            ])
+        };
+        assert!(Settings::load_from(None, smtp("")).is_err());
+        assert!(Settings::load_from(None, smtp("http://mail.example.com")).is_err());
+        assert!(Settings::load_from(None, smtp("smtp://u:p@mail.example.com")).is_ok());
         for domain in [".example.com", "https://example.com", "example.com/x"] {
             let vars = env(&[("TESSERA__COOKIES__DOMAIN", domain)]);
             assert!(Settings::load_from(None, vars).is_err(), "{domain}");
