@@ -124,7 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let user = store
-                .create_user(&email, &hash, &roles)
+                .create_user(&email, &hash, &roles, None)
                 .await
                 .map_err(|e| match e {
                     crate::store::StoreError::Conflict => {
@@ -285,12 +285,14 @@ async fn copy(settings: &Settings, to: String, redis: Option<String>) -> anyhow:
     .await?;
     eprintln!(
         "copied {} users, {} sessions, {} refresh tokens, {} devices, {} audit events, {} \
-         saved revocation marks",
+         emailed tokens, {} outbox messages, {} saved revocation marks",
         copied.users,
         copied.sessions,
         copied.refresh_tokens,
         copied.devices,
         copied.audit_events,
+        copied.email_tokens,
+        copied.outbox,
         copied.revocation_marks
     );
     let redis = redis.or_else(|| {

@@ -200,6 +200,26 @@ pub struct EmailSettings {
     pub link_base: String,
     /// Where overrides of the built-in templates live ("" for none).
     pub templates_dir: PathBuf,
+    pub verification: EmailVerification,
+    pub verify_ttl_secs: u64,
+    pub per_ip_per_hour: u32,
+    pub per_address_per_hour: u32,
+    pub retry_base_secs: u64,
+    pub retry_max_secs: u64,
+    pub give_up_after_secs: u64,
+}
+
+/// Whether users must confirm their address (`email.verification`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailVerification {
+    /// Nothing is sent at registration; `POST /email/verification` still works.
+    Off,
+    /// Registration sends a link; unverified users log in as usual.
+    Optional,
+    /// Registration sends a link; a correct password for an unverified user gets 403
+    /// `email_not_verified`.
+    Required,
 }
 
 /// How email leaves (`email.transport`).
@@ -458,6 +478,7 @@ mod tests {
             ("email", "smtp_url") => "smtps://u:p@mail.example.com".into(),
             ("email", "from") => "Other <other@example.com>".into(),
             ("email", "link_base") => "https://app.example.com/auth".into(),
+            ("email", "verification") => "optional".into(),
             ("log", "format") => "json".into(),
             ("log", "level") => "debug".into(),
             _ => match default {
@@ -497,7 +518,12 @@ mod tests {
                     section.to_uppercase(),
                     key.to_uppercase()
                 );
-                let loaded = Settings::load_from(None, vec![(name.clone(), raw.clone())]);
+                let mut vars = vec![(name.clone(), raw.clone())];
+                if name == "TESSERA__EMAIL__VERIFICATION" {
+                    // Sending links needs a transport.
+                    vars.push(("TESSERA__EMAIL__TRANSPORT".into(), "log".into()));
+                }
+                let loaded = Settings::load_from(None, vars);
                 let loaded = match loaded {
                     Ok(s) => s,
                     Err(e) => panic!("{name}={raw}: {e:#}"),

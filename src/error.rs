@@ -8,7 +8,7 @@ use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::store::{StoreError, TokenRefusal};
 
 /// Why a refresh token was refused (`error_reason` on `invalid_grant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,6 +29,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("invalid grant: {0:?}")]
     InvalidGrant(GrantFailure),
+    /// An emailed token (a link's) that cannot be used: `invalid_grant` with its reason.
+    #[error("invalid email token: {0:?}")]
+    InvalidEmailToken(TokenRefusal),
     #[error("unsupported grant type")]
     UnsupportedGrantType,
     #[error("invalid credentials")]
@@ -62,7 +65,7 @@ struct ErrorBody<'a> {
     error: &'a str,
     error_description: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error_reason: Option<GrantFailure>,
+    error_reason: Option<&'a str>,
 }
 
 impl ApiError {
@@ -73,7 +76,7 @@ impl ApiError {
     fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_) | ApiError::PayloadTooLarge => "invalid_request",
-            ApiError::InvalidGrant(_) => "invalid_grant",
+            ApiError::InvalidGrant(_) | ApiError::InvalidEmailToken(_) => "invalid_grant",
             ApiError::UnsupportedGrantType => "unsupported_grant_type",
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::InvalidToken => "invalid_token",
@@ -102,6 +105,13 @@ impl ApiError {
                 "session expired after a period of inactivity"
             }
             ApiError::InvalidGrant(GrantFailure::Unknown) => "refresh token is not valid",
+            ApiError::InvalidEmailToken(TokenRefusal::Unknown) => {
+                "this link is not valid (a newer one may have been sent); ask for a new one"
+            }
+            ApiError::InvalidEmailToken(TokenRefusal::Used) => "this link was already used",
+            ApiError::InvalidEmailToken(TokenRefusal::Expired) => {
+                "this link has expired; ask for a new one"
+            }
             ApiError::UnsupportedGrantType => "only grant_type=refresh_token is supported",
             ApiError::InvalidCredentials => "invalid email or password",
             ApiError::InvalidToken => "access token is missing, invalid, expired or revoked",
@@ -126,6 +136,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::InvalidRequest(_)
             | ApiError::InvalidGrant(_)
+            | ApiError::InvalidEmailToken(_)
             | ApiError::UnsupportedGrantType => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidCredentials | ApiError::InvalidToken | ApiError::InvalidClient => {
@@ -164,7 +175,18 @@ impl ResponseError for ApiError {
             _ => {}
         }
         let reason = match self {
-            ApiError::InvalidGrant(reason) => Some(*reason),
+            ApiError::InvalidGrant(reason) => Some(match reason {
+                GrantFailure::Reused => "reused",
+                GrantFailure::Revoked => "revoked",
+                GrantFailure::Expired => "expired",
+                GrantFailure::IdleExpired => "idle_expired",
+                GrantFailure::Unknown => "unknown",
+            }),
+            ApiError::InvalidEmailToken(refusal) => Some(match refusal {
+                TokenRefusal::Unknown => "unknown",
+                TokenRefusal::Used => "used",
+                TokenRefusal::Expired => "expired",
+            }),
             _ => None,
         };
         res.json(ErrorBody {

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod email;
 pub mod error;
 pub mod http;
+pub mod outbox;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -18,12 +18,16 @@ use crate::auth::access_token::AccessTokens;
 use crate::auth::keys::{KeyStore, SharedKeyring};
 use crate::auth::password::PasswordHasherPool;
 use crate::auth::session::AuthService;
-use crate::config::Settings;
+use crate::config::{EmailTransport, Settings};
+use crate::email::Mailer;
+use crate::email::templates::Templates;
 use crate::error::ApiError;
 use crate::http::cookies::BrowserSessions;
 use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
-use crate::http::{admin, auth, health, sessions, token, users, well_known};
+use crate::http::{admin, auth, email, health, sessions, token, users, well_known};
+use crate::outbox::Outbox;
+use crate::outbox::sender::Sender;
 use crate::store::memory::{MemoryBudgets, MemoryMarks};
 use crate::store::redis::{Denylist, LoginFailures};
 use crate::store::{Backend, FailureBudgets, MarksHealth, Revocations, Store};
@@ -142,10 +146,17 @@ impl Application {
             &settings.introspection,
             settings.login.max_tracked_keys,
         )?;
-        let browser = BrowserSessions::new(
-            &settings,
-            &KeyStore::from_settings(&settings)?.csrf_secret()?,
-        );
+        let secrets = KeyStore::from_settings(&settings)?;
+        let browser = BrowserSessions::new(&settings, &secrets.csrf_secret()?);
+        let outbox = Arc::new(Outbox::new(&secrets.outbox_secret()?));
+        let mailer = Mailer::from_settings(&settings.email)?;
+        let templates = Templates::load(Some(&settings.email.templates_dir))?;
+        if settings.email.transport == EmailTransport::Log {
+            tracing::warn!(
+                "email.transport = \"log\": emails, links included, go to this log and \
+                 nowhere else; for development only"
+            );
+        }
         if !settings.cookies.secure {
             tracing::warn!(
                 "cookies.secure = false: browser sessions' cookies are sent over plain \
@@ -166,7 +177,22 @@ impl Application {
         let cors_origins = settings.server.cors_allowed_origins.clone();
         let cleanup_every = Duration::from_secs(settings.cleanup.interval_secs);
 
-        let auth = AuthService::new(settings, store, revocations, failures, tokens, hasher);
+        let sender = Sender::new(
+            &store,
+            outbox.clone(),
+            mailer,
+            templates,
+            settings.email.clone(),
+        );
+        let auth = AuthService::new(
+            settings,
+            store,
+            revocations,
+            failures,
+            tokens,
+            hasher,
+            outbox,
+        );
         let state = web::Data::new(AppState {
             auth,
             trusted_proxies,
@@ -227,6 +253,7 @@ impl Application {
             s.auth.throttle.purge()
         });
         spawn_cleanup(Arc::downgrade(&shared), cleanup_every);
+        tokio::spawn(sender.run());
         spawn_eviction_check(Arc::downgrade(&shared));
         Ok(Application {
             port,
@@ -326,6 +353,11 @@ fn spawn_cleanup(target: Weak<AppState>, every: Duration) {
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/users", web::post().to(users::register)))
         .service(resource("/login", web::post().to(auth::login)))
+        .service(resource(
+            "/email/verification",
+            web::post().to(email::request_verification),
+        ))
+        .service(resource("/email/verify", web::post().to(email::verify)))
         .service(resource("/logout", web::post().to(auth::logout)))
         .service(resource("/refresh", web::post().to(token::refresh)))
         .service(resource("/token", web::post().to(token::token)))

@@ -41,6 +41,8 @@ pub fn jwt_algorithm(alg: KeyAlgorithm) -> Algorithm {
 
 /// The CSRF secret's file in `keys.dir` (see [`KeyStore::csrf_secret`]).
 const CSRF_SECRET_FILE: &str = "csrf.secret";
+/// The outbox's sealing secret's file in `keys.dir` (see [`KeyStore::outbox_secret`]).
+const OUTBOX_SECRET_FILE: &str = "outbox.secret";
 
 /// The on-disk form of one key.
 #[derive(Serialize, Deserialize)]
@@ -348,12 +350,23 @@ impl KeyStore {
     }
 
     /// The secret that browser sessions' CSRF tokens are HMACs under
-    /// (`csrf.secret` beside the keys, 32 random bytes, base64): read, or made on first
+    /// (`csrf.secret` beside the keys; see [`KeyStore::secret`]).
+    pub fn csrf_secret(&self) -> anyhow::Result<Vec<u8>> {
+        self.secret(CSRF_SECRET_FILE)
+    }
+
+    /// The secret the outbox's rows are sealed under (`outbox.secret`; see
+    /// [`crate::outbox`]).
+    pub fn outbox_secret(&self) -> anyhow::Result<Vec<u8>> {
+        self.secret(OUTBOX_SECRET_FILE)
+    }
+
+    /// A secret file beside the keys (32 random bytes, base64): read, or made on first
     /// use. Made by writing a temporary file and linking it into place, which fails if
     /// another instance got there first; then that one's secret is read, so every
     /// instance sharing `keys.dir` has the same.
-    pub fn csrf_secret(&self) -> anyhow::Result<Vec<u8>> {
-        let path = self.dir.join(CSRF_SECRET_FILE);
+    fn secret(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        let path = self.dir.join(name);
         if !path.exists() {
             self.create_dir()?;
             let mut secret = [0u8; 32];
@@ -362,7 +375,7 @@ impl KeyStore {
                 .map_err(|_| anyhow::anyhow!("random generator failed"))?;
             let tmp = self
                 .dir
-                .join(format!(".csrf.{}.tmp", uuid::Uuid::new_v4().simple()));
+                .join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
             let mut f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -388,8 +401,14 @@ impl KeyStore {
         secret.with_context(|| {
             format!(
                 "{} is damaged (want base64 of at least 32 bytes); remove it to make a new \
-                 one (every browser session's CSRF token then changes: its users log in again)",
-                path.display()
+                 one ({})",
+                path.display(),
+                match name {
+                    CSRF_SECRET_FILE => {
+                        "every browser session's CSRF token then changes: its users log in again"
+                    }
+                    _ => "mail waiting in the outbox then cannot be sent and is dropped",
+                }
             )
         })
     }

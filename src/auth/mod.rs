@@ -8,6 +8,7 @@ pub mod attempt;
 pub mod cleanup;
 pub mod csrf;
 pub mod device;
+pub mod email_link;
 pub mod keys;
 pub mod password;
 pub mod recent;

@@ -22,10 +22,11 @@ use super::device::DeviceToken;
 use super::password::{HashError, PasswordHasherPool};
 use super::recent::Recent;
 use super::refresh_token::RefreshToken;
-use super::throttle::LoginThrottle;
+use super::throttle::{LoginThrottle, MailThrottle};
 use crate::config::Settings;
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
+use crate::outbox::Outbox;
 use crate::store::{
     AuditEvent, AuditKind, ClientInfo, FailureBudgets, Grant, NewSession, Outcome, RefreshState,
     Revocations, Rotation, Store, User,
@@ -62,6 +63,8 @@ pub struct AuthService {
     pub throttle: LoginThrottle,
     pub failures: Arc<dyn FailureBudgets>,
     emails: Recent<UserId, Arc<str>>,
+    pub outbox: Arc<Outbox>,
+    pub(super) mail_throttle: MailThrottle,
     settings: Settings,
 }
 
@@ -84,8 +87,10 @@ impl AuthService {
         failures: Arc<dyn FailureBudgets>,
         tokens: AccessTokens,
         hasher: PasswordHasherPool,
+        outbox: Arc<Outbox>,
     ) -> Self {
         let throttle = LoginThrottle::new(&settings.login);
+        let mail_throttle = MailThrottle::new(&settings);
         let emails = Recent::new(settings.cache.user_emails);
         AuthService {
             store,
@@ -95,6 +100,8 @@ impl AuthService {
             throttle,
             failures,
             emails,
+            outbox,
+            mail_throttle,
             settings,
         }
     }
@@ -122,16 +129,25 @@ impl AuthService {
             .check_ip(ip)
             .map_err(|t| ApiError::RateLimited(t.retry_after_secs))?;
         let hash = self.hasher.hash(password).await?;
+        let link = self.registration_link(&email);
         let user = self
             .store
-            .create_user(&email, &hash, &["user".to_owned()])
+            .create_user(
+                &email,
+                &hash,
+                &["user".to_owned()],
+                link.as_ref().map(|l| l.grant()),
+            )
             .await?;
+        if link.is_some() {
+            self.outbox.wake();
+        }
         self.audit(
             AuditKind::UserCreated,
             Some(user.id),
             None,
             client,
-            json!({}),
+            json!({"verification_sent": link.is_some()}),
         )
         .await;
         Ok(user)

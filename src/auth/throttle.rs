@@ -126,18 +126,7 @@ impl LoginThrottle {
     /// itself, an IPv6 address by its first `login.ipv6_prefix_len` bits, since one
     /// host or customer usually holds a whole /64 (2^64 addresses, one bucket).
     pub fn ip_key(&self, ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let bits = u128::from(v6);
-                    let prefix = u32::from(self.ipv6_prefix_len.min(128));
-                    let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
-                    IpAddr::V6(Ipv6Addr::from(bits & mask))
-                }
-            },
-        }
+        ip_bucket(ip, self.ipv6_prefix_len)
     }
 
     /// Counts one attempt from `ip`.
@@ -179,6 +168,61 @@ impl LoginThrottle {
             self.per_account.len(),
             self.audited.len(),
         )
+    }
+}
+
+/// The bucket an address counts in (see [`LoginThrottle::ip_key`]).
+pub fn ip_bucket(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6);
+                let prefix = u32::from(ipv6_prefix_len.min(128));
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(bits & mask))
+            }
+        },
+    }
+}
+
+/// Requests that email an address the caller names (a verification link, a password
+/// reset): per client IP (bucketed as [`LoginThrottle::ip_key`]) and per address
+/// (normalized), whether or not an account has it, so a 429 says nothing about which
+/// accounts exist and nobody can flood someone's inbox.
+pub struct MailThrottle {
+    per_ip: Bounded<IpAddr>,
+    per_address: Bounded<String>,
+    ipv6_prefix_len: u8,
+    clock: DefaultClock,
+}
+
+impl MailThrottle {
+    pub fn new(settings: &crate::config::Settings) -> Self {
+        let e = &settings.email;
+        let quota = |n: u32| Quota::per_hour(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        let max = settings.login.max_tracked_keys;
+        MailThrottle {
+            per_ip: Bounded::new(quota(e.per_ip_per_hour), max),
+            per_address: Bounded::new(quota(e.per_address_per_hour), max),
+            ipv6_prefix_len: settings.login.ipv6_prefix_len,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Counts one request from `ip` for `address`; `Err(seconds to wait)` past either
+    /// limit (then neither is charged further than the check itself).
+    pub fn check(&self, ip: IpAddr, address: &str) -> Result<(), u64> {
+        self.per_ip
+            .check(&ip_bucket(ip, self.ipv6_prefix_len), &self.clock)
+            .and_then(|()| self.per_address.check(&address.to_owned(), &self.clock))
+            .map_err(secs)
+    }
+
+    pub fn purge(&self) {
+        self.per_ip.purge();
+        self.per_address.purge();
     }
 }
 

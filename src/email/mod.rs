@@ -91,11 +91,15 @@ impl Mailer {
             Transport::Smtp(smtp) => {
                 let email = self.build(message)?;
                 smtp.send(email).await.map(|_| ()).map_err(|e| {
-                    // lettre's error text names the server's answer, never the message.
+                    // A server's answer can repeat the address: only its code is kept.
+                    let why = match e.status() {
+                        Some(code) => format!("the SMTP server answered {code}"),
+                        None => e.to_string(),
+                    };
                     if e.is_permanent() {
-                        SendError::Permanent(e.to_string())
+                        SendError::Permanent(why)
                     } else {
-                        SendError::Retry(e.to_string())
+                        SendError::Retry(why)
                     }
                 })
             }
@@ -238,6 +242,21 @@ impl EmailSettings {
     /// Checks what can be checked before anything is sent.
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
         parse_from(&self.from)?;
+        if self.verification != crate::config::EmailVerification::Off
+            && self.transport == EmailTransport::None
+        {
+            bail!(
+                "email.verification = optional or required sends links: set email.transport \
+                 to smtp (or log, for development)"
+            );
+        }
+        if self.verify_ttl_secs == 0 || self.per_ip_per_hour == 0 || self.per_address_per_hour == 0
+        {
+            bail!(
+                "email.verify_ttl_secs, email.per_ip_per_hour and email.per_address_per_hour \
+                 must be positive"
+            );
+        }
         if self.transport == EmailTransport::Smtp {
             SmtpTarget::parse(self.smtp_url.expose_secret())?;
         }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cookies;
+pub mod email;
 pub mod extract;
 pub mod health;
 pub mod sessions;

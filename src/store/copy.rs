@@ -4,7 +4,8 @@
 //! Every table goes, in foreign-key order: users, sessions, refresh tokens (their
 //! hashes, sealed successors and the sessions' chain-secret hashes, so every refresh
 //! token keeps rotating), devices, audit events (ids kept, the sequence moved past
-//! them) and the saved revocation marks. The source is read in one read transaction
+//! them), emailed tokens, the outbox (sealed payloads as they are: the new deployment
+//! uses the same `keys.dir`, so its senders open them) and the saved revocation marks. The source is read in one read transaction
 //! (one snapshot, in pages: [`super::sqlite::export`]) and the target written in one
 //! transaction ([`super::postgres::import`]) into a database that holds no user yet: a
 //! copy that fails leaves nothing behind and can simply be run again. A table added
@@ -35,6 +36,7 @@ pub struct UserRow {
     pub password_hash: String,
     pub roles: Vec<String>,
     pub disabled: bool,
+    pub email_verified: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -73,6 +75,28 @@ pub struct DeviceRow {
     pub expires_at: DateTime<Utc>,
 }
 
+pub struct EmailTokenRow {
+    pub token_hash: Vec<u8>,
+    pub user_id: Uuid,
+    pub kind: String,
+    pub new_email: Option<String>,
+    pub new_email_normalized: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub used_at: Option<DateTime<Utc>>,
+}
+
+/// An outbox row as it waits (its claim is not copied: the target's senders start
+/// afresh).
+pub struct OutboxCopyRow {
+    pub id: i64,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+}
+
 /// What was copied, table by table.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Copied {
@@ -81,6 +105,8 @@ pub struct Copied {
     pub refresh_tokens: u64,
     pub devices: u64,
     pub audit_events: u64,
+    pub email_tokens: u64,
+    pub outbox: u64,
     pub revocation_marks: u64,
 }
 
@@ -166,6 +192,30 @@ pub async fn sqlite_to_postgres(
             .await
             .context("writing audit events")?;
         report("audit_events", &mut copied.audit_events, rows.len(), total);
+    }
+
+    let total = export::count(&mut src, "email_tokens").await?;
+    let mut after = Vec::new();
+    loop {
+        let rows = export::email_tokens(&mut src, &after, PAGE).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.token_hash.clone();
+        import::email_tokens(&mut dst, &rows)
+            .await
+            .context("writing email tokens")?;
+        report("email_tokens", &mut copied.email_tokens, rows.len(), total);
+    }
+
+    let total = export::count(&mut src, "outbox").await?;
+    let mut after = 0;
+    loop {
+        let rows = export::outbox(&mut src, after, PAGE).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        import::outbox(&mut dst, &rows)
+            .await
+            .context("writing the outbox")?;
+        report("outbox", &mut copied.outbox, rows.len(), total);
     }
 
     let marks = export::revocation_marks(&mut src).await?;

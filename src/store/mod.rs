@@ -97,6 +97,63 @@ pub struct User {
     pub email: String,
     pub roles: Vec<String>,
     pub disabled: bool,
+    /// Whether the user has shown they read mail at `email` (a verification link, a
+    /// password reset).
+    pub email_verified: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What an emailed token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmailTokenKind {
+    VerifyEmail,
+    ResetPassword,
+    ConfirmEmailChange,
+}
+
+impl EmailTokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmailTokenKind::VerifyEmail => "verify_email",
+            EmailTokenKind::ResetPassword => "reset_password",
+            EmailTokenKind::ConfirmEmailChange => "confirm_email_change",
+        }
+    }
+}
+
+/// An emailed token to store, with the message that carries it: both are written in
+/// one transaction (with the change that asks for them, if any), so a token is never
+/// stored without its message nor sent without being stored.
+pub struct EmailTokenGrant<'a> {
+    pub kind: EmailTokenKind,
+    /// SHA-256 of the token.
+    pub token_hash: &'a [u8],
+    pub expires_at: DateTime<Utc>,
+    /// The address an email change goes to.
+    pub new_email: Option<&'a Email>,
+    /// The outbox row's payload (sealed: see `crate::outbox`).
+    pub message: &'a [u8],
+}
+
+/// Why an emailed token was not accepted (`error_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// Never issued, or made invalid by a newer one, or its user is gone.
+    Unknown,
+    Used,
+    Expired,
+}
+
+/// One message waiting in the outbox, claimed by this instance's sender.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub id: i64,
+    /// Which deliverer takes it ("email").
+    pub kind: String,
+    /// Sealed (see `crate::outbox`).
+    pub payload: Vec<u8>,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -240,6 +297,9 @@ pub enum AuditKind {
     PasswordChangeFailed,
     AdminSessionsEnded,
     AdminUserUpdated,
+    VerificationSent,
+    EmailVerified,
+    EmailDeliveryFailed,
 }
 
 impl AuditKind {
@@ -258,6 +318,9 @@ impl AuditKind {
             AuditKind::PasswordChangeFailed => "password_change_failed",
             AuditKind::AdminSessionsEnded => "admin_sessions_ended",
             AuditKind::AdminUserUpdated => "admin_user_updated",
+            AuditKind::VerificationSent => "verification_sent",
+            AuditKind::EmailVerified => "email_verified",
+            AuditKind::EmailDeliveryFailed => "email_delivery_failed",
         }
     }
 }
@@ -502,11 +565,14 @@ pub trait Store: Send + Sync + 'static {
     /// revocations in process on this database; false when another instance holds it.
     async fn claim_single_instance(&self) -> StoreResult<bool>;
 
+    /// Creates a user; with `verification`, stores that token for them and its message
+    /// in the same transaction.
     async fn create_user(
         &self,
         email: &Email,
         password_hash: &str,
         roles: &[String],
+        verification: Option<EmailTokenGrant<'_>>,
     ) -> StoreResult<User>;
     /// The user with this email, and whether `device` (a device token's hash) is one of
     /// their live devices.
@@ -582,6 +648,29 @@ pub trait Store: Send + Sync + 'static {
         change: &UserChange,
     ) -> StoreResult<Option<UserUpdate>>;
 
+    /// Stores an emailed token for `user` and its message in one transaction, deleting
+    /// the user's unused tokens of the same kind (the newest wins). False when there is
+    /// no such user (any more).
+    async fn issue_email_token(
+        &self,
+        user: UserId,
+        grant: EmailTokenGrant<'_>,
+    ) -> StoreResult<bool>;
+    /// Uses a `verify_email` token: marks it used and the user's email verified.
+    async fn verify_email(&self, token_hash: &[u8]) -> StoreResult<Result<UserId, TokenRefusal>>;
+
+    /// Claims up to `limit` outbox rows that are due and not claimed by a live lease, for
+    /// `lease_secs`, counting an attempt on each; oldest first.
+    async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>>;
+    /// Deletes a delivered row.
+    async fn delete_outbox(&self, id: i64) -> StoreResult<()>;
+    /// Releases a row whose delivery failed, due again in `after_secs`.
+    async fn retry_outbox(&self, id: i64, after_secs: i64) -> StoreResult<()>;
+    /// Deletes a row given up on and records why, in one transaction.
+    async fn abandon_outbox(&self, id: i64, event: AuditEvent<'_>) -> StoreResult<()>;
+    /// How many rows wait in the outbox (diagnostics and tests).
+    async fn outbox_len(&self) -> StoreResult<i64>;
+
     async fn record_audit(&self, event: AuditEvent<'_>) -> StoreResult<()>;
     async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
 
@@ -604,6 +693,17 @@ pub trait Store: Send + Sync + 'static {
 pub(crate) fn roles_differ(old: &[String], new: &[String]) -> bool {
     use std::collections::BTreeSet;
     old.iter().collect::<BTreeSet<_>>() != new.iter().collect::<BTreeSet<_>>()
+}
+
+/// Why a token that could not be used was refused, from its row (used, expired), if any.
+pub(crate) fn refusal(row: Option<(bool, bool)>) -> TokenRefusal {
+    match row {
+        Some((true, _)) => TokenRefusal::Used,
+        Some((false, true)) => TokenRefusal::Expired,
+        // No row; or one that was live a moment ago but whose use did not take (its user
+        // went meanwhile).
+        _ => TokenRefusal::Unknown,
+    }
 }
 
 /// Helper for ids coming back from SQL.

@@ -285,9 +285,21 @@ async fn backup_is_for_the_embedded_database_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_still_logged_in() {
     crate::shared_backend_only!(); // needs the PostgreSQL and Redis of that run
-    let settings = on_sqlite();
+    // Mail goes to a server that is down for now: the message waits in the outbox.
+    let mut smtp = crate::smtp::SmtpServer::start(Default::default()).await;
+    smtp.pause().await;
+    let mut settings = on_sqlite();
+    settings.email.transport = tessera::config::EmailTransport::Smtp;
+    settings.email.smtp_url = smtp.url().into();
+    settings.email.smtp_ca_file = smtp.ca_file();
+    settings.email.retry_base_secs = 1;
+    settings.email.retry_max_secs = 1;
     let app = spawn_app_with(settings.clone()).await;
     let email = app.new_user().await;
+    let res = app
+        .post_json("/email/verification", &json!({ "email": email }))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
     let kept = app.login_ok(&email).await;
     let kept = app.refresh_ok(&kept.refresh).await;
     let logged_out = app.login_ok(&email).await;
@@ -329,11 +341,22 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
 
     let keys = app.settings.keys.dir.clone();
     app.stop().await;
-    let out = copy();
+    // The stopped instance's tasks let go of the database within moments.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = copy();
+        let busy = String::from_utf8_lossy(&out.stderr).contains("stop it first");
+        if !busy || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{said}");
     assert!(said.contains("users: 1/1"), "progress: {said}");
     assert!(said.contains("sessions: 3/3"), "progress: {said}");
+    assert!(said.contains("email_tokens: 1/1"), "progress: {said}");
+    assert!(said.contains("outbox: 1/1"), "progress: {said}");
     assert!(said.contains("written to Redis"), "{said}");
 
     // The same deployment on PostgreSQL + Redis (the signing keys stay where they are).
@@ -342,8 +365,21 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     moved.redis.url = redis_url().into();
     moved.redis.key_prefix = prefix.clone();
     moved.keys.dir = keys;
+    moved.email = settings.email.clone();
     let app = spawn_app_with(moved).await;
     assert!(!app.sqlite());
+    // The message written on SQLite goes out from PostgreSQL, and its link works there.
+    smtp.resume().await;
+    let mail = smtp.wait_for(1, Duration::from_secs(10)).await.remove(0);
+    let text = mail.text();
+    let token: String = text[text.find("&token=").expect("a link") + 7..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    let res = app
+        .post_json("/email/verify", &json!({ "token": token }))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
     // A refresh token issued on SQLite rotates on PostgreSQL; its access token works.
     assert_eq!(app.me(&kept.access).await.status(), StatusCode::OK);
     let next = app.refresh_ok(&kept.refresh).await;

@@ -37,3 +37,4 @@ mod smtp;
 mod storage;
 mod timing;
 mod users;
+mod verification;

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::store::copy::{DeviceRow, SessionRow, TokenRow, UserRow};
+use crate::store::copy::{DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserRow};
 use crate::store::{AuditRecord, SavedMark};
 
 /// One column of a page.
@@ -31,13 +31,14 @@ pub async fn users(conn: &mut PgConnection, rows: &[UserRow]) -> anyhow::Result<
     });
     sqlx::query!(
         r#"INSERT INTO users (id, email, email_normalized, password_hash, roles, disabled,
-                              created_at, updated_at)
+                              created_at, updated_at, email_verified)
            SELECT t.id, t.email, t.norm, t.hash,
                   ARRAY(SELECT jsonb_array_elements_text(t.roles::jsonb)),
-                  t.disabled, t.created_at, t.updated_at
+                  t.disabled, t.created_at, t.updated_at, t.verified
            FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                       $6::bool[], $7::timestamptz[], $8::timestamptz[])
-                AS t(id, email, norm, hash, roles, disabled, created_at, updated_at)"#,
+                       $6::bool[], $7::timestamptz[], $8::timestamptz[], $9::bool[])
+                AS t(id, email, norm, hash, roles, disabled, created_at, updated_at,
+                     verified)"#,
         &col(rows, |r| r.id),
         &col(rows, |r| r.email.clone()),
         &col(rows, |r| r.email_normalized.clone()),
@@ -46,6 +47,7 @@ pub async fn users(conn: &mut PgConnection, rows: &[UserRow]) -> anyhow::Result<
         &col(rows, |r| r.disabled),
         &col(rows, |r| r.created_at),
         &col(rows, |r| r.updated_at),
+        &col(rows, |r| r.email_verified),
     )
     .execute(conn)
     .await?;
@@ -149,6 +151,52 @@ pub async fn audit_events(conn: &mut PgConnection, rows: &[AuditRecord]) -> anyh
     // Events written later continue after the copied ones.
     sqlx::query!(
         r#"SELECT setval('audit_events_id_seq', greatest((SELECT max(id) FROM audit_events), 1))
+           AS "next!""#
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn email_tokens(conn: &mut PgConnection, rows: &[EmailTokenRow]) -> anyhow::Result<()> {
+    let text = |f: fn(&EmailTokenRow) -> &Option<String>| col(rows, |r| f(r).clone());
+    let used_at: Vec<Option<DateTime<Utc>>> = col(rows, |r| r.used_at);
+    sqlx::query!(
+        r#"INSERT INTO email_tokens (token_hash, user_id, kind, new_email,
+                                     new_email_normalized, created_at, expires_at, used_at)
+           SELECT * FROM UNNEST($1::bytea[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                                $6::timestamptz[], $7::timestamptz[], $8::timestamptz[])"#,
+        &col(rows, |r| r.token_hash.clone()),
+        &col(rows, |r| r.user_id),
+        &col(rows, |r| r.kind.clone()),
+        &text(|r| &r.new_email) as _,
+        &text(|r| &r.new_email_normalized) as _,
+        &col(rows, |r| r.created_at),
+        &col(rows, |r| r.expires_at),
+        &used_at as _,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn outbox(conn: &mut PgConnection, rows: &[OutboxCopyRow]) -> anyhow::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO outbox (id, kind, payload, created_at, attempts, next_attempt_at)
+           SELECT * FROM UNNEST($1::int8[], $2::text[], $3::bytea[], $4::timestamptz[],
+                                $5::int4[], $6::timestamptz[])"#,
+        &col(rows, |r| r.id),
+        &col(rows, |r| r.kind.clone()),
+        &col(rows, |r| r.payload.clone()),
+        &col(rows, |r| r.created_at),
+        &col(rows, |r| r.attempts),
+        &col(rows, |r| r.next_attempt_at),
+    )
+    .execute(&mut *conn)
+    .await?;
+    // Rows written later continue after the copied ones.
+    sqlx::query!(
+        r#"SELECT setval('outbox_id_seq', greatest((SELECT max(id) FROM outbox), 1))
            AS "next!""#
     )
     .fetch_one(conn)

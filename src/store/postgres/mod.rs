@@ -15,8 +15,9 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, Grant, NewSession, RefreshState, Rotation, SavedMark, SessionInfo, Store,
-    StoreError, StoreResult, User, UserChange, UserUpdate, session_ids,
+    Credentials, EmailTokenGrant, Grant, NewSession, OutboxRow, RefreshState, Rotation, SavedMark,
+    SessionInfo, Store, StoreError, StoreResult, TokenRefusal, User, UserChange, UserUpdate,
+    refusal, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -185,6 +186,7 @@ fn user_from(
     email: String,
     roles: Vec<String>,
     disabled: bool,
+    email_verified: bool,
     created_at: chrono::DateTime<chrono::Utc>,
 ) -> User {
     User {
@@ -192,6 +194,7 @@ fn user_from(
         email,
         roles,
         disabled,
+        email_verified,
         created_at,
     }
 }
@@ -222,25 +225,32 @@ impl Store for PgStore {
         email: &Email,
         password_hash: &str,
         roles: &[String],
+        verification: Option<EmailTokenGrant<'_>>,
     ) -> StoreResult<User> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
         let row = sqlx::query!(
             r#"INSERT INTO users (id, email, email_normalized, password_hash, roles)
                VALUES ($1, $2, $3, $4, $5)
-               RETURNING id, email, roles, disabled, created_at"#,
+               RETURNING id, email, roles, disabled, email_verified, created_at"#,
             Uuid::new_v4(),
             email.as_str(),
             email.normalized(),
             password_hash,
             roles,
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
+        if let Some(grant) = verification {
+            insert_email_token(&mut tx, row.id, &grant).await?;
+        }
+        tx.commit().await.map_err(classify)?;
         Ok(user_from(
             row.id,
             row.email,
             row.roles,
             row.disabled,
+            row.email_verified,
             row.created_at,
         ))
     }
@@ -251,7 +261,8 @@ impl Store for PgStore {
         device: Option<&[u8]>,
     ) -> StoreResult<Option<Credentials>> {
         let row = sqlx::query!(
-            r#"SELECT u.id, u.email, u.roles, u.disabled, u.created_at, u.password_hash,
+            r#"SELECT u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at,
+                      u.password_hash,
                       EXISTS (SELECT 1 FROM devices d
                               WHERE d.token_hash = $2 AND d.user_id = u.id
                                 AND d.expires_at > now()) AS "device_known!"
@@ -263,7 +274,14 @@ impl Store for PgStore {
         .await
         .map_err(classify)?;
         Ok(row.map(|r| Credentials {
-            user: user_from(r.id, r.email, r.roles, r.disabled, r.created_at),
+            user: user_from(
+                r.id,
+                r.email,
+                r.roles,
+                r.disabled,
+                r.email_verified,
+                r.created_at,
+            ),
             password_hash: r.password_hash,
             device_known: r.device_known,
         }))
@@ -271,13 +289,23 @@ impl Store for PgStore {
 
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>> {
         let row = sqlx::query!(
-            "SELECT id, email, roles, disabled, created_at FROM users WHERE id = $1",
+            r#"SELECT id, email, roles, disabled, email_verified, created_at
+               FROM users WHERE id = $1"#,
             id.0,
         )
         .fetch_optional(&self.pool)
         .await
         .map_err(classify)?;
-        Ok(row.map(|r| user_from(r.id, r.email, r.roles, r.disabled, r.created_at)))
+        Ok(row.map(|r| {
+            user_from(
+                r.id,
+                r.email,
+                r.roles,
+                r.disabled,
+                r.email_verified,
+                r.created_at,
+            )
+        }))
     }
 
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()> {
@@ -672,7 +700,7 @@ impl Store for PgStore {
                    updated_at = now()
                FROM (SELECT id, roles FROM users WHERE id = $1 FOR UPDATE) old
                WHERE u.id = old.id
-               RETURNING u.id, u.email, u.roles, u.disabled, u.created_at,
+               RETURNING u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at,
                          old.roles AS old_roles"#,
             user.0,
             change.disabled,
@@ -700,30 +728,154 @@ impl Store for PgStore {
         tx.commit().await.map_err(classify)?;
         let roles_changed = super::roles_differ(&row.old_roles, &row.roles);
         Ok(Some(UserUpdate {
-            user: user_from(row.id, row.email, row.roles, row.disabled, row.created_at),
+            user: user_from(
+                row.id,
+                row.email,
+                row.roles,
+                row.disabled,
+                row.email_verified,
+                row.created_at,
+            ),
             roles_changed,
             ended: session_ids(ended),
         }))
     }
 
-    async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
-        let ClientInfo { ip, user_agent } = e.client;
+    async fn issue_email_token(
+        &self,
+        user: UserId,
+        grant: EmailTokenGrant<'_>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // Locks the user row: two requests for the same user take turns, and the newest
+        // token is the only one left.
+        let exists = sqlx::query_scalar!("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.0)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?
+            .is_some();
+        if !exists {
+            return Ok(false);
+        }
         sqlx::query!(
-            r#"INSERT INTO audit_events (kind, user_id, session_id, actor_id, ip, user_agent,
-                                         detail)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
-            e.kind.as_str(),
-            e.user_id.map(|u| u.0),
-            e.session_id.map(|s| s.0),
-            e.actor_id.map(|u| u.0),
-            ip.as_deref(),
-            user_agent.as_deref(),
-            e.detail,
+            "DELETE FROM email_tokens WHERE user_id = $1 AND kind = $2 AND used_at IS NULL",
+            user.0,
+            grant.kind.as_str(),
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        insert_email_token(&mut tx, user.0, &grant).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+
+    async fn verify_email(&self, token_hash: &[u8]) -> StoreResult<Result<UserId, TokenRefusal>> {
+        let used = sqlx::query_scalar!(
+            r#"WITH used AS (
+                   UPDATE email_tokens SET used_at = now()
+                   WHERE token_hash = $1 AND kind = 'verify_email' AND used_at IS NULL
+                     AND expires_at > now()
+                   RETURNING user_id
+               )
+               UPDATE users u SET email_verified = true, updated_at = now()
+               FROM used WHERE u.id = used.user_id
+               RETURNING u.id"#,
+            token_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        if let Some(user) = used {
+            return Ok(Ok(UserId(user)));
+        }
+        let row = sqlx::query!(
+            r#"SELECT used_at IS NOT NULL AS "used!", expires_at <= now() AS "expired!"
+               FROM email_tokens WHERE token_hash = $1 AND kind = 'verify_email'"#,
+            token_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(Err(refusal(row.map(|r| (r.used, r.expired)))))
+    }
+
+    async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
+        let rows = sqlx::query!(
+            r#"UPDATE outbox o
+               SET claimed_until = now() + make_interval(secs => $2::float8),
+                   attempts = o.attempts + 1
+               FROM (SELECT id FROM outbox
+                     WHERE next_attempt_at <= now()
+                       AND (claimed_until IS NULL OR claimed_until < now())
+                     ORDER BY id
+                     LIMIT $1
+                     FOR UPDATE SKIP LOCKED) due
+               WHERE o.id = due.id
+               RETURNING o.id, o.kind, o.payload, o.attempts, o.created_at"#,
+            limit,
+            lease_secs as f64,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let mut rows: Vec<OutboxRow> = rows
+            .into_iter()
+            .map(|r| OutboxRow {
+                id: r.id,
+                kind: r.kind,
+                payload: r.payload,
+                attempts: r.attempts,
+                created_at: r.created_at,
+            })
+            .collect();
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    async fn delete_outbox(&self, id: i64) -> StoreResult<()> {
+        sqlx::query!("DELETE FROM outbox WHERE id = $1", id)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn retry_outbox(&self, id: i64, after_secs: i64) -> StoreResult<()> {
+        sqlx::query!(
+            r#"UPDATE outbox
+               SET claimed_until = NULL,
+                   next_attempt_at = now() + make_interval(secs => $2::float8)
+               WHERE id = $1"#,
+            id,
+            after_secs as f64,
         )
         .execute(&self.pool)
         .await
         .map_err(classify)?;
         Ok(())
+    }
+
+    async fn abandon_outbox(&self, id: i64, event: AuditEvent<'_>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        sqlx::query!("DELETE FROM outbox WHERE id = $1", id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        insert_audit(&mut tx, &event).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn outbox_len(&self) -> StoreResult<i64> {
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox"#)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
+        insert_audit(&mut conn, &e).await
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
@@ -892,4 +1044,55 @@ impl Store for PgStore {
         .map_err(classify)?;
         Ok(done.rows_affected())
     }
+}
+
+async fn insert_audit(conn: &mut sqlx::PgConnection, e: &AuditEvent<'_>) -> StoreResult<()> {
+    let ClientInfo { ip, user_agent } = e.client;
+    sqlx::query!(
+        r#"INSERT INTO audit_events (kind, user_id, session_id, actor_id, ip, user_agent,
+                                     detail)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
+        e.kind.as_str(),
+        e.user_id.map(|u| u.0),
+        e.session_id.map(|s| s.0),
+        e.actor_id.map(|u| u.0),
+        ip.as_deref(),
+        user_agent.as_deref(),
+        &e.detail,
+    )
+    .execute(conn)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+/// Stores an emailed token and its outbox row (the caller's transaction).
+async fn insert_email_token(
+    conn: &mut sqlx::PgConnection,
+    user: Uuid,
+    grant: &EmailTokenGrant<'_>,
+) -> StoreResult<()> {
+    let normalized = grant.new_email.map(|e| e.normalized());
+    sqlx::query!(
+        r#"INSERT INTO email_tokens (token_hash, user_id, kind, new_email, new_email_normalized,
+                                     expires_at)
+           VALUES ($1, $2, $3, $4, $5, $6)"#,
+        grant.token_hash,
+        user,
+        grant.kind.as_str(),
+        grant.new_email.map(|e| e.as_str()),
+        normalized.as_deref(),
+        grant.expires_at,
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(classify)?;
+    sqlx::query!(
+        "INSERT INTO outbox (kind, payload) VALUES ('email', $1)",
+        grant.message,
+    )
+    .execute(conn)
+    .await
+    .map_err(classify)?;
+    Ok(())
 }

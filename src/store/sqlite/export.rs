@@ -5,7 +5,7 @@
 use sqlx::SqliteConnection;
 
 use super::{opt_uuid, roles_from, time, uuid};
-use crate::store::copy::{DeviceRow, SessionRow, TokenRow, UserRow};
+use crate::store::copy::{DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserRow};
 use crate::store::{AuditRecord, SavedMark, StoreError};
 
 pub async fn users(
@@ -14,8 +14,8 @@ pub async fn users(
     limit: i64,
 ) -> anyhow::Result<Vec<UserRow>> {
     let rows = sqlx::query!(
-        r#"SELECT id, email, email_normalized, password_hash, roles, disabled, created_at,
-                  updated_at
+        r#"SELECT id, email, email_normalized, password_hash, roles, disabled, email_verified,
+                  created_at, updated_at
            FROM users WHERE id > ?1 ORDER BY id LIMIT ?2"#,
         after,
         limit,
@@ -31,6 +31,7 @@ pub async fn users(
                 password_hash: r.password_hash,
                 roles: roles_from(&r.roles)?,
                 disabled: r.disabled,
+                email_verified: r.email_verified,
                 created_at: time(r.created_at),
                 updated_at: time(r.updated_at),
             })
@@ -147,6 +148,63 @@ pub async fn audit_events(
         .into_iter()
         .map(|r| audit_record!(r))
         .collect::<Result<_, _>>()?)
+}
+
+pub async fn email_tokens(
+    conn: &mut SqliteConnection,
+    after: &[u8],
+    limit: i64,
+) -> anyhow::Result<Vec<EmailTokenRow>> {
+    let rows = sqlx::query!(
+        r#"SELECT token_hash, user_id, kind, new_email, new_email_normalized, created_at,
+                  expires_at, used_at
+           FROM email_tokens WHERE token_hash > ?1 ORDER BY token_hash LIMIT ?2"#,
+        after,
+        limit,
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(EmailTokenRow {
+                token_hash: r.token_hash,
+                user_id: uuid(&r.user_id)?,
+                kind: r.kind,
+                new_email: r.new_email,
+                new_email_normalized: r.new_email_normalized,
+                created_at: time(r.created_at),
+                expires_at: time(r.expires_at),
+                used_at: r.used_at.map(time),
+            })
+        })
+        .collect()
+}
+
+pub async fn outbox(
+    conn: &mut SqliteConnection,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Vec<OutboxCopyRow>> {
+    let rows = sqlx::query!(
+        r#"SELECT id AS "id!", kind, payload, created_at, attempts AS "attempts!: i32",
+                  next_attempt_at
+           FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2"#,
+        after,
+        limit,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| OutboxCopyRow {
+            id: r.id,
+            kind: r.kind,
+            payload: r.payload,
+            created_at: time(r.created_at),
+            attempts: r.attempts,
+            next_attempt_at: time(r.next_attempt_at),
+        })
+        .collect())
 }
 
 /// Every saved revocation mark, live or not (the target's cleanup deletes the expired).

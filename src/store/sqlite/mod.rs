@@ -53,13 +53,13 @@ use secrecy::ExposeSecret;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, Grant, NewSession, RefreshState, Rotation, SavedMark, SessionInfo, Store,
-    StoreError, StoreResult, User, UserChange, UserUpdate,
+    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, CreatedSession, Credentials,
+    EmailTokenGrant, Grant, NewSession, OutboxRow, RefreshState, Rotation, SavedMark, SessionInfo,
+    Store, StoreError, StoreResult, TokenRefusal, User, UserChange, UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -268,6 +268,7 @@ fn user_from(
     email: String,
     roles: &str,
     disabled: bool,
+    email_verified: bool,
     created_at: i64,
 ) -> StoreResult<User> {
     Ok(User {
@@ -275,6 +276,7 @@ fn user_from(
         email,
         roles: roles_from(roles)?,
         disabled,
+        email_verified,
         created_at: time(created_at),
     })
 }
@@ -419,8 +421,10 @@ impl Store for SqliteStore {
         email: &Email,
         password_hash: &str,
         roles: &[String],
+        verification: Option<EmailTokenGrant<'_>>,
     ) -> StoreResult<User> {
         let id = Uuid::new_v4().to_string();
+        let verification = verification.map(OwnedGrant::from);
         let normalized = email.normalized();
         let roles = roles_json(roles);
         let (email, password_hash) = (email.as_str().to_owned(), password_hash.to_owned());
@@ -431,12 +435,12 @@ impl Store for SqliteStore {
             .write(Box::new(move |conn| {
                 Box::pin(async move {
                     let now = now_us();
-                    sqlx::query!(
+                    let row = sqlx::query!(
                         r#"INSERT INTO users (id, email, email_normalized, password_hash,
                                               roles, created_at, updated_at)
                            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
                            ON CONFLICT (email_normalized) DO NOTHING
-                           RETURNING id, email, roles, disabled, created_at"#,
+                           RETURNING id, email, roles, disabled, email_verified, created_at"#,
                         id,
                         email,
                         normalized,
@@ -445,12 +449,23 @@ impl Store for SqliteStore {
                         now,
                     )
                     .fetch_optional(&mut *conn)
-                    .await
+                    .await?;
+                    if let (Some(row), Some(grant)) = (&row, &verification) {
+                        insert_email_token(conn, &row.id, grant, now).await?;
+                    }
+                    Ok(row)
                 })
             }))
             .await?
             .ok_or(StoreError::Conflict)?;
-        user_from(&row.id, row.email, &row.roles, row.disabled, row.created_at)
+        user_from(
+            &row.id,
+            row.email,
+            &row.roles,
+            row.disabled,
+            row.email_verified,
+            row.created_at,
+        )
     }
 
     async fn find_credentials(
@@ -461,7 +476,8 @@ impl Store for SqliteStore {
         let normalized = email.normalized();
         let now = now_us();
         let row = sqlx::query!(
-            r#"SELECT u.id, u.email, u.roles, u.disabled, u.created_at, u.password_hash,
+            r#"SELECT u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at,
+                      u.password_hash,
                       EXISTS (SELECT 1 FROM devices d
                               WHERE d.token_hash = ?2 AND d.user_id = u.id
                                 AND d.expires_at > ?3) AS "device_known!: bool"
@@ -475,7 +491,14 @@ impl Store for SqliteStore {
         .map_err(classify)?;
         row.map(|r| {
             Ok(Credentials {
-                user: user_from(&r.id, r.email, &r.roles, r.disabled, r.created_at)?,
+                user: user_from(
+                    &r.id,
+                    r.email,
+                    &r.roles,
+                    r.disabled,
+                    r.email_verified,
+                    r.created_at,
+                )?,
                 password_hash: r.password_hash,
                 device_known: r.device_known,
             })
@@ -486,14 +509,24 @@ impl Store for SqliteStore {
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>> {
         let id = id.0.to_string();
         let row = sqlx::query!(
-            "SELECT id, email, roles, disabled, created_at FROM users WHERE id = ?1",
+            r#"SELECT id, email, roles, disabled, email_verified, created_at
+               FROM users WHERE id = ?1"#,
             id,
         )
         .fetch_optional(&self.reader)
         .await
         .map_err(classify)?;
-        row.map(|r| user_from(&r.id, r.email, &r.roles, r.disabled, r.created_at))
-            .transpose()
+        row.map(|r| {
+            user_from(
+                &r.id,
+                r.email,
+                &r.roles,
+                r.disabled,
+                r.email_verified,
+                r.created_at,
+            )
+        })
+        .transpose()
     }
 
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()> {
@@ -1056,7 +1089,9 @@ impl Store for SqliteStore {
                            updated_at = ?4
                        WHERE id = ?1
                        RETURNING id AS "id!", email AS "email!", roles AS "roles!",
-                                 disabled AS "disabled!: bool", created_at AS "created_at!""#,
+                                 disabled AS "disabled!: bool",
+                                 email_verified AS "email_verified!: bool",
+                                 created_at AS "created_at!""#,
                         id,
                         disabled,
                         roles,
@@ -1084,7 +1119,14 @@ impl Store for SqliteStore {
         else {
             return Ok(None);
         };
-        let user = user_from(&row.id, row.email, &row.roles, row.disabled, row.created_at)?;
+        let user = user_from(
+            &row.id,
+            row.email,
+            &row.roles,
+            row.disabled,
+            row.email_verified,
+            row.created_at,
+        )?;
         let roles_changed = super::roles_differ(&roles_from(&old_roles)?, &user.roles);
         Ok(Some(UserUpdate {
             user,
@@ -1093,29 +1135,168 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
-        let ClientInfo { ip, user_agent } = e.client;
-        let user = e.user_id.map(|u| u.0.to_string());
-        let session = e.session_id.map(|s| s.0.to_string());
-        let actor = e.actor_id.map(|u| u.0.to_string());
-        let detail = e.detail.to_string();
-        let kind = e.kind.as_str();
-        let now = now_us();
+    async fn issue_email_token(
+        &self,
+        user: UserId,
+        grant: EmailTokenGrant<'_>,
+    ) -> StoreResult<bool> {
+        let user = user.0.to_string();
+        let grant = OwnedGrant::from(grant);
+        self.writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let exists = sqlx::query_scalar!("SELECT 1 FROM users WHERE id = ?1", user)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                        .is_some();
+                    if !exists {
+                        return Ok(false);
+                    }
+                    sqlx::query!(
+                        r#"DELETE FROM email_tokens
+                           WHERE user_id = ?1 AND kind = ?2 AND used_at IS NULL"#,
+                        user,
+                        grant.kind,
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                    insert_email_token(conn, &user, &grant, now).await?;
+                    Ok(true)
+                })
+            }))
+            .await
+    }
+
+    async fn verify_email(&self, token_hash: &[u8]) -> StoreResult<Result<UserId, TokenRefusal>> {
+        let hash = token_hash.to_vec();
+        let used = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let Some(user) = sqlx::query_scalar!(
+                        r#"UPDATE email_tokens SET used_at = ?2
+                           WHERE token_hash = ?1 AND kind = 'verify_email' AND used_at IS NULL
+                             AND expires_at > ?2
+                           RETURNING user_id"#,
+                        hash,
+                        now,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    else {
+                        let row = sqlx::query!(
+                            r#"SELECT used_at IS NOT NULL AS "used!: bool",
+                                      expires_at <= ?2 AS "expired!: bool"
+                               FROM email_tokens WHERE token_hash = ?1 AND kind = 'verify_email'"#,
+                            hash,
+                            now,
+                        )
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        return Ok(Err(refusal(row.map(|r| (r.used, r.expired)))));
+                    };
+                    sqlx::query!(
+                        "UPDATE users SET email_verified = TRUE, updated_at = ?2 WHERE id = ?1",
+                        user,
+                        now,
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(Ok(user))
+                })
+            }))
+            .await?;
+        Ok(match used {
+            Ok(user) => Ok(UserId(uuid(&user)?)),
+            Err(refused) => Err(refused),
+        })
+    }
+
+    async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
+        // The one writer makes the claim atomic; the lease keeps a second instance on the
+        // same file (the CLI's, say) from taking the same rows.
+        let rows = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let until = now + secs_us(lease_secs);
+                    sqlx::query!(
+                        r#"UPDATE outbox SET claimed_until = ?3, attempts = attempts + 1
+                           WHERE id IN (SELECT id FROM outbox
+                                        WHERE next_attempt_at <= ?1
+                                          AND (claimed_until IS NULL OR claimed_until < ?1)
+                                        ORDER BY id LIMIT ?2)
+                           RETURNING id AS "id!", kind, payload, attempts AS "attempts!: i32",
+                                     created_at"#,
+                        now,
+                        limit,
+                        until,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await
+                })
+            }))
+            .await?;
+        let mut rows: Vec<OutboxRow> = rows
+            .into_iter()
+            .map(|r| OutboxRow {
+                id: r.id,
+                kind: r.kind,
+                payload: r.payload,
+                attempts: r.attempts,
+                created_at: time(r.created_at),
+            })
+            .collect();
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    async fn delete_outbox(&self, id: i64) -> StoreResult<()> {
+        self.write_one(sqlx::query!("DELETE FROM outbox WHERE id = ?1", id))
+            .await?;
+        Ok(())
+    }
+
+    async fn retry_outbox(&self, id: i64, after_secs: i64) -> StoreResult<()> {
+        let at = now_us() + secs_us(after_secs);
         self.write_one(sqlx::query!(
-            r#"INSERT INTO audit_events (occurred_at, kind, user_id, session_id, actor_id, ip,
-                                         user_agent, detail)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"#,
-            now,
-            kind,
-            user,
-            session,
-            actor,
-            ip,
-            user_agent,
-            detail,
+            "UPDATE outbox SET claimed_until = NULL, next_attempt_at = ?2 WHERE id = ?1",
+            id,
+            at,
         ))
         .await?;
         Ok(())
+    }
+
+    async fn abandon_outbox(&self, id: i64, event: AuditEvent<'_>) -> StoreResult<()> {
+        let audit = OwnedAudit::from(&event);
+        self.writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    sqlx::query!("DELETE FROM outbox WHERE id = ?1", id)
+                        .execute(&mut *conn)
+                        .await?;
+                    audit.insert(conn).await
+                })
+            }))
+            .await
+    }
+
+    async fn outbox_len(&self) -> StoreResult<i64> {
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!: i64" FROM outbox"#)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(classify)
+    }
+
+    async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
+        let audit = OwnedAudit::from(&e);
+        self.writer
+            .write(Box::new(move |conn| Box::pin(audit.insert(conn))))
+            .await
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
@@ -1223,4 +1404,104 @@ impl Store for SqliteStore {
 /// The lock file beside the database: `data/tessera.db` → `data/tessera.lock`.
 fn lock_file(db: &Path) -> PathBuf {
     db.with_extension("lock")
+}
+
+/// An [`AuditEvent`] with owned fields, to move into the writer's work.
+struct OwnedAudit {
+    kind: &'static str,
+    user: Option<String>,
+    session: Option<String>,
+    actor: Option<String>,
+    ip: Option<String>,
+    user_agent: Option<String>,
+    detail: String,
+}
+
+impl OwnedAudit {
+    fn from(e: &AuditEvent<'_>) -> Self {
+        OwnedAudit {
+            kind: e.kind.as_str(),
+            user: e.user_id.map(|u| u.0.to_string()),
+            session: e.session_id.map(|s| s.0.to_string()),
+            actor: e.actor_id.map(|u| u.0.to_string()),
+            ip: e.client.ip.clone(),
+            user_agent: e.client.user_agent.clone(),
+            detail: e.detail.to_string(),
+        }
+    }
+
+    async fn insert(self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        let now = now_us();
+        sqlx::query!(
+            r#"INSERT INTO audit_events (occurred_at, kind, user_id, session_id, actor_id, ip,
+                                         user_agent, detail)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"#,
+            now,
+            self.kind,
+            self.user,
+            self.session,
+            self.actor,
+            self.ip,
+            self.user_agent,
+            self.detail,
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// An [`EmailTokenGrant`] with owned fields, to move into the writer's work.
+struct OwnedGrant {
+    kind: &'static str,
+    token_hash: Vec<u8>,
+    expires_at: i64,
+    new_email: Option<String>,
+    new_email_normalized: Option<String>,
+    message: Vec<u8>,
+}
+
+impl From<EmailTokenGrant<'_>> for OwnedGrant {
+    fn from(g: EmailTokenGrant<'_>) -> Self {
+        OwnedGrant {
+            kind: g.kind.as_str(),
+            token_hash: g.token_hash.to_vec(),
+            expires_at: us(g.expires_at),
+            new_email: g.new_email.map(|e| e.as_str().to_owned()),
+            new_email_normalized: g.new_email.map(|e| e.normalized()),
+            message: g.message.to_vec(),
+        }
+    }
+}
+
+/// Stores an emailed token and its outbox row (in the writer's transaction).
+async fn insert_email_token(
+    conn: &mut SqliteConnection,
+    user: &str,
+    grant: &OwnedGrant,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"INSERT INTO email_tokens (token_hash, user_id, kind, new_email, new_email_normalized,
+                                     created_at, expires_at)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
+        grant.token_hash,
+        user,
+        grant.kind,
+        grant.new_email,
+        grant.new_email_normalized,
+        now,
+        grant.expires_at,
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query!(
+        r#"INSERT INTO outbox (kind, payload, created_at, next_attempt_at)
+           VALUES ('email', ?1, ?2, ?2)"#,
+        grant.message,
+        now,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -1,0 +1,225 @@
+//! Emailed links: the single-use tokens they carry and what using one does. A link is
+//! `{email.link_base}?action=<action>&token=<token>`; opening it changes nothing on
+//! Tessera (a mail scanner may follow it): the app's page POSTs the token.
+//!
+//! A token is 256 bits from the CSPRNG, base64url; only its SHA-256 is stored, with its
+//! kind, user and expiry. A newer token of the same kind for the same user deletes the
+//! older ones (they then read as `unknown`). Its message is an outbox row written in the
+//! same transaction (see [`crate::outbox`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use chrono::{Duration, Utc};
+use serde_json::json;
+
+use super::refresh_token::RefreshToken;
+use super::session::AuthService;
+use crate::config::EmailVerification;
+use crate::domain::{Email, UserId};
+use crate::email::templates::Template;
+use crate::error::ApiError;
+use crate::outbox::Item;
+use crate::store::{AuditKind, ClientInfo, EmailTokenGrant, EmailTokenKind, TokenRefusal};
+
+/// An emailed token in plain text; `Debug` never shows it. Same format as a refresh
+/// token, looked up only among email tokens.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EmailToken(RefreshToken);
+
+impl fmt::Debug for EmailToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EmailToken([redacted])")
+    }
+}
+
+impl EmailToken {
+    pub fn generate() -> Self {
+        EmailToken(RefreshToken::generate())
+    }
+
+    /// `None` for anything that cannot have been issued.
+    pub fn parse(s: &str) -> Option<Self> {
+        RefreshToken::parse(s).map(EmailToken)
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    pub fn hash(&self) -> Vec<u8> {
+        self.0.hash()
+    }
+}
+
+/// A token, its message sealed for the outbox, and when it expires: what the store
+/// writes in one transaction.
+pub struct IssuedLink {
+    pub token: EmailToken,
+    pub hash: Vec<u8>,
+    pub message: Vec<u8>,
+    pub expires_at: chrono::DateTime<Utc>,
+    pub kind: EmailTokenKind,
+}
+
+impl IssuedLink {
+    pub fn grant(&self) -> EmailTokenGrant<'_> {
+        EmailTokenGrant {
+            kind: self.kind,
+            token_hash: &self.hash,
+            expires_at: self.expires_at,
+            new_email: None,
+            message: &self.message,
+        }
+    }
+}
+
+/// "24 hours", "30 minutes", "7 days": a lifetime as a message says it.
+fn lifetime(secs: u64) -> String {
+    let (n, unit) = match secs {
+        s if s >= 86_400 && s.is_multiple_of(86_400) => (s / 86_400, "day"),
+        s if s >= 3_600 && s.is_multiple_of(3_600) => (s / 3_600, "hour"),
+        s if s >= 60 => (s.div_ceil(60), "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+impl AuthService {
+    /// A new link of `kind` for the holder of `to`, with its sealed message.
+    pub(super) fn issue_link(
+        &self,
+        kind: EmailTokenKind,
+        template: Template,
+        user: Option<UserId>,
+        to: &Email,
+        ttl_secs: u64,
+    ) -> IssuedLink {
+        let token = EmailToken::generate();
+        let link = format!(
+            "{}?action={}&token={}",
+            self.settings().email.link_base,
+            kind.as_str(),
+            token.expose()
+        );
+        let values: BTreeMap<String, String> = [
+            ("email", to.as_str().to_owned()),
+            ("link", link),
+            ("expires_in", lifetime(ttl_secs)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let message = self.outbox.seal(&Item::Email {
+            user,
+            template: template.name().to_owned(),
+            to: to.as_str().to_owned(),
+            values,
+        });
+        IssuedLink {
+            hash: token.hash(),
+            token,
+            message,
+            expires_at: Utc::now() + Duration::seconds(ttl_secs as i64),
+            kind,
+        }
+    }
+
+    /// The verification link a registration sends, if `email.verification` asks for one.
+    pub(super) fn registration_link(&self, email: &Email) -> Option<IssuedLink> {
+        (self.settings().email.verification != EmailVerification::Off).then(|| {
+            self.issue_link(
+                EmailTokenKind::VerifyEmail,
+                Template::VerifyEmail,
+                None,
+                email,
+                self.settings().email.verify_ttl_secs,
+            )
+        })
+    }
+
+    /// Counts a request that emails `email` from `ip` (429 past the limits), the same
+    /// whether or not an account has that address.
+    pub fn check_mail_throttle(&self, ip: IpAddr, email: &Email) -> Result<(), ApiError> {
+        self.mail_throttle
+            .check(ip, &email.normalized())
+            .map_err(ApiError::RateLimited)
+    }
+
+    /// Sends a verification link to `email` if an account with an unverified address
+    /// has it; does nothing otherwise. The caller answers before this runs (see
+    /// `http::email`), so its answer and timing say nothing about the account.
+    pub async fn send_verification(
+        &self,
+        email: &Email,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let Some(found) = self.store.find_credentials(email, None).await? else {
+            return Ok(());
+        };
+        let user = found.user;
+        if user.email_verified {
+            return Ok(());
+        }
+        let email = Email::parse(&user.email).unwrap_or_else(|_| email.clone());
+        let link = self.issue_link(
+            EmailTokenKind::VerifyEmail,
+            Template::VerifyEmail,
+            Some(user.id),
+            &email,
+            self.settings().email.verify_ttl_secs,
+        );
+        if self.store.issue_email_token(user.id, link.grant()).await? {
+            self.outbox.wake();
+            self.audit(
+                AuditKind::VerificationSent,
+                Some(user.id),
+                None,
+                client,
+                json!({}),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Uses a verification token: the user's address counts as verified from now on.
+    pub async fn verify_email(&self, token: &str, client: &ClientInfo) -> Result<(), ApiError> {
+        let token =
+            EmailToken::parse(token).ok_or(ApiError::InvalidEmailToken(TokenRefusal::Unknown))?;
+        let user = self
+            .store
+            .verify_email(&token.hash())
+            .await?
+            .map_err(ApiError::InvalidEmailToken)?;
+        self.audit(
+            AuditKind::EmailVerified,
+            Some(user),
+            None,
+            client,
+            json!({}),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_read_as_a_person_would_say_them() {
+        assert_eq!(lifetime(86_400), "1 day");
+        assert_eq!(lifetime(7 * 86_400), "7 days");
+        assert_eq!(lifetime(3_600), "1 hour");
+        assert_eq!(lifetime(1_800), "30 minutes");
+        assert_eq!(lifetime(90), "2 minutes");
+        assert_eq!(lifetime(5), "5 seconds");
+        assert_eq!(
+            format!("{:?}", EmailToken::generate()),
+            "EmailToken([redacted])"
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! Email verification through HTTP, with a real SMTP server (see `smtp.rs`): the link a
+//! registration or `POST /email/verification` sends, `POST /email/verify`, the reasons a
+//! link is refused, no enumeration, throttles; and the outbox under it: a mail server
+//! that is down, a restart with undelivered rows, a message refused for good.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tessera::config::{EmailTransport, EmailVerification, Settings};
+
+use crate::helpers::{PASSWORD, TestApp, assert_error, restart, spawn_app_with, test_settings};
+use crate::smtp::{Mail, Options, SmtpServer};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Settings that send through `server`, with registration sending links.
+fn mailing(server: &SmtpServer, verification: EmailVerification) -> Settings {
+    let mut s = test_settings();
+    s.email.transport = EmailTransport::Smtp;
+    s.email.smtp_url = SecretString::from(server.url());
+    s.email.smtp_ca_file = server.ca_file();
+    s.email.smtp_timeout_secs = 5;
+    s.email.link_base = "https://app.example/auth".into();
+    s.email.verification = verification;
+    s.email.retry_base_secs = 1;
+    s.email.retry_max_secs = 1;
+    s
+}
+
+/// The link's action and token.
+fn link(mail: &Mail) -> (String, String) {
+    let text = mail.text();
+    let start = text
+        .find("https://app.example/auth?action=")
+        .unwrap_or_else(|| panic!("no link in {text}"));
+    let link: String = text[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '<')
+        .collect();
+    let query = link.split_once('?').unwrap().1;
+    let mut action = String::new();
+    let mut token = String::new();
+    for pair in query.split('&') {
+        match pair.split_once('=').unwrap() {
+            ("action", v) => action = v.to_owned(),
+            ("token", v) => token = v.to_owned(),
+            other => panic!("unexpected {other:?} in {link}"),
+        }
+    }
+    (action, token)
+}
+
+async fn verify(app: &TestApp, token: &str) -> reqwest::Response {
+    app.post_json("/email/verify", &json!({ "token": token }))
+        .await
+}
+
+async fn request_link(app: &TestApp, email: &str) -> reqwest::Response {
+    app.post_json("/email/verification", &json!({ "email": email }))
+        .await
+}
+
+fn email() -> String {
+    format!("v-{}@example.com", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn registration_sends_a_link_that_verifies_once() {
+    let server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Optional)).await;
+    let address = email();
+    assert_eq!(
+        app.register(&address, PASSWORD).await.status(),
+        StatusCode::CREATED
+    );
+
+    let mail = server.wait_for(1, WAIT).await.remove(0);
+    assert_eq!(
+        mail.header("X-Test-Envelope-To").as_deref(),
+        Some(address.as_str())
+    );
+    assert_eq!(
+        mail.header("Subject").as_deref(),
+        Some("Confirm your email address")
+    );
+    let (action, token) = link(&mail);
+    assert_eq!(action, "verify_email");
+    assert!(token.len() >= 43, "{token}"); // 256 bits, base64url
+
+    let res = verify(&app, &token).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        json!({"email_verified": true})
+    );
+    let again = assert_error(
+        verify(&app, &token).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_grant",
+    )
+    .await;
+    assert_eq!(again["error_reason"], "used");
+    let kinds = app.audit_kinds().await;
+    assert!(kinds.contains(&"email_verified".to_owned()), "{kinds:?}");
+
+    // Verified: asking again sends nothing.
+    assert_eq!(
+        request_link(&app, &address).await.status(),
+        StatusCode::ACCEPTED
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(server.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn with_verification_off_registration_sends_nothing_but_a_link_can_be_asked_for() {
+    let server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Off)).await;
+    let address = email();
+    app.register(&address, PASSWORD).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(server.messages().is_empty());
+    assert_eq!(
+        request_link(&app, &address).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let (_, token) = link(&server.wait_for(1, WAIT).await[0]);
+    assert_eq!(verify(&app, &token).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_newer_link_makes_the_older_one_unknown_and_an_expired_one_says_so() {
+    let server = SmtpServer::start(Options::default()).await;
+    let mut settings = mailing(&server, EmailVerification::Optional);
+    settings.email.verify_ttl_secs = 2;
+    let app = spawn_app_with(settings).await;
+    let address = email();
+    app.register(&address, PASSWORD).await;
+    let (_, first) = link(&server.wait_for(1, WAIT).await[0]);
+    request_link(&app, &address).await;
+    let (_, second) = link(&server.wait_for(2, WAIT).await[1]);
+    assert_ne!(first, second);
+    let old = assert_error(
+        verify(&app, &first).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_grant",
+    )
+    .await;
+    assert_eq!(old["error_reason"], "unknown");
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let late = assert_error(
+        verify(&app, &second).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_grant",
+    )
+    .await;
+    assert_eq!(late["error_reason"], "expired");
+}
+
+#[tokio::test]
+async fn bad_tokens_and_bad_input_get_the_contract_answers() {
+    let server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Optional)).await;
+    let forged = "A".repeat(43);
+    for token in ["junk", forged.as_str(), ""] {
+        let body = assert_error(
+            verify(&app, token).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+        )
+        .await;
+        assert_eq!(body["error_reason"], "unknown", "{token}");
+    }
+    for body in [
+        json!({}),
+        json!({"token": 5}),
+        json!({"email": "x@example.com"}),
+    ] {
+        let res = app.post_json("/email/verify", &body).await;
+        assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+    for body in [
+        json!({}),
+        json!({"email": "not an email"}),
+        json!({"email": 7}),
+    ] {
+        let res = app.post_json("/email/verification", &body).await;
+        assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+}
+
+#[tokio::test]
+async fn asking_for_a_link_answers_alike_for_unknown_verified_and_unverified_addresses() {
+    let server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Off)).await;
+    let unverified = email();
+    app.register(&unverified, PASSWORD).await;
+    let mut answers = Vec::new();
+    for address in [email(), unverified.clone()] {
+        let res = request_link(&app, &address).await;
+        let status = res.status();
+        let headers: Vec<String> = res
+            .headers()
+            .keys()
+            .filter(|k| *k != "date" && *k != "x-request-id")
+            .map(|k| k.to_string())
+            .collect();
+        answers.push((status, headers, res.text().await.unwrap()));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, StatusCode::ACCEPTED);
+    // Only the account's address got mail.
+    let mails = server.wait_for(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(server.messages().len(), 1);
+    assert_eq!(
+        mails[0].header("X-Test-Envelope-To").as_deref(),
+        Some(unverified.as_str())
+    );
+}
+
+#[tokio::test]
+async fn asking_for_links_is_throttled_per_address_whether_or_not_it_has_an_account() {
+    let server = SmtpServer::start(Options::default()).await;
+    let mut settings = mailing(&server, EmailVerification::Off);
+    settings.email.per_address_per_hour = 2;
+    let app = spawn_app_with(settings).await;
+    let known = email();
+    app.register(&known, PASSWORD).await;
+    for address in [known.clone(), email()] {
+        for _ in 0..2 {
+            assert_eq!(
+                request_link(&app, &address).await.status(),
+                StatusCode::ACCEPTED
+            );
+        }
+        let res = request_link(&app, &address.to_uppercase()).await;
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let wait: u64 = res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3600).contains(&wait), "{wait}");
+        assert_error(res, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    }
+    // Two links for the known address, none for the other.
+    server.wait_for(2, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(server.messages().len(), 2);
+}
+
+#[tokio::test]
+async fn a_mail_server_that_is_down_gets_the_message_once_it_is_back() {
+    let mut server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Optional)).await;
+    server.pause().await;
+    let address = email();
+    // The request does not wait on the mail server.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        app.register(&address, PASSWORD).await.status(),
+        StatusCode::CREATED
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few failed attempts
+    assert!(app.state.auth.store.outbox_len().await.unwrap() >= 1);
+    server.resume().await;
+    let (_, token) = link(&server.wait_for(1, WAIT).await[0]);
+    assert_eq!(verify(&app, &token).await.status(), StatusCode::OK);
+    wait_until_empty(&app).await;
+}
+
+#[tokio::test]
+async fn undelivered_messages_survive_a_restart_and_are_sealed_at_rest() {
+    let mut server = SmtpServer::start(Options::default()).await;
+    let settings = mailing(&server, EmailVerification::Optional);
+    let app = spawn_app_with(settings.clone()).await;
+    server.pause().await;
+    let address = email();
+    app.register(&address, PASSWORD).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // What the database holds names neither the address nor a token.
+    let mut db = app.db().await;
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM outbox")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(payloads.len(), 1);
+    let text = String::from_utf8_lossy(&payloads[0]);
+    assert!(
+        !text.contains(&address) && !text.contains("token"),
+        "{text}"
+    );
+    drop(db);
+    let app = restart(app, &settings).await;
+    // The old instance's sender notices within a second that its instance is gone; only
+    // the new one can deliver once the server is back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.resume().await;
+    let mail = server.wait_for(1, WAIT).await.remove(0);
+    assert_eq!(
+        mail.header("X-Test-Envelope-To").as_deref(),
+        Some(address.as_str())
+    );
+    let (_, token) = link(&mail);
+    assert_eq!(verify(&app, &token).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_message_refused_for_good_is_dropped_with_an_audit_row() {
+    let server = SmtpServer::start(Options {
+        refuse: Some("550"),
+        ..Options::default()
+    })
+    .await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Optional)).await;
+    app.register(&email(), PASSWORD).await;
+    wait_until_empty(&app).await;
+    let mut db = app.db().await;
+    let detail: String = sqlx::query_scalar(app.pick(
+        "SELECT detail::text FROM audit_events WHERE kind = 'email_delivery_failed'",
+        "SELECT detail FROM audit_events WHERE kind = 'email_delivery_failed'",
+    ))
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    let detail: Value = serde_json::from_str(&detail).unwrap();
+    assert_eq!(detail["template"], "verify_email");
+    assert_eq!(detail["reason"], "refused");
+    assert!(server.messages().is_empty());
+}
+
+async fn wait_until_empty(app: &TestApp) {
+    for _ in 0..200 {
+        if app.state.auth.store.outbox_len().await.unwrap() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the outbox did not empty within 10 s");
+}
