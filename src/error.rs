@@ -42,6 +42,10 @@ pub enum ApiError {
     InvalidClient,
     #[error("insufficient scope")]
     InsufficientScope,
+    /// The correct password of an account whose address is not verified, when
+    /// `email.verification = required`.
+    #[error("email not verified")]
+    EmailNotVerified,
     /// A cookie-authenticated request failed the Origin or CSRF check.
     #[error("access denied")]
     AccessDenied,
@@ -82,6 +86,7 @@ impl ApiError {
             ApiError::InvalidToken => "invalid_token",
             ApiError::InvalidClient => "invalid_client",
             ApiError::InsufficientScope => "insufficient_scope",
+            ApiError::EmailNotVerified => "email_not_verified",
             ApiError::AccessDenied => "access_denied",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "invalid_request",
@@ -117,6 +122,10 @@ impl ApiError {
             ApiError::InvalidToken => "access token is missing, invalid, expired or revoked",
             ApiError::InvalidClient => "client authentication failed",
             ApiError::InsufficientScope => "not allowed for this token",
+            ApiError::EmailNotVerified => {
+                "this account's email address is not verified yet; open the link sent to it, \
+                 or ask for a new one"
+            }
             ApiError::AccessDenied => {
                 "a request authenticated by cookie needs an allowed Origin and the \
                  session's X-CSRF-Token"
@@ -142,7 +151,9 @@ impl ResponseError for ApiError {
             ApiError::InvalidCredentials | ApiError::InvalidToken | ApiError::InvalidClient => {
                 StatusCode::UNAUTHORIZED
             }
-            ApiError::InsufficientScope | ApiError::AccessDenied => StatusCode::FORBIDDEN,
+            ApiError::InsufficientScope | ApiError::AccessDenied | ApiError::EmailNotVerified => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict => StatusCode::CONFLICT,

@@ -23,7 +23,7 @@ use super::password::{HashError, PasswordHasherPool};
 use super::recent::Recent;
 use super::refresh_token::RefreshToken;
 use super::throttle::{LoginThrottle, MailThrottle};
-use crate::config::Settings;
+use crate::config::{EmailVerification, Settings};
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::outbox::Outbox;
@@ -185,6 +185,19 @@ impl AuthService {
                 return Err(ApiError::InvalidCredentials);
             }
         };
+        if self.settings.email.verification == EmailVerification::Required && !user.email_verified {
+            // Only after the correct password: anyone else learns nothing from this.
+            attempt.finish(Outcome::Succeeded).await;
+            self.audit(
+                AuditKind::LoginFailed,
+                Some(user.id),
+                None,
+                client,
+                json!({"reason": "email_not_verified"}),
+            )
+            .await;
+            return Err(ApiError::EmailNotVerified);
+        }
 
         let t = &self.settings.tokens;
         let lifetime = if remember_me {

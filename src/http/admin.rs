@@ -51,6 +51,7 @@ struct UserView {
     email: String,
     roles: Vec<String>,
     disabled: bool,
+    email_verified: bool,
     created_at: DateTime<Utc>,
 }
 
@@ -85,6 +86,7 @@ pub async fn update_user(
         email: user.email,
         roles: user.roles,
         disabled: user.disabled,
+        email_verified: user.email_verified,
         created_at: user.created_at,
     }))
 }

@@ -20,6 +20,7 @@ pub struct RegisterRequest {
 struct Registered {
     id: UserId,
     email: String,
+    email_verified: bool,
     created_at: DateTime<Utc>,
 }
 
@@ -41,6 +42,7 @@ pub async fn register(
     Ok(HttpResponse::Created().json(Registered {
         id: user.id,
         email: user.email,
+        email_verified: user.email_verified,
         created_at: user.created_at,
     }))
 }

@@ -71,10 +71,9 @@ async fn registration_sends_a_link_that_verifies_once() {
     let server = SmtpServer::start(Options::default()).await;
     let app = spawn_app_with(mailing(&server, EmailVerification::Optional)).await;
     let address = email();
-    assert_eq!(
-        app.register(&address, PASSWORD).await.status(),
-        StatusCode::CREATED
-    );
+    let res = app.register(&address, PASSWORD).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(res.json::<Value>().await.unwrap()["email_verified"], false);
 
     let mail = server.wait_for(1, WAIT).await.remove(0);
     assert_eq!(
@@ -342,4 +341,34 @@ async fn wait_until_empty(app: &TestApp) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the outbox did not empty within 10 s");
+}
+
+#[tokio::test]
+async fn with_verification_required_only_a_correct_password_learns_the_address_is_unverified() {
+    let server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Required)).await;
+    let address = email();
+    app.register(&address, PASSWORD).await;
+    // A wrong password answers as for any account, and as for no account.
+    let wrong = app.login(&address, "not the password").await;
+    let wrong = assert_error(wrong, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    let nobody = app.login(&email(), "not the password").await;
+    assert_eq!(
+        assert_error(nobody, StatusCode::UNAUTHORIZED, "invalid_credentials").await,
+        wrong
+    );
+    // The correct one: 403, and no session.
+    let res = app.login(&address, PASSWORD).await;
+    let body = assert_error(res, StatusCode::FORBIDDEN, "email_not_verified").await;
+    assert!(body.get("access_token").is_none());
+    let mut db = app.db().await;
+    let sessions: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(sessions, 0);
+    // Verified, the same login works.
+    let (_, token) = link(&server.wait_for(1, WAIT).await[0]);
+    assert_eq!(verify(&app, &token).await.status(), StatusCode::OK);
+    app.login_ok(&address).await;
 }
