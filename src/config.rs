@@ -202,6 +202,7 @@ pub struct EmailSettings {
     pub templates_dir: PathBuf,
     pub verification: EmailVerification,
     pub verify_ttl_secs: u64,
+    pub reset_ttl_secs: u64,
     pub per_ip_per_hour: u32,
     pub per_address_per_hour: u32,
     pub retry_base_secs: u64,

@@ -215,7 +215,10 @@ impl Application {
                     // the server is busy (see `auth::password::Activity`).
                     let hashing = matches!(
                         (req.method().as_str(), req.path()),
-                        ("POST", "/login") | ("POST", "/users") | ("PUT", "/me/password")
+                        ("POST", "/login")
+                            | ("POST", "/users")
+                            | ("PUT", "/me/password")
+                            | ("POST", "/password/reset")
                     );
                     let busy = (!hashing).then(|| activity.enter());
                     let request_id = uuid::Uuid::new_v4();
@@ -358,6 +361,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(email::request_verification),
         ))
         .service(resource("/email/verify", web::post().to(email::verify)))
+        .service(resource(
+            "/password/forgot",
+            web::post().to(email::forgot_password),
+        ))
+        .service(resource(
+            "/password/reset",
+            web::post().to(email::reset_password),
+        ))
         .service(resource("/logout", web::post().to(auth::logout)))
         .service(resource("/refresh", web::post().to(token::refresh)))
         .service(resource("/token", web::post().to(token::token)))

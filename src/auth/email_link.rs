@@ -17,11 +17,11 @@ use serde_json::json;
 use super::refresh_token::RefreshToken;
 use super::session::AuthService;
 use crate::config::EmailVerification;
-use crate::domain::{Email, UserId};
+use crate::domain::{Email, Password, UserId};
 use crate::email::templates::Template;
 use crate::error::ApiError;
 use crate::outbox::Item;
-use crate::store::{AuditKind, ClientInfo, EmailTokenGrant, EmailTokenKind, TokenRefusal};
+use crate::store::{AuditKind, Budget, ClientInfo, EmailTokenGrant, EmailTokenKind, TokenRefusal};
 
 /// An emailed token in plain text; `Debug` never shows it. Same format as a refresh
 /// token, looked up only among email tokens.
@@ -199,6 +199,85 @@ impl AuthService {
             None,
             client,
             json!({}),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+impl AuthService {
+    /// Sends a password reset link to `email` if an enabled account has it; does nothing
+    /// otherwise. Like [`AuthService::send_verification`], after the answer.
+    pub async fn send_password_reset(
+        &self,
+        email: &Email,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let Some(found) = self.store.find_credentials(email, None).await? else {
+            return Ok(());
+        };
+        let user = found.user;
+        if user.disabled {
+            return Ok(());
+        }
+        let email = Email::parse(&user.email).unwrap_or_else(|_| email.clone());
+        let link = self.issue_link(
+            EmailTokenKind::ResetPassword,
+            Template::ResetPassword,
+            Some(user.id),
+            &email,
+            self.settings().email.reset_ttl_secs,
+        );
+        if self.store.issue_email_token(user.id, link.grant()).await? {
+            self.outbox.wake();
+            self.audit(
+                AuditKind::PasswordResetRequested,
+                Some(user.id),
+                None,
+                client,
+                json!({}),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Uses a reset token: the new password is in force, the address counts as
+    /// verified, every session of the user ends (refresh tokens at once, access tokens
+    /// on every instance) and the account's failed-login count is forgotten.
+    pub async fn reset_password(
+        &self,
+        token: &str,
+        new_password: Password,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let token =
+            EmailToken::parse(token).ok_or(ApiError::InvalidEmailToken(TokenRefusal::Unknown))?;
+        // Hashing costs what a login does: the same per-IP budget.
+        self.throttle
+            .check_ip(ip)
+            .map_err(|t| ApiError::RateLimited(t.retry_after_secs))?;
+        let hash = self.hasher.hash(new_password).await?;
+        let reset = self
+            .store
+            .reset_password(&token.hash(), &hash)
+            .await?
+            .map_err(ApiError::InvalidEmailToken)?;
+        self.deny_sessions(&reset.ended).await?;
+        if let Err(e) = self
+            .failures
+            .reset(Budget::Account, &reset.email_normalized)
+            .await
+        {
+            tracing::warn!(error = %e, "could not forget the account's failed logins");
+        }
+        self.audit(
+            AuditKind::PasswordReset,
+            Some(reset.user),
+            None,
+            client,
+            json!({"sessions_ended": reset.ended.len()}),
         )
         .await;
         Ok(())

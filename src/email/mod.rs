@@ -250,11 +250,17 @@ impl EmailSettings {
                  to smtp (or log, for development)"
             );
         }
-        if self.verify_ttl_secs == 0 || self.per_ip_per_hour == 0 || self.per_address_per_hour == 0
+        if [
+            self.verify_ttl_secs,
+            self.reset_ttl_secs,
+            u64::from(self.per_ip_per_hour),
+            u64::from(self.per_address_per_hour),
+        ]
+        .contains(&0)
         {
             bail!(
-                "email.verify_ttl_secs, email.per_ip_per_hour and email.per_address_per_hour \
-                 must be positive"
+                "email.verify_ttl_secs, email.reset_ttl_secs, email.per_ip_per_hour and \
+                 email.per_address_per_hour must be positive"
             );
         }
         if self.transport == EmailTransport::Smtp {

@@ -1,5 +1,6 @@
-//! Emailed links: `POST /email/verification` (send a verification link) and
-//! `POST /email/verify` (use one).
+//! Emailed links: `POST /email/verification` (send a verification link),
+//! `POST /email/verify` (use one), `POST /password/forgot` (send a reset link) and
+//! `POST /password/reset` (use one).
 
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
@@ -7,7 +8,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::extract::{Caller, Json};
-use crate::domain::Email;
+use crate::domain::{Email, Password};
 use crate::error::ApiError;
 
 #[derive(Deserialize)]
@@ -45,4 +46,45 @@ pub async fn verify(
 ) -> Result<HttpResponse, ApiError> {
     state.auth.verify_email(&body.token, &caller.info).await?;
     Ok(HttpResponse::Ok().json(json!({"email_verified": true})))
+}
+
+/// 202 whatever the account's state, at once (see [`request_verification`]).
+pub async fn forgot_password(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<EmailRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let email = Email::parse(&body.email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    state.auth.check_mail_throttle(caller.ip, &email)?;
+    let detached = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = detached
+            .auth
+            .send_password_reset(&email, &caller.info)
+            .await
+        {
+            tracing::warn!(error = %e, "a password reset link could not be issued");
+        }
+    });
+    Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct ResetRequest {
+    token: String,
+    new_password: String,
+}
+
+pub async fn reset_password(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<ResetRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let password =
+        Password::parse_new(body.new_password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    state
+        .auth
+        .reset_password(&body.token, password, caller.ip, &caller.info)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
 }

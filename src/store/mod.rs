@@ -144,6 +144,14 @@ pub enum TokenRefusal {
     Expired,
 }
 
+/// What [`Store::reset_password`] did.
+#[derive(Debug, Clone)]
+pub struct PasswordReset {
+    pub user: UserId,
+    pub email_normalized: String,
+    pub ended: Vec<SessionId>,
+}
+
 /// One message waiting in the outbox, claimed by this instance's sender.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -299,6 +307,8 @@ pub enum AuditKind {
     AdminUserUpdated,
     VerificationSent,
     EmailVerified,
+    PasswordResetRequested,
+    PasswordReset,
     EmailDeliveryFailed,
 }
 
@@ -320,6 +330,8 @@ impl AuditKind {
             AuditKind::AdminUserUpdated => "admin_user_updated",
             AuditKind::VerificationSent => "verification_sent",
             AuditKind::EmailVerified => "email_verified",
+            AuditKind::PasswordResetRequested => "password_reset_requested",
+            AuditKind::PasswordReset => "password_reset",
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
         }
     }
@@ -658,6 +670,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
     /// Uses a `verify_email` token: marks it used and the user's email verified.
     async fn verify_email(&self, token_hash: &[u8]) -> StoreResult<Result<UserId, TokenRefusal>>;
+
+    /// Uses a `reset_password` token: sets the new password hash, counts the address as
+    /// verified and ends every session of the user, in one transaction. The user, their
+    /// normalized email and the sessions it ended.
+    async fn reset_password(
+        &self,
+        token_hash: &[u8],
+        new_hash: &str,
+    ) -> StoreResult<Result<PasswordReset, TokenRefusal>>;
 
     /// Claims up to `limit` outbox rows that are due and not claimed by a live lease, for
     /// `lease_secs`, counting an attempt on each; oldest first.

@@ -28,6 +28,7 @@ mod multi_instance;
 mod outage;
 mod password;
 mod races;
+mod recovery;
 mod refresh;
 mod revoke;
 mod scripts;

@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use secrecy::SecretString;
+use tessera::config::{EmailTransport, EmailVerification, Settings};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::helpers::test_settings;
 
 pub const USER: &str = "tessera";
 pub const PASSWORD: &str = "smtp pass/word";
@@ -70,6 +74,43 @@ impl Mail {
         }
         String::from_utf8_lossy(&out).into_owned()
     }
+}
+
+/// Settings that send through `server`, with registration sending links.
+pub fn mailing(server: &SmtpServer, verification: EmailVerification) -> Settings {
+    let mut s = test_settings();
+    s.email.transport = EmailTransport::Smtp;
+    s.email.smtp_url = SecretString::from(server.url());
+    s.email.smtp_ca_file = server.ca_file();
+    s.email.smtp_timeout_secs = 5;
+    s.email.link_base = "https://app.example/auth".into();
+    s.email.verification = verification;
+    s.email.retry_base_secs = 1;
+    s.email.retry_max_secs = 1;
+    s
+}
+
+/// The link's action and token.
+pub fn link(mail: &Mail) -> (String, String) {
+    let text = mail.text();
+    let start = text
+        .find("https://app.example/auth?action=")
+        .unwrap_or_else(|| panic!("no link in {text}"));
+    let link: String = text[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '<')
+        .collect();
+    let query = link.split_once('?').unwrap().1;
+    let mut action = String::new();
+    let mut token = String::new();
+    for pair in query.split('&') {
+        match pair.split_once('=').unwrap() {
+            ("action", v) => action = v.to_owned(),
+            ("token", v) => token = v.to_owned(),
+            other => panic!("unexpected {other:?} in {link}"),
+        }
+    }
+    (action, token)
 }
 
 impl SmtpServer {

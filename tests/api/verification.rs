@@ -6,51 +6,13 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use secrecy::SecretString;
 use serde_json::{Value, json};
-use tessera::config::{EmailTransport, EmailVerification, Settings};
+use tessera::config::EmailVerification;
 
-use crate::helpers::{PASSWORD, TestApp, assert_error, restart, spawn_app_with, test_settings};
-use crate::smtp::{Mail, Options, SmtpServer};
+use crate::helpers::{PASSWORD, TestApp, assert_error, restart, spawn_app_with};
+use crate::smtp::{Options, SmtpServer, link, mailing};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Settings that send through `server`, with registration sending links.
-fn mailing(server: &SmtpServer, verification: EmailVerification) -> Settings {
-    let mut s = test_settings();
-    s.email.transport = EmailTransport::Smtp;
-    s.email.smtp_url = SecretString::from(server.url());
-    s.email.smtp_ca_file = server.ca_file();
-    s.email.smtp_timeout_secs = 5;
-    s.email.link_base = "https://app.example/auth".into();
-    s.email.verification = verification;
-    s.email.retry_base_secs = 1;
-    s.email.retry_max_secs = 1;
-    s
-}
-
-/// The link's action and token.
-fn link(mail: &Mail) -> (String, String) {
-    let text = mail.text();
-    let start = text
-        .find("https://app.example/auth?action=")
-        .unwrap_or_else(|| panic!("no link in {text}"));
-    let link: String = text[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '<')
-        .collect();
-    let query = link.split_once('?').unwrap().1;
-    let mut action = String::new();
-    let mut token = String::new();
-    for pair in query.split('&') {
-        match pair.split_once('=').unwrap() {
-            ("action", v) => action = v.to_owned(),
-            ("token", v) => token = v.to_owned(),
-            other => panic!("unexpected {other:?} in {link}"),
-        }
-    }
-    (action, token)
-}
 
 async fn verify(app: &TestApp, token: &str) -> reqwest::Response {
     app.post_json("/email/verify", &json!({ "token": token }))

@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, EmailTokenGrant, Grant, NewSession, OutboxRow, RefreshState, Rotation, SavedMark,
-    SessionInfo, Store, StoreError, StoreResult, TokenRefusal, User, UserChange, UserUpdate,
-    refusal, session_ids,
+    Credentials, EmailTokenGrant, Grant, NewSession, OutboxRow, PasswordReset, RefreshState,
+    Rotation, SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal, User,
+    UserChange, UserUpdate, refusal, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -789,15 +789,57 @@ impl Store for PgStore {
         if let Some(user) = used {
             return Ok(Ok(UserId(user)));
         }
-        let row = sqlx::query!(
-            r#"SELECT used_at IS NOT NULL AS "used!", expires_at <= now() AS "expired!"
-               FROM email_tokens WHERE token_hash = $1 AND kind = 'verify_email'"#,
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
+        Ok(Err(
+            token_refusal(&mut conn, token_hash, "verify_email").await?
+        ))
+    }
+
+    async fn reset_password(
+        &self,
+        token_hash: &[u8],
+        new_hash: &str,
+    ) -> StoreResult<Result<PasswordReset, TokenRefusal>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let used = sqlx::query_scalar!(
+            r#"UPDATE email_tokens SET used_at = now()
+               WHERE token_hash = $1 AND kind = 'reset_password' AND used_at IS NULL
+                 AND expires_at > now()
+               RETURNING user_id"#,
             token_hash,
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(classify)?;
-        Ok(Err(refusal(row.map(|r| (r.used, r.expired)))))
+        let Some(user) = used else {
+            return Ok(Err(
+                token_refusal(&mut tx, token_hash, "reset_password").await?
+            ));
+        };
+        let email_normalized = sqlx::query_scalar!(
+            r#"UPDATE users SET password_hash = $2, email_verified = true, updated_at = now()
+               WHERE id = $1 RETURNING email_normalized"#,
+            user,
+            new_hash,
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let ended = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'password_reset'
+               WHERE user_id = $1 AND revoked_at IS NULL
+               RETURNING id"#,
+            user,
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Ok(PasswordReset {
+            user: UserId(user),
+            email_normalized,
+            ended: session_ids(ended),
+        }))
     }
 
     async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
@@ -1095,4 +1137,22 @@ async fn insert_email_token(
     .await
     .map_err(classify)?;
     Ok(())
+}
+
+/// Why an emailed token of `kind` could not be used, from its row.
+async fn token_refusal(
+    conn: &mut sqlx::PgConnection,
+    token_hash: &[u8],
+    kind: &str,
+) -> StoreResult<TokenRefusal> {
+    let row = sqlx::query!(
+        r#"SELECT used_at IS NOT NULL AS "used!", expires_at <= now() AS "expired!"
+           FROM email_tokens WHERE token_hash = $1 AND kind = $2"#,
+        token_hash,
+        kind,
+    )
+    .fetch_optional(conn)
+    .await
+    .map_err(classify)?;
+    Ok(refusal(row.map(|r| (r.used, r.expired))))
 }

@@ -58,8 +58,9 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, CreatedSession, Credentials,
-    EmailTokenGrant, Grant, NewSession, OutboxRow, RefreshState, Rotation, SavedMark, SessionInfo,
-    Store, StoreError, StoreResult, TokenRefusal, User, UserChange, UserUpdate, refusal,
+    EmailTokenGrant, Grant, NewSession, OutboxRow, PasswordReset, RefreshState, Rotation,
+    SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal, User, UserChange,
+    UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -1186,16 +1187,7 @@ impl Store for SqliteStore {
                     .fetch_optional(&mut *conn)
                     .await?
                     else {
-                        let row = sqlx::query!(
-                            r#"SELECT used_at IS NOT NULL AS "used!: bool",
-                                      expires_at <= ?2 AS "expired!: bool"
-                               FROM email_tokens WHERE token_hash = ?1 AND kind = 'verify_email'"#,
-                            hash,
-                            now,
-                        )
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                        return Ok(Err(refusal(row.map(|r| (r.used, r.expired)))));
+                        return Ok(Err(token_refusal(conn, &hash, "verify_email", now).await?));
                     };
                     sqlx::query!(
                         "UPDATE users SET email_verified = TRUE, updated_at = ?2 WHERE id = ?1",
@@ -1210,6 +1202,63 @@ impl Store for SqliteStore {
             .await?;
         Ok(match used {
             Ok(user) => Ok(UserId(uuid(&user)?)),
+            Err(refused) => Err(refused),
+        })
+    }
+
+    async fn reset_password(
+        &self,
+        token_hash: &[u8],
+        new_hash: &str,
+    ) -> StoreResult<Result<PasswordReset, TokenRefusal>> {
+        let (hash, new_hash) = (token_hash.to_vec(), new_hash.to_owned());
+        let done = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let Some(user) = sqlx::query_scalar!(
+                        r#"UPDATE email_tokens SET used_at = ?2
+                           WHERE token_hash = ?1 AND kind = 'reset_password' AND used_at IS NULL
+                             AND expires_at > ?2
+                           RETURNING user_id"#,
+                        hash,
+                        now,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    else {
+                        return Ok(Err(token_refusal(conn, &hash, "reset_password", now).await?));
+                    };
+                    let email_normalized = sqlx::query_scalar!(
+                        r#"UPDATE users SET password_hash = ?2, email_verified = TRUE,
+                                            updated_at = ?3
+                           WHERE id = ?1 RETURNING email_normalized"#,
+                        user,
+                        new_hash,
+                        now,
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    let ended = sqlx::query_scalar!(
+                        r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'password_reset'
+                           WHERE user_id = ?1 AND revoked_at IS NULL
+                           RETURNING id"#,
+                        user,
+                        now,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    Ok(Ok((user, email_normalized, ended)))
+                })
+            }))
+            .await?;
+        Ok(match done {
+            Ok((user, email_normalized, ended)) => Ok(PasswordReset {
+                user: UserId(uuid(&user)?),
+                email_normalized,
+                ended: ids(ended)?,
+            }),
             Err(refused) => Err(refused),
         })
     }
@@ -1504,4 +1553,23 @@ async fn insert_email_token(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Why an emailed token of `kind` could not be used, from its row.
+async fn token_refusal(
+    conn: &mut SqliteConnection,
+    token_hash: &[u8],
+    kind: &str,
+    now: i64,
+) -> Result<TokenRefusal, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT used_at IS NOT NULL AS "used!: bool", expires_at <= ?3 AS "expired!: bool"
+           FROM email_tokens WHERE token_hash = ?1 AND kind = ?2"#,
+        token_hash,
+        kind,
+        now,
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(refusal(row.map(|r| (r.used, r.expired))))
 }
