@@ -218,6 +218,7 @@ impl Application {
                         ("POST", "/login")
                             | ("POST", "/users")
                             | ("PUT", "/me/password")
+                            | ("PUT", "/me/email")
                             | ("POST", "/password/reset")
                     );
                     let busy = (!hashing).then(|| activity.enter());
@@ -361,6 +362,11 @@ fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(email::request_verification),
         ))
         .service(resource("/email/verify", web::post().to(email::verify)))
+        .service(resource("/me/email", web::put().to(email::change_email)))
+        .service(resource(
+            "/email/change/confirm",
+            web::post().to(email::confirm_email_change),
+        ))
         .service(resource(
             "/password/forgot",
             web::post().to(email::forgot_password),

@@ -11,7 +11,7 @@ use super::session::AuthService;
 use crate::domain::{Email, Password, SessionId};
 use crate::error::ApiError;
 use crate::store::Outcome;
-use crate::store::{AuditKind, ClientInfo, SessionInfo};
+use crate::store::{AuditKind, ClientInfo, Credentials, SessionInfo};
 
 impl AuthService {
     /// The caller's live sessions, most recently used first.
@@ -69,38 +69,16 @@ impl AuthService {
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
-        let user = self.current_user(claims.sub).await?;
-        let email = Email::parse(&user.email)
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
-        let mut attempt = self
-            .admit_password_attempt(&email, device, ip, client)
-            .await?;
-        let credentials = attempt
-            .credentials
-            .take()
-            .filter(|c| c.user.id == claims.sub)
-            .ok_or(ApiError::InvalidToken)?;
-        let verification = self
-            .hasher
-            .verify(
-                attempt.take_slot(),
+        let credentials = self
+            .check_own_password(
+                claims,
                 current,
-                Some(credentials.password_hash.clone()),
+                device,
+                ip,
+                client,
+                AuditKind::PasswordChangeFailed,
             )
             .await?;
-        if !verification.matches {
-            attempt.finish(Outcome::Failed).await;
-            self.audit(
-                AuditKind::PasswordChangeFailed,
-                Some(claims.sub),
-                Some(claims.sid),
-                client,
-                json!({}),
-            )
-            .await;
-            return Err(ApiError::InvalidCredentials);
-        }
-        attempt.finish(Outcome::Succeeded).await;
         let new_hash = self.hasher.hash(new).await?;
         let ended = self
             .store
@@ -123,5 +101,53 @@ impl AuthService {
         )
         .await;
         Ok(())
+    }
+
+    /// Checks the caller's own password under the same throttling as login (a stolen
+    /// access token must not become a password oracle), with the caller's device token
+    /// counted like a login's. A wrong password is audited as `failed` and answers
+    /// `invalid_credentials`. The caller's credentials as stored.
+    pub(super) async fn check_own_password(
+        &self,
+        claims: &Claims,
+        password: Password,
+        device: Option<DeviceToken>,
+        ip: IpAddr,
+        client: &ClientInfo,
+        failed: AuditKind,
+    ) -> Result<Credentials, ApiError> {
+        let user = self.current_user(claims.sub).await?;
+        let email = Email::parse(&user.email)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        let mut attempt = self
+            .admit_password_attempt(&email, device, ip, client)
+            .await?;
+        let credentials = attempt
+            .credentials
+            .take()
+            .filter(|c| c.user.id == claims.sub)
+            .ok_or(ApiError::InvalidToken)?;
+        let verification = self
+            .hasher
+            .verify(
+                attempt.take_slot(),
+                password,
+                Some(credentials.password_hash.clone()),
+            )
+            .await?;
+        if !verification.matches {
+            attempt.finish(Outcome::Failed).await;
+            self.audit(
+                failed,
+                Some(claims.sub),
+                Some(claims.sid),
+                client,
+                json!({}),
+            )
+            .await;
+            return Err(ApiError::InvalidCredentials);
+        }
+        attempt.finish(Outcome::Succeeded).await;
+        Ok(credentials)
     }
 }

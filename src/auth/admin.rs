@@ -122,7 +122,7 @@ impl AuthService {
     /// "Now" is the database's clock read after the change committed, the clock every
     /// token's issue time comes from: a login or refresh whose statement did not see the
     /// change began before this read, so its token is covered (see `Store::clock`).
-    async fn revoke_user_tokens(&self, user: UserId) -> Result<(), ApiError> {
+    pub(super) async fn revoke_user_tokens(&self, user: UserId) -> Result<(), ApiError> {
         let now = self.store.clock().await?;
         self.revocations
             .revoke_user_tokens(user, now.timestamp_millis(), self.access_token_horizon())

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 use chrono::{Duration, Utc};
 use serde_json::json;
 
+use super::access_token::Claims;
+use super::device::DeviceToken;
 use super::refresh_token::RefreshToken;
 use super::session::AuthService;
 use crate::config::EmailVerification;
@@ -21,7 +23,9 @@ use crate::domain::{Email, Password, UserId};
 use crate::email::templates::Template;
 use crate::error::ApiError;
 use crate::outbox::Item;
-use crate::store::{AuditKind, Budget, ClientInfo, EmailTokenGrant, EmailTokenKind, TokenRefusal};
+use crate::store::{
+    AuditKind, Budget, ClientInfo, EmailTokenGrant, EmailTokenKind, TokenRefusal, User,
+};
 
 /// An emailed token in plain text; `Debug` never shows it. Same format as a refresh
 /// token, looked up only among email tokens.
@@ -61,6 +65,9 @@ pub struct IssuedLink {
     pub message: Vec<u8>,
     pub expires_at: chrono::DateTime<Utc>,
     pub kind: EmailTokenKind,
+    /// For an email change: the new address, and the notice to the old one.
+    pub new_email: Option<Email>,
+    pub notice: Option<Vec<u8>>,
 }
 
 impl IssuedLink {
@@ -69,8 +76,9 @@ impl IssuedLink {
             kind: self.kind,
             token_hash: &self.hash,
             expires_at: self.expires_at,
-            new_email: None,
+            new_email: self.new_email.as_ref(),
             message: &self.message,
+            notice: self.notice.as_deref(),
         }
     }
 }
@@ -123,6 +131,8 @@ impl AuthService {
             message,
             expires_at: Utc::now() + Duration::seconds(ttl_secs as i64),
             kind,
+            new_email: None,
+            notice: None,
         }
     }
 
@@ -281,6 +291,113 @@ impl AuthService {
         )
         .await;
         Ok(())
+    }
+}
+
+impl AuthService {
+    /// Asks to change the caller's email to `new_email`, after checking their password
+    /// (like `PUT /me/password`): a confirmation link goes to the new address and a
+    /// notice to the old one; nothing changes before the link is used. An address
+    /// another account has gets no link (the answer is the same, so it reveals nothing).
+    pub async fn request_email_change(
+        &self,
+        claims: &Claims,
+        new_email: Email,
+        password: Password,
+        device: Option<DeviceToken>,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let credentials = self
+            .check_own_password(
+                claims,
+                password,
+                device,
+                ip,
+                client,
+                AuditKind::EmailChangeRequested,
+            )
+            .await?;
+        let user = credentials.user;
+        let old = Email::parse(&user.email)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        if old.normalized() == new_email.normalized() {
+            return Err(ApiError::InvalidRequest(
+                "new_email is already this account's address".into(),
+            ));
+        }
+        self.check_mail_throttle(ip, &new_email)?;
+        if self.store.email_taken(&new_email, user.id).await? {
+            self.audit(
+                AuditKind::EmailChangeRequested,
+                Some(user.id),
+                Some(claims.sid),
+                client,
+                json!({"sent": false, "reason": "taken"}),
+            )
+            .await;
+            return Ok(());
+        }
+        let mut link = self.issue_link(
+            EmailTokenKind::ConfirmEmailChange,
+            Template::ConfirmEmailChange,
+            Some(user.id),
+            &new_email,
+            self.settings().email.verify_ttl_secs,
+        );
+        let values = [
+            ("email", old.as_str().to_owned()),
+            ("new_email", new_email.as_str().to_owned()),
+            ("when", Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()),
+        ];
+        link.notice = Some(self.outbox.seal(&Item::Email {
+            user: Some(user.id),
+            template: Template::EmailChanged.name().to_owned(),
+            to: old.as_str().to_owned(),
+            values: values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        }));
+        link.new_email = Some(new_email);
+        if self.store.issue_email_token(user.id, link.grant()).await? {
+            self.outbox.wake();
+            self.audit(
+                AuditKind::EmailChangeRequested,
+                Some(user.id),
+                Some(claims.sid),
+                client,
+                json!({"sent": true}),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Uses an email change's confirmation token: the account's address becomes the
+    /// new one (verified: the link reached it). Every access token of the user issued
+    /// before stops working, so none goes on vouching for the old address (and `GET /me`
+    /// reads the new one: see [`AuthService::email_of`]); sessions go on.
+    pub async fn confirm_email_change(
+        &self,
+        token: &str,
+        client: &ClientInfo,
+    ) -> Result<User, ApiError> {
+        let token =
+            EmailToken::parse(token).ok_or(ApiError::InvalidEmailToken(TokenRefusal::Unknown))?;
+        let user = self
+            .store
+            .confirm_email_change(&token.hash())
+            .await?
+            .map_err(ApiError::InvalidEmailToken)?;
+        self.forget_email(user.id);
+        self.revoke_user_tokens(user.id).await?;
+        self.audit(
+            AuditKind::EmailChanged,
+            Some(user.id),
+            None,
+            client,
+            json!({}),
+        )
+        .await;
+        Ok(user)
     }
 }
 

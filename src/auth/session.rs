@@ -55,6 +55,11 @@ pub enum LogoutScope {
     Global,
 }
 
+/// How much later than a token's issue time (whole seconds, so up to a second early)
+/// a remembered email must have been read to serve `GET /me` for it: the second the
+/// `iat` claim drops, plus a second of clock difference between instances.
+const EMAIL_FRESH_MARGIN_SECS: i64 = 2;
+
 pub struct AuthService {
     pub store: Arc<dyn Store>,
     pub revocations: Arc<dyn Revocations>,
@@ -62,7 +67,8 @@ pub struct AuthService {
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
     pub failures: Arc<dyn FailureBudgets>,
-    emails: Recent<UserId, Arc<str>>,
+    /// Users' emails for `GET /me`, with when each was read (Unix seconds).
+    emails: Recent<UserId, (Arc<str>, i64)>,
     pub outbox: Arc<Outbox>,
     pub(super) mail_throttle: MailThrottle,
     settings: Settings,
@@ -549,18 +555,31 @@ impl AuthService {
     /// The email `GET /me` shows: from memory, or from the database on a miss, which
     /// also turns away a disabled or unknown user.
     ///
-    /// A remembered email cannot be stale: Tessera has no way to change an email or to
-    /// delete a user, and user ids are never reused. Whatever else decides whether the
-    /// caller may see it is in the token, which the denylist has just checked: disabling
-    /// a user revokes all their tokens.
-    pub async fn email_of(&self, user: UserId) -> Result<Arc<str>, ApiError> {
-        if let Some(email) = self.emails.get(&user) {
+    /// A remembered email is used only for a token issued well before it was read
+    /// (`EMAIL_FRESH_MARGIN_SECS`). An email change or a deletion revokes every access
+    /// token of the user issued up to its commit, so any token still accepted was issued
+    /// after it; an entry read before the change is therefore older than the token and
+    /// is read again, on every instance, without telling them. A token's first `GET /me`
+    /// on an instance reads the database once; later ones are served from memory.
+    /// Whatever else decides whether the caller may see it is in the token, which the
+    /// denylist has just checked: disabling a user revokes all their tokens.
+    pub async fn email_of(&self, user: UserId, token_iat: i64) -> Result<Arc<str>, ApiError> {
+        if let Some((email, read_at)) = self.emails.get(&user)
+            && read_at >= token_iat + EMAIL_FRESH_MARGIN_SECS
+        {
             return Ok(email);
         }
+        let read_at = Utc::now().timestamp();
         let user = self.current_user(user).await?;
         let email: Arc<str> = user.email.into();
-        self.emails.insert(user.id, email.clone());
+        self.emails.insert(user.id, (email.clone(), read_at));
         Ok(email)
+    }
+
+    /// Drops a remembered email (this instance's; others go by the rule of
+    /// [`AuthService::email_of`]).
+    pub(super) fn forget_email(&self, user: UserId) {
+        self.emails.remove(&user);
     }
 
     /// Ends one session: the database first (its refresh token fails), then the

@@ -3,12 +3,12 @@
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::AppState;
 use super::extract::{Admin, Caller, Json, Query};
 use super::no_store;
 use super::sessions::{path_uuid, session_list};
+use super::{AppState, UserView};
 use crate::auth::admin::parse_roles;
 use crate::domain::UserId;
 use crate::error::ApiError;
@@ -45,16 +45,6 @@ pub struct UserPatch {
     roles: Option<Vec<String>>,
 }
 
-#[derive(Serialize)]
-struct UserView {
-    id: UserId,
-    email: String,
-    roles: Vec<String>,
-    disabled: bool,
-    email_verified: bool,
-    created_at: DateTime<Utc>,
-}
-
 pub async fn update_user(
     Admin(admin): Admin,
     state: web::Data<AppState>,
@@ -81,14 +71,7 @@ pub async fn update_user(
         .auth
         .admin_update_user(&admin, user, change, &caller.info)
         .await?;
-    Ok(no_store(HttpResponse::Ok()).json(UserView {
-        id: user.id,
-        email: user.email,
-        roles: user.roles,
-        disabled: user.disabled,
-        email_verified: user.email_verified,
-        created_at: user.created_at,
-    }))
+    Ok(no_store(HttpResponse::Ok()).json(UserView::from(user)))
 }
 
 #[derive(Deserialize)]

@@ -1,13 +1,14 @@
 //! Emailed links: `POST /email/verification` (send a verification link),
 //! `POST /email/verify` (use one), `POST /password/forgot` (send a reset link) and
-//! `POST /password/reset` (use one).
+//! `POST /password/reset` (use one), `PUT /me/email` (ask to change the address) and
+//! `POST /email/change/confirm` (use the new address's link).
 
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::AppState;
-use super::extract::{Caller, Json};
+use super::extract::{Authenticated, Caller, Json};
+use super::{AppState, UserView, device_token};
 use crate::domain::{Email, Password};
 use crate::error::ApiError;
 
@@ -87,4 +88,52 @@ pub async fn reset_password(
         .reset_password(&body.token, password, caller.ip, &caller.info)
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+pub struct EmailChange {
+    new_email: String,
+    password: String,
+    /// The client's device token, counted like a login's (see `POST /login`).
+    device_token: Option<String>,
+}
+
+pub async fn change_email(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Authenticated(claims): Authenticated,
+    req: actix_web::HttpRequest,
+    Json(body): Json<EmailChange>,
+) -> Result<HttpResponse, ApiError> {
+    let new_email =
+        Email::parse(&body.new_email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let password =
+        Password::parse_existing(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let device = device_token(&state, &req, body.device_token);
+    state
+        .auth
+        .request_email_change(
+            &claims,
+            new_email,
+            password,
+            device,
+            caller.ip,
+            &caller.info,
+        )
+        .await?;
+    Ok(HttpResponse::Accepted().json(json!({})))
+}
+
+pub async fn confirm_email_change(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<TokenRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let user = state
+        .auth
+        .confirm_email_change(&body.token, &caller.info)
+        .await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(UserView::from(user)))
 }

@@ -28,6 +28,30 @@ pub struct AppState {
     pub browser: cookies::BrowserSessions,
 }
 
+/// The contract's user object.
+#[derive(Serialize)]
+pub(crate) struct UserView {
+    id: crate::domain::UserId,
+    email: String,
+    email_verified: bool,
+    roles: Vec<String>,
+    disabled: bool,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<crate::store::User> for UserView {
+    fn from(user: crate::store::User) -> Self {
+        UserView {
+            id: user.id,
+            email: user.email,
+            email_verified: user.email_verified,
+            roles: user.roles,
+            disabled: user.disabled,
+            created_at: user.created_at,
+        }
+    }
+}
+
 /// The contract's token response (login, refresh, token).
 #[derive(Serialize)]
 struct TokenResponse<'a> {

@@ -61,7 +61,7 @@ pub async fn me(
 ) -> Result<HttpResponse, ApiError> {
     // Roles come from the token: it has just passed the denylist, and a role change
     // revokes every earlier token, so they are the user's current roles.
-    let email = state.auth.email_of(claims.sub).await?;
+    let email = state.auth.email_of(claims.sub, claims.iat).await?;
     Ok(HttpResponse::Ok()
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .json(Me {

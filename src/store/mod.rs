@@ -133,6 +133,8 @@ pub struct EmailTokenGrant<'a> {
     pub new_email: Option<&'a Email>,
     /// The outbox row's payload (sealed: see `crate::outbox`).
     pub message: &'a [u8],
+    /// Another message written with it (a notice to the old address of an email change).
+    pub notice: Option<&'a [u8]>,
 }
 
 /// Why an emailed token was not accepted (`error_reason`).
@@ -309,6 +311,8 @@ pub enum AuditKind {
     EmailVerified,
     PasswordResetRequested,
     PasswordReset,
+    EmailChangeRequested,
+    EmailChanged,
     EmailDeliveryFailed,
 }
 
@@ -332,6 +336,8 @@ impl AuditKind {
             AuditKind::EmailVerified => "email_verified",
             AuditKind::PasswordResetRequested => "password_reset_requested",
             AuditKind::PasswordReset => "password_reset",
+            AuditKind::EmailChangeRequested => "email_change_requested",
+            AuditKind::EmailChanged => "email_changed",
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
         }
     }
@@ -670,6 +676,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
     /// Uses a `verify_email` token: marks it used and the user's email verified.
     async fn verify_email(&self, token_hash: &[u8]) -> StoreResult<Result<UserId, TokenRefusal>>;
+
+    /// Uses a `confirm_email_change` token: the user's email becomes the token's new
+    /// address, verified. `StoreError::Conflict` when another account took the address
+    /// meanwhile (nothing changes then, and the token stays unused).
+    async fn confirm_email_change(
+        &self,
+        token_hash: &[u8],
+    ) -> StoreResult<Result<User, TokenRefusal>>;
+    /// Whether an account other than `except` has this address.
+    async fn email_taken(&self, email: &Email, except: UserId) -> StoreResult<bool>;
 
     /// Uses a `reset_password` token: sets the new password hash, counts the address as
     /// verified and ends every session of the user, in one transaction. The user, their

@@ -9,6 +9,7 @@ mod cookies;
 mod devices;
 mod downstream;
 mod email;
+mod email_change;
 mod embedded;
 mod eviction;
 mod forged_tokens;

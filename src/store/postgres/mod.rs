@@ -795,6 +795,66 @@ impl Store for PgStore {
         ))
     }
 
+    async fn confirm_email_change(
+        &self,
+        token_hash: &[u8],
+    ) -> StoreResult<Result<User, TokenRefusal>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let used = sqlx::query!(
+            r#"UPDATE email_tokens SET used_at = now()
+               WHERE token_hash = $1 AND kind = 'confirm_email_change' AND used_at IS NULL
+                 AND expires_at > now()
+               RETURNING user_id, new_email AS "new_email!", new_email_normalized AS "norm!""#,
+            token_hash,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let Some(used) = used else {
+            return Ok(Err(token_refusal(
+                &mut tx,
+                token_hash,
+                "confirm_email_change",
+            )
+            .await?));
+        };
+        // A taken address is a unique violation: Conflict, and the transaction (the
+        // token's use included) rolls back.
+        let row = sqlx::query!(
+            r#"UPDATE users SET email = $2, email_normalized = $3, email_verified = true,
+                                updated_at = now()
+               WHERE id = $1
+               RETURNING id, email, roles, disabled, email_verified, created_at"#,
+            used.user_id,
+            used.new_email,
+            used.norm,
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Ok(user_from(
+            row.id,
+            row.email,
+            row.roles,
+            row.disabled,
+            row.email_verified,
+            row.created_at,
+        )))
+    }
+
+    async fn email_taken(&self, email: &Email, except: UserId) -> StoreResult<bool> {
+        sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM users WHERE email_normalized = $1 AND id <> $2)
+               AS "taken!""#,
+            email.normalized(),
+            except.0,
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
     async fn reset_password(
         &self,
         token_hash: &[u8],
@@ -1129,13 +1189,15 @@ async fn insert_email_token(
     .execute(&mut *conn)
     .await
     .map_err(classify)?;
-    sqlx::query!(
-        "INSERT INTO outbox (kind, payload) VALUES ('email', $1)",
-        grant.message,
-    )
-    .execute(conn)
-    .await
-    .map_err(classify)?;
+    for payload in std::iter::once(grant.message).chain(grant.notice) {
+        sqlx::query!(
+            "INSERT INTO outbox (kind, payload) VALUES ('email', $1)",
+            payload,
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    }
     Ok(())
 }
 

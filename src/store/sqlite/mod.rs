@@ -1206,6 +1206,96 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn confirm_email_change(
+        &self,
+        token_hash: &[u8],
+    ) -> StoreResult<Result<User, TokenRefusal>> {
+        let hash = token_hash.to_vec();
+        // The writer's work must not fail in normal operation (its batch would roll
+        // back with it), so a taken address is found first and answered as a value.
+        let done = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let Some(token) = sqlx::query!(
+                        r#"SELECT user_id, new_email AS "new_email!", new_email_normalized AS "norm!"
+                           FROM email_tokens
+                           WHERE token_hash = ?1 AND kind = 'confirm_email_change'
+                             AND used_at IS NULL AND expires_at > ?2"#,
+                        hash,
+                        now,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    else {
+                        let why = token_refusal(conn, &hash, "confirm_email_change", now).await?;
+                        return Ok(Err(Some(why)));
+                    };
+                    let taken = sqlx::query_scalar!(
+                        "SELECT 1 FROM users WHERE email_normalized = ?1 AND id <> ?2",
+                        token.norm,
+                        token.user_id,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .is_some();
+                    if taken {
+                        return Ok(Err(None));
+                    }
+                    sqlx::query!(
+                        "UPDATE email_tokens SET used_at = ?2 WHERE token_hash = ?1",
+                        hash,
+                        now,
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                    let row = sqlx::query!(
+                        r#"UPDATE users SET email = ?2, email_normalized = ?3,
+                                            email_verified = TRUE, updated_at = ?4
+                           WHERE id = ?1
+                           RETURNING id AS "id!", email AS "email!", roles AS "roles!",
+                                     disabled AS "disabled!: bool",
+                                     email_verified AS "email_verified!: bool",
+                                     created_at AS "created_at!""#,
+                        token.user_id,
+                        token.new_email,
+                        token.norm,
+                        now,
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    Ok(Ok(row))
+                })
+            }))
+            .await?;
+        match done {
+            Ok(row) => Ok(Ok(user_from(
+                &row.id,
+                row.email,
+                &row.roles,
+                row.disabled,
+                row.email_verified,
+                row.created_at,
+            )?)),
+            Err(Some(why)) => Ok(Err(why)),
+            Err(None) => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn email_taken(&self, email: &Email, except: UserId) -> StoreResult<bool> {
+        let (norm, except) = (email.normalized(), except.0.to_string());
+        Ok(sqlx::query_scalar!(
+            "SELECT 1 FROM users WHERE email_normalized = ?1 AND id <> ?2",
+            norm,
+            except,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?
+        .is_some())
+    }
+
     async fn reset_password(
         &self,
         token_hash: &[u8],
@@ -1508,6 +1598,7 @@ struct OwnedGrant {
     new_email: Option<String>,
     new_email_normalized: Option<String>,
     message: Vec<u8>,
+    notice: Option<Vec<u8>>,
 }
 
 impl From<EmailTokenGrant<'_>> for OwnedGrant {
@@ -1519,6 +1610,7 @@ impl From<EmailTokenGrant<'_>> for OwnedGrant {
             new_email: g.new_email.map(|e| e.as_str().to_owned()),
             new_email_normalized: g.new_email.map(|e| e.normalized()),
             message: g.message.to_vec(),
+            notice: g.notice.map(<[u8]>::to_vec),
         }
     }
 }
@@ -1544,14 +1636,16 @@ async fn insert_email_token(
     )
     .execute(&mut *conn)
     .await?;
-    sqlx::query!(
-        r#"INSERT INTO outbox (kind, payload, created_at, next_attempt_at)
-           VALUES ('email', ?1, ?2, ?2)"#,
-        grant.message,
-        now,
-    )
-    .execute(conn)
-    .await?;
+    for payload in std::iter::once(&grant.message).chain(&grant.notice) {
+        sqlx::query!(
+            r#"INSERT INTO outbox (kind, payload, created_at, next_attempt_at)
+               VALUES ('email', ?1, ?2, ?2)"#,
+            payload,
+            now,
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
