@@ -55,6 +55,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("conflict")]
     Conflict,
+    /// Deleting, disabling or demoting the last enabled admin.
+    #[error("last admin")]
+    LastAdmin,
     #[error("rate limited; retry after {0}s")]
     RateLimited(u64),
     /// A backing service is down, or the hashing pool is full; retry after the seconds.
@@ -90,7 +93,7 @@ impl ApiError {
             ApiError::AccessDenied => "access_denied",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "invalid_request",
-            ApiError::Conflict => "conflict",
+            ApiError::Conflict | ApiError::LastAdmin => "conflict",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(..) => "temporarily_unavailable",
             ApiError::Internal(_) => "server_error",
@@ -133,6 +136,7 @@ impl ApiError {
             ApiError::NotFound => "not found",
             ApiError::MethodNotAllowed => "method not allowed on this resource",
             ApiError::Conflict => "an account with this email already exists",
+            ApiError::LastAdmin => "this is the last enabled admin: make another user admin first",
             ApiError::RateLimited(_) => "too many attempts; retry later",
             ApiError::Unavailable(..) => "service temporarily unavailable; retry later",
             ApiError::Internal(_) => "internal error",
@@ -156,7 +160,7 @@ impl ResponseError for ApiError {
             }
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict => StatusCode::CONFLICT,
+            ApiError::Conflict | ApiError::LastAdmin => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -212,6 +216,7 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Conflict => ApiError::Conflict,
+            StoreError::LastAdmin => ApiError::LastAdmin,
             StoreError::Unavailable(cause) => ApiError::unavailable(cause),
             StoreError::Other(cause) => ApiError::Internal(cause),
         }

@@ -219,6 +219,7 @@ impl Application {
                             | ("POST", "/users")
                             | ("PUT", "/me/password")
                             | ("PUT", "/me/email")
+                            | ("DELETE", "/me")
                             | ("POST", "/password/reset")
                     );
                     let busy = (!hashing).then(|| activity.enter());
@@ -380,7 +381,9 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/token", web::post().to(token::token)))
         .service(resource("/revoke", web::post().to(token::revoke)))
         .service(resource("/introspect", web::post().to(token::introspect)))
-        .service(resource("/me", web::get().to(users::me)))
+        .service(
+            resource("/me", web::get().to(users::me)).route(web::delete().to(users::delete_me)),
+        )
         .service(resource(
             "/me/password",
             web::put().to(users::change_password),
@@ -394,10 +397,10 @@ fn routes(cfg: &mut web::ServiceConfig) {
             )
             .route(web::delete().to(admin::end_user_sessions)),
         )
-        .service(resource(
-            "/admin/users/{id}",
-            web::patch().to(admin::update_user),
-        ))
+        .service(
+            resource("/admin/users/{id}", web::patch().to(admin::update_user))
+                .route(web::delete().to(admin::delete_user)),
+        )
         .service(resource("/admin/audit", web::get().to(admin::audit)))
         .service(resource(
             "/.well-known/jwks.json",

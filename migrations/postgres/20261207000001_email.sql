@@ -25,10 +25,13 @@ CREATE INDEX email_tokens_expires_at_idx ON email_tokens (expires_at);
 -- `payload` is sealed (AES-256-GCM under keys.dir/outbox.secret): it holds the link's
 -- token and the address, which a database dump must not yield. `kind` says which
 -- deliverer takes it ("email"; webhooks later). `claimed_until` is a lease: a sender
--- that dies leaves its rows to another after it.
+-- that dies leaves its rows to another after it. `user_id` names the user a row is
+-- about (no foreign key: a row may outlive nothing, but deleting a user deletes its
+-- rows with it, by this column).
 CREATE TABLE outbox (
     id              bigserial PRIMARY KEY,
     kind            text NOT NULL,
+    user_id         uuid,
     payload         bytea NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     attempts        integer NOT NULL DEFAULT 0,
@@ -36,3 +39,4 @@ CREATE TABLE outbox (
     claimed_until   timestamptz
 );
 CREATE INDEX outbox_next_attempt_at_idx ON outbox (next_attempt_at);
+CREATE INDEX outbox_user_id_idx ON outbox (user_id) WHERE user_id IS NOT NULL;

@@ -20,6 +20,7 @@ CREATE INDEX email_tokens_expires_at_idx ON email_tokens (expires_at);
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     kind            TEXT NOT NULL,
+    user_id         TEXT,
     payload         BLOB NOT NULL,
     created_at      INTEGER NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
@@ -27,3 +28,4 @@ CREATE TABLE outbox (
     claimed_until   INTEGER
 );
 CREATE INDEX outbox_next_attempt_at_idx ON outbox (next_attempt_at);
+CREATE INDEX outbox_user_id_idx ON outbox (user_id) WHERE user_id IS NOT NULL;

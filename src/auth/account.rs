@@ -8,7 +8,7 @@ use serde_json::json;
 use super::access_token::Claims;
 use super::device::DeviceToken;
 use super::session::AuthService;
-use crate::domain::{Email, Password, SessionId};
+use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::ApiError;
 use crate::store::Outcome;
 use crate::store::{AuditKind, ClientInfo, Credentials, SessionInfo};
@@ -149,5 +149,64 @@ impl AuthService {
         }
         attempt.finish(Outcome::Succeeded).await;
         Ok(credentials)
+    }
+
+    /// Deletes the caller's account after checking their password (`DELETE /me`):
+    /// everything of theirs goes in one transaction, and every access token of theirs
+    /// fails at once on every instance (one per-user mark). The audit row it leaves names
+    /// only the user id.
+    #[tracing::instrument(skip_all, fields(user_id = %claims.sub))]
+    pub async fn delete_own_account(
+        &self,
+        claims: &Claims,
+        password: Password,
+        device: Option<DeviceToken>,
+        ip: IpAddr,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        self.check_own_password(
+            claims,
+            password,
+            device,
+            ip,
+            client,
+            AuditKind::UserDeletionFailed,
+        )
+        .await?;
+        self.delete_user(claims.sub, None).await
+    }
+
+    /// Deletes `user` (the caller's own account, or by `admin`); see
+    /// [`AuthService::delete_own_account`].
+    pub(super) async fn delete_user(
+        &self,
+        user: UserId,
+        admin: Option<(&Claims, &ClientInfo)>,
+    ) -> Result<(), ApiError> {
+        if !self.store.delete_user(user).await? {
+            return Err(ApiError::NotFound);
+        }
+        self.forget_email(user);
+        self.revoke_user_tokens(user).await?;
+        let (actor, client) = match admin {
+            Some((claims, client)) => (Some(claims.sub), client.clone()),
+            // Nothing that points at the person: no address, no user agent.
+            None => (None, ClientInfo::default()),
+        };
+        if let Err(e) = self
+            .store
+            .record_audit(crate::store::AuditEvent {
+                kind: AuditKind::UserDeleted,
+                user_id: Some(user),
+                session_id: None,
+                actor_id: actor,
+                client: &client,
+                detail: json!({}),
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "could not record a deletion in the audit trail");
+        }
+        Ok(())
     }
 }

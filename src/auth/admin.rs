@@ -130,6 +130,17 @@ impl AuthService {
             .map_err(ApiError::unavailable)
     }
 
+    /// Deletes a user as `DELETE /me` does (409 for the last enabled admin).
+    #[tracing::instrument(skip_all, fields(user_id = %user))]
+    pub async fn admin_delete_user(
+        &self,
+        admin: &Claims,
+        user: UserId,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        self.delete_user(user, Some((admin, client))).await
+    }
+
     async fn admin_audit(
         &self,
         kind: AuditKind,

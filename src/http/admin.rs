@@ -74,6 +74,20 @@ pub async fn update_user(
     Ok(no_store(HttpResponse::Ok()).json(UserView::from(user)))
 }
 
+pub async fn delete_user(
+    Admin(admin): Admin,
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user = UserId(path_uuid(&id)?);
+    state
+        .auth
+        .admin_delete_user(&admin, user, &caller.info)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditParams {

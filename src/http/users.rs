@@ -104,3 +104,32 @@ pub async fn change_password(
         .await?;
     Ok(HttpResponse::NoContent().finish())
 }
+
+#[derive(Deserialize)]
+pub struct DeleteMe {
+    password: String,
+    /// The client's device token, counted like a login's (see `POST /login`).
+    device_token: Option<String>,
+}
+
+pub async fn delete_me(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    caller: Caller,
+    Authenticated(claims): Authenticated,
+    Json(body): Json<DeleteMe>,
+) -> Result<HttpResponse, ApiError> {
+    let password = Password::parse_existing(body.password)
+        .map_err(|e| ApiError::InvalidRequest(format!("password: {e}")))?;
+    state
+        .auth
+        .delete_own_account(
+            &claims,
+            password,
+            device_token(&state, &req, body.device_token),
+            caller.ip,
+            &caller.info,
+        )
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}

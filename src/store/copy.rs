@@ -91,6 +91,7 @@ pub struct EmailTokenRow {
 pub struct OutboxCopyRow {
     pub id: i64,
     pub kind: String,
+    pub user_id: Option<Uuid>,
     pub payload: Vec<u8>,
     pub created_at: DateTime<Utc>,
     pub attempts: i32,

@@ -82,6 +82,9 @@ pub enum StoreError {
     /// A unique constraint was violated (e.g. the email is taken).
     #[error("conflict")]
     Conflict,
+    /// The change would leave no enabled admin.
+    #[error("the last enabled admin")]
+    LastAdmin,
     /// The backing service cannot be reached; the caller should retry.
     #[error("store unavailable: {0:#}")]
     Unavailable(anyhow::Error),
@@ -305,6 +308,7 @@ pub enum AuditKind {
     SessionEnded,
     PasswordChanged,
     PasswordChangeFailed,
+    UserDeletionFailed,
     AdminSessionsEnded,
     AdminUserUpdated,
     VerificationSent,
@@ -313,6 +317,7 @@ pub enum AuditKind {
     PasswordReset,
     EmailChangeRequested,
     EmailChanged,
+    UserDeleted,
     EmailDeliveryFailed,
 }
 
@@ -330,6 +335,7 @@ impl AuditKind {
             AuditKind::SessionEnded => "session_ended",
             AuditKind::PasswordChanged => "password_changed",
             AuditKind::PasswordChangeFailed => "password_change_failed",
+            AuditKind::UserDeletionFailed => "user_deletion_failed",
             AuditKind::AdminSessionsEnded => "admin_sessions_ended",
             AuditKind::AdminUserUpdated => "admin_user_updated",
             AuditKind::VerificationSent => "verification_sent",
@@ -338,6 +344,7 @@ impl AuditKind {
             AuditKind::PasswordReset => "password_reset",
             AuditKind::EmailChangeRequested => "email_change_requested",
             AuditKind::EmailChanged => "email_changed",
+            AuditKind::UserDeleted => "user_deleted",
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
         }
     }
@@ -659,7 +666,8 @@ pub trait Store: Send + Sync + 'static {
         new: &str,
         keep: SessionId,
     ) -> StoreResult<Option<Vec<SessionId>>>;
-    /// Applies an admin's change; disabling also ends every session. `None`: no such user.
+    /// Applies an admin's change; disabling also ends every session. `None`: no such user;
+    /// [`StoreError::LastAdmin`] when it would leave no enabled admin.
     async fn update_user(
         &self,
         user: UserId,
@@ -695,6 +703,12 @@ pub trait Store: Send + Sync + 'static {
         token_hash: &[u8],
         new_hash: &str,
     ) -> StoreResult<Result<PasswordReset, TokenRefusal>>;
+
+    /// Deletes a user and everything of theirs in one transaction: sessions, refresh
+    /// tokens, devices, emailed tokens, waiting outbox rows; their audit rows keep only
+    /// ids (addresses and user agents are cleared). False: no such user;
+    /// [`StoreError::LastAdmin`] for the last enabled admin.
+    async fn delete_user(&self, user: UserId) -> StoreResult<bool>;
 
     /// Claims up to `limit` outbox rows that are due and not claimed by a live lease, for
     /// `lease_secs`, counting an attempt on each; oldest first.

@@ -6,6 +6,7 @@ mod audit;
 mod browser;
 mod cleanup;
 mod cookies;
+mod deletion;
 mod devices;
 mod downstream;
 mod email;

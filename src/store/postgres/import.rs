@@ -181,16 +181,19 @@ pub async fn email_tokens(conn: &mut PgConnection, rows: &[EmailTokenRow]) -> an
 }
 
 pub async fn outbox(conn: &mut PgConnection, rows: &[OutboxCopyRow]) -> anyhow::Result<()> {
+    let user_ids: Vec<Option<Uuid>> = col(rows, |r| r.user_id);
     sqlx::query!(
-        r#"INSERT INTO outbox (id, kind, payload, created_at, attempts, next_attempt_at)
+        r#"INSERT INTO outbox (id, kind, payload, created_at, attempts, next_attempt_at,
+                               user_id)
            SELECT * FROM UNNEST($1::int8[], $2::text[], $3::bytea[], $4::timestamptz[],
-                                $5::int4[], $6::timestamptz[])"#,
+                                $5::int4[], $6::timestamptz[], $7::uuid[])"#,
         &col(rows, |r| r.id),
         &col(rows, |r| r.kind.clone()),
         &col(rows, |r| r.payload.clone()),
         &col(rows, |r| r.created_at),
         &col(rows, |r| r.attempts),
         &col(rows, |r| r.next_attempt_at),
+        &user_ids as _,
     )
     .execute(&mut *conn)
     .await?;

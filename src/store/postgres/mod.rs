@@ -693,6 +693,14 @@ impl Store for PgStore {
         change: &UserChange,
     ) -> StoreResult<Option<UserUpdate>> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
+        let demotes = change.disabled == Some(true)
+            || change
+                .roles
+                .as_ref()
+                .is_some_and(|r| !r.iter().any(|r| r == "admin"));
+        if demotes && last_admin(&mut tx, user).await? {
+            return Err(StoreError::LastAdmin);
+        }
         let Some(row) = sqlx::query!(
             r#"UPDATE users u
                SET disabled = coalesce($2, u.disabled),
@@ -900,6 +908,33 @@ impl Store for PgStore {
             email_normalized,
             ended: session_ids(ended),
         }))
+    }
+
+    async fn delete_user(&self, user: UserId) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if last_admin(&mut tx, user).await? {
+            return Err(StoreError::LastAdmin);
+        }
+        sqlx::query!("DELETE FROM outbox WHERE user_id = $1", user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        sqlx::query!(
+            r#"UPDATE audit_events SET ip = NULL, user_agent = NULL
+               WHERE user_id = $1 OR actor_id = $1"#,
+            user.0,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        // Sessions (and their refresh tokens), devices and emailed tokens cascade.
+        let deleted = sqlx::query!("DELETE FROM users WHERE id = $1", user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        tx.commit().await.map_err(classify)?;
+        Ok(deleted > 0)
     }
 
     async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
@@ -1191,7 +1226,8 @@ async fn insert_email_token(
     .map_err(classify)?;
     for payload in std::iter::once(grant.message).chain(grant.notice) {
         sqlx::query!(
-            "INSERT INTO outbox (kind, payload) VALUES ('email', $1)",
+            "INSERT INTO outbox (kind, user_id, payload) VALUES ('email', $1, $2)",
+            user,
             payload,
         )
         .execute(&mut *conn)
@@ -1217,4 +1253,18 @@ async fn token_refusal(
     .await
     .map_err(classify)?;
     Ok(refusal(row.map(|r| (r.used, r.expired))))
+}
+
+/// Whether `user` is the only enabled admin. Locks every enabled admin's row for the
+/// rest of the transaction, so two admins demoting each other take turns and the second
+/// finds itself the last.
+async fn last_admin(conn: &mut sqlx::PgConnection, user: UserId) -> StoreResult<bool> {
+    let admins = sqlx::query_scalar!(
+        r#"SELECT id FROM users WHERE 'admin' = ANY (roles) AND NOT disabled
+           ORDER BY id FOR UPDATE"#
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(classify)?;
+    Ok(admins == [user.0])
 }

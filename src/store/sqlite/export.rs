@@ -186,25 +186,27 @@ pub async fn outbox(
     limit: i64,
 ) -> anyhow::Result<Vec<OutboxCopyRow>> {
     let rows = sqlx::query!(
-        r#"SELECT id AS "id!", kind, payload, created_at, attempts AS "attempts!: i32",
-                  next_attempt_at
+        r#"SELECT id AS "id!", kind, user_id, payload, created_at,
+                  attempts AS "attempts!: i32", next_attempt_at
            FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2"#,
         after,
         limit,
     )
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| OutboxCopyRow {
-            id: r.id,
-            kind: r.kind,
-            payload: r.payload,
-            created_at: time(r.created_at),
-            attempts: r.attempts,
-            next_attempt_at: time(r.next_attempt_at),
+    rows.into_iter()
+        .map(|r| {
+            Ok(OutboxCopyRow {
+                id: r.id,
+                kind: r.kind,
+                user_id: opt_uuid(r.user_id)?,
+                payload: r.payload,
+                created_at: time(r.created_at),
+                attempts: r.attempts,
+                next_attempt_at: time(r.next_attempt_at),
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Every saved revocation mark, live or not (the target's cleanup deletes the expired).

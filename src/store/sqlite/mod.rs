@@ -1072,7 +1072,12 @@ impl Store for SqliteStore {
         let id = user.0.to_string();
         let roles = change.roles.as_deref().map(roles_json);
         let disabled = change.disabled;
-        let Some((old_roles, row, ended)) = self
+        let demotes = change.disabled == Some(true)
+            || change
+                .roles
+                .as_ref()
+                .is_some_and(|r| !r.iter().any(|r| r == "admin"));
+        let Some(done) = self
             .writer
             .write(Box::new(move |conn| {
                 Box::pin(async move {
@@ -1084,6 +1089,9 @@ impl Store for SqliteStore {
                     else {
                         return Ok(None);
                     };
+                    if demotes && last_admin(conn, &id).await? {
+                        return Ok(Some(Err(StoreError::LastAdmin)));
+                    }
                     let row = sqlx::query!(
                         r#"UPDATE users
                        SET disabled = coalesce(?2, disabled), roles = coalesce(?3, roles),
@@ -1113,13 +1121,14 @@ impl Store for SqliteStore {
                     } else {
                         Vec::new()
                     };
-                    Ok(Some((old_roles, row, ended)))
+                    Ok(Some(Ok((old_roles, row, ended))))
                 })
             }))
             .await?
         else {
             return Ok(None);
         };
+        let (old_roles, row, ended) = done?;
         let user = user_from(
             &row.id,
             row.email,
@@ -1351,6 +1360,36 @@ impl Store for SqliteStore {
             }),
             Err(refused) => Err(refused),
         })
+    }
+
+    async fn delete_user(&self, user: UserId) -> StoreResult<bool> {
+        let id = user.0.to_string();
+        self.writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    if last_admin(conn, &id).await? {
+                        return Ok(Err(StoreError::LastAdmin));
+                    }
+                    sqlx::query!("DELETE FROM outbox WHERE user_id = ?1", id)
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query!(
+                        r#"UPDATE audit_events SET ip = NULL, user_agent = NULL
+                           WHERE user_id = ?1 OR actor_id = ?1"#,
+                        id,
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                    // Sessions (and their refresh tokens), devices and emailed tokens
+                    // cascade.
+                    let deleted = sqlx::query!("DELETE FROM users WHERE id = ?1", id)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    Ok(Ok(deleted > 0))
+                })
+            }))
+            .await?
     }
 
     async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
@@ -1638,8 +1677,9 @@ async fn insert_email_token(
     .await?;
     for payload in std::iter::once(&grant.message).chain(&grant.notice) {
         sqlx::query!(
-            r#"INSERT INTO outbox (kind, payload, created_at, next_attempt_at)
-               VALUES ('email', ?1, ?2, ?2)"#,
+            r#"INSERT INTO outbox (kind, user_id, payload, created_at, next_attempt_at)
+               VALUES ('email', ?1, ?2, ?3, ?3)"#,
+            user,
             payload,
             now,
         )
@@ -1666,4 +1706,17 @@ async fn token_refusal(
     .fetch_optional(conn)
     .await?;
     Ok(refusal(row.map(|r| (r.used, r.expired))))
+}
+
+/// Whether `user` is the only enabled admin (the one writer makes the answer hold for
+/// the rest of its transaction).
+async fn last_admin(conn: &mut SqliteConnection, user: &str) -> Result<bool, sqlx::Error> {
+    let admins = sqlx::query_scalar!(
+        r#"SELECT id FROM users
+           WHERE NOT disabled AND EXISTS (SELECT 1 FROM json_each(users.roles)
+                                          WHERE json_each.value = 'admin')"#
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(admins == [user])
 }
