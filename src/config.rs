@@ -203,6 +203,7 @@ pub struct EmailSettings {
     pub verification: EmailVerification,
     pub verify_ttl_secs: u64,
     pub reset_ttl_secs: u64,
+    pub invite_ttl_secs: u64,
     pub per_ip_per_hour: u32,
     pub per_address_per_hour: u32,
     pub retry_base_secs: u64,

@@ -398,9 +398,18 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::delete().to(admin::end_user_sessions)),
         )
         .service(
+            resource("/admin/users", web::get().to(admin::list_users))
+                .route(web::post().to(admin::create_user)),
+        )
+        .service(
             resource("/admin/users/{id}", web::patch().to(admin::update_user))
+                .route(web::get().to(admin::get_user))
                 .route(web::delete().to(admin::delete_user)),
         )
+        .service(resource(
+            "/admin/users/{id}/password-reset",
+            web::post().to(admin::send_reset),
+        ))
         .service(resource("/admin/audit", web::get().to(admin::audit)))
         .service(resource(
             "/.well-known/jwks.json",

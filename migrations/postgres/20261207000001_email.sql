@@ -2,6 +2,8 @@
 -- tokens that emails carry, and the outbox that delivers them.
 
 ALTER TABLE users ADD COLUMN email_verified boolean NOT NULL DEFAULT false;
+-- When the user last started a session with their password (user administration).
+ALTER TABLE users ADD COLUMN last_login_at timestamptz;
 
 -- SHA-256 of each emailed token (never the token). `kind` is verify_email,
 -- reset_password or confirm_email_change; `new_email` the address an email change

@@ -1,6 +1,7 @@
 -- Accounts and email: see migrations/postgres/20261207000001_email.sql.
 
 ALTER TABLE users ADD COLUMN email_verified BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE users ADD COLUMN last_login_at INTEGER;
 
 CREATE TABLE email_tokens (
     token_hash           BLOB PRIMARY KEY NOT NULL,

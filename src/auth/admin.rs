@@ -1,4 +1,5 @@
-//! What an admin can do to other users: list and end their sessions, disable them or
+//! What an admin can do to other users: list, create (with an invitation), show and
+//! delete them, send them a reset link, list and end their sessions, disable them or
 //! change their roles, and read the audit trail.
 //!
 //! Ending a user's sessions, disabling them and changing their roles all revoke the
@@ -12,11 +13,14 @@
 use serde_json::json;
 
 use super::access_token::Claims;
+use super::refresh_token::RefreshToken;
 use super::session::AuthService;
-use crate::domain::UserId;
+use crate::domain::{Email, Password, UserId};
+use crate::email::templates::Template;
 use crate::error::ApiError;
 use crate::store::{
-    AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, SessionInfo, User, UserChange,
+    AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, EmailTokenKind, SessionInfo, User,
+    UserChange,
 };
 
 /// Role names: short, printable, no spaces (they travel in every access token).
@@ -139,6 +143,110 @@ impl AuthService {
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
         self.delete_user(user, Some((admin, client))).await
+    }
+
+    /// Users sorted by email (see `GET /admin/users`).
+    pub async fn admin_list_users(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<User>, ApiError> {
+        let fold = |s: &str| {
+            use unicode_normalization::UnicodeNormalization;
+            s.trim()
+                .nfkc()
+                .collect::<String>()
+                .to_lowercase()
+                .nfc()
+                .collect::<String>()
+        };
+        let (prefix, after) = (prefix.map(fold), after.map(fold));
+        Ok(self
+            .store
+            .list_users(prefix.as_deref(), after.as_deref(), limit)
+            .await?)
+    }
+
+    pub async fn admin_get_user(&self, user: UserId) -> Result<User, ApiError> {
+        self.existing_user(user).await
+    }
+
+    /// Creates a user (`POST /admin/users`): with a password, ready to log in; without,
+    /// with a password nobody knows and an invitation (a reset link that lives
+    /// `email.invite_ttl_secs`) emailed in the same transaction.
+    pub async fn admin_create_user(
+        &self,
+        admin: &Claims,
+        email: Email,
+        roles: Vec<String>,
+        password: Option<Password>,
+        client: &ClientInfo,
+    ) -> Result<User, ApiError> {
+        let invite = password.is_none();
+        let password = match password {
+            Some(p) => p,
+            None => Password::parse_new(RefreshToken::generate().expose().to_owned())
+                .map_err(|e| ApiError::Internal(anyhow::anyhow!("random password: {e}")))?,
+        };
+        let hash = self.hasher.hash(password).await?;
+        let link = invite.then(|| {
+            self.issue_link(
+                EmailTokenKind::ResetPassword,
+                Template::Invitation,
+                None,
+                &email,
+                self.settings().email.invite_ttl_secs,
+            )
+        });
+        let user = self
+            .store
+            .create_user(&email, &hash, &roles, link.as_ref().map(|l| l.grant()))
+            .await?;
+        if link.is_some() {
+            self.outbox.wake();
+        }
+        self.admin_audit(
+            AuditKind::UserCreated,
+            admin,
+            user.id,
+            client,
+            json!({"roles": roles, "invitation_sent": invite}),
+        )
+        .await;
+        Ok(user)
+    }
+
+    /// Emails `user` a password reset link (`POST /admin/users/{id}/password-reset`).
+    pub async fn admin_send_reset(
+        &self,
+        admin: &Claims,
+        user: UserId,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
+        let user = self.existing_user(user).await?;
+        let email = Email::parse(&user.email)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        let link = self.issue_link(
+            EmailTokenKind::ResetPassword,
+            Template::ResetPassword,
+            Some(user.id),
+            &email,
+            self.settings().email.reset_ttl_secs,
+        );
+        if !self.store.issue_email_token(user.id, link.grant()).await? {
+            return Err(ApiError::NotFound);
+        }
+        self.outbox.wake();
+        self.admin_audit(
+            AuditKind::PasswordResetRequested,
+            admin,
+            user.id,
+            client,
+            json!({}),
+        )
+        .await;
+        Ok(())
     }
 
     async fn admin_audit(

@@ -96,7 +96,7 @@ fn lifetime(secs: u64) -> String {
 
 impl AuthService {
     /// A new link of `kind` for the holder of `to`, with its sealed message.
-    pub(super) fn issue_link(
+    pub(crate) fn issue_link(
         &self,
         kind: EmailTokenKind,
         template: Template,

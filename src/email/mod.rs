@@ -253,6 +253,7 @@ impl EmailSettings {
         if [
             self.verify_ttl_secs,
             self.reset_ttl_secs,
+            self.invite_ttl_secs,
             u64::from(self.per_ip_per_hour),
             u64::from(self.per_address_per_hour),
         ]

@@ -10,7 +10,7 @@ use super::no_store;
 use super::sessions::{path_uuid, session_list};
 use super::{AppState, UserView};
 use crate::auth::admin::parse_roles;
-use crate::domain::UserId;
+use crate::domain::{Email, Password, UserId};
 use crate::error::ApiError;
 use crate::store::{AuditCursor, AuditQuery, UserChange};
 
@@ -72,6 +72,97 @@ pub async fn update_user(
         .admin_update_user(&admin, user, change, &caller.info)
         .await?;
     Ok(no_store(HttpResponse::Ok()).json(UserView::from(user)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserListParams {
+    email: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// Users sorted by email; `email` is a prefix (case-insensitive), `after` the last email
+/// of the previous page.
+pub async fn list_users(
+    Admin(_): Admin,
+    state: web::Data<AppState>,
+    Query(params): Query<UserListParams>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = match params.limit {
+        None => AUDIT_DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=AUDIT_MAX_LIMIT).contains(l))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest("limit must be a number from 1 to 1000".into())
+            })?,
+    };
+    let too_long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > Email::MAX_LEN);
+    if too_long(&params.email) || too_long(&params.after) {
+        return Err(ApiError::InvalidRequest(
+            "email and after are at most 254 characters".into(),
+        ));
+    }
+    let users = state
+        .auth
+        .admin_list_users(params.email.as_deref(), params.after.as_deref(), limit)
+        .await?;
+    let users: Vec<UserView> = users.into_iter().map(UserView::from).collect();
+    Ok(no_store(HttpResponse::Ok()).json(users))
+}
+
+pub async fn get_user(
+    Admin(_): Admin,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user = state.auth.admin_get_user(UserId(path_uuid(&id)?)).await?;
+    Ok(no_store(HttpResponse::Ok()).json(UserView::from(user)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    email: String,
+    roles: Option<Vec<String>>,
+    password: Option<String>,
+}
+
+pub async fn create_user(
+    Admin(admin): Admin,
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<NewUser>,
+) -> Result<HttpResponse, ApiError> {
+    let email = Email::parse(&body.email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let roles = parse_roles(body.roles.unwrap_or_else(|| vec!["user".to_owned()]))
+        .map_err(|e| ApiError::InvalidRequest(e.into()))?;
+    let password = body
+        .password
+        .map(Password::parse_new)
+        .transpose()
+        .map_err(|e| ApiError::InvalidRequest(format!("password: {e}")))?;
+    let user = state
+        .auth
+        .admin_create_user(&admin, email, roles, password, &caller.info)
+        .await?;
+    Ok(no_store(HttpResponse::Created()).json(UserView::from(user)))
+}
+
+pub async fn send_reset(
+    Admin(admin): Admin,
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user = UserId(path_uuid(&id)?);
+    state
+        .auth
+        .admin_send_reset(&admin, user, &caller.info)
+        .await?;
+    Ok(no_store(HttpResponse::Accepted()).json(serde_json::json!({})))
 }
 
 pub async fn delete_user(

@@ -37,17 +37,23 @@ pub(crate) struct UserView {
     roles: Vec<String>,
     disabled: bool,
     created_at: chrono::DateTime<chrono::Utc>,
+    last_login_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Anonymous users (`POST /users/anonymous`) hold the role `anonymous` and nothing
+    /// else until they register.
+    is_anonymous: bool,
 }
 
 impl From<crate::store::User> for UserView {
     fn from(user: crate::store::User) -> Self {
         UserView {
+            is_anonymous: user.roles.iter().any(|r| r == "anonymous"),
             id: user.id,
             email: user.email,
             email_verified: user.email_verified,
             roles: user.roles,
             disabled: user.disabled,
             created_at: user.created_at,
+            last_login_at: user.last_login_at,
         }
     }
 }

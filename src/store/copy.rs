@@ -37,6 +37,7 @@ pub struct UserRow {
     pub roles: Vec<String>,
     pub disabled: bool,
     pub email_verified: bool,
+    pub last_login_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

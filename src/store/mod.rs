@@ -104,6 +104,8 @@ pub struct User {
     /// password reset).
     pub email_verified: bool,
     pub created_at: DateTime<Utc>,
+    /// When the user last started a session with their password.
+    pub last_login_at: Option<DateTime<Utc>>,
 }
 
 /// What an emailed token lets its holder do.
@@ -318,6 +320,7 @@ pub enum AuditKind {
     EmailChangeRequested,
     EmailChanged,
     UserDeleted,
+    InvitationSent,
     EmailDeliveryFailed,
 }
 
@@ -345,6 +348,7 @@ impl AuditKind {
             AuditKind::EmailChangeRequested => "email_change_requested",
             AuditKind::EmailChanged => "email_changed",
             AuditKind::UserDeleted => "user_deleted",
+            AuditKind::InvitationSent => "invitation_sent",
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
         }
     }
@@ -607,6 +611,14 @@ pub trait Store: Send + Sync + 'static {
         device: Option<&[u8]>,
     ) -> StoreResult<Option<Credentials>>;
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>>;
+    /// Users sorted by normalized email: those starting with `prefix` (normalized), after
+    /// the normalized email `after`, at most `limit`.
+    async fn list_users(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<User>>;
     /// Swaps a user's password hash, only if it is still `old`.
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()>;
 

@@ -2,6 +2,7 @@
 //! PostgreSQL and Redis, with its own database and Redis key prefix.
 
 mod admin;
+mod admin_users;
 mod audit;
 mod browser;
 mod cleanup;

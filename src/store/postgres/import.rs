@@ -26,19 +26,21 @@ pub async fn is_empty(conn: &mut PgConnection) -> anyhow::Result<bool> {
 
 pub async fn users(conn: &mut PgConnection, rows: &[UserRow]) -> anyhow::Result<()> {
     // Roles travel as one JSON array per user (UNNEST cannot take an array of arrays).
+    let last_login: Vec<Option<DateTime<Utc>>> = col(rows, |r| r.last_login_at);
     let roles = col(rows, |r| {
         serde_json::Value::from(r.roles.clone()).to_string()
     });
     sqlx::query!(
         r#"INSERT INTO users (id, email, email_normalized, password_hash, roles, disabled,
-                              created_at, updated_at, email_verified)
+                              created_at, updated_at, email_verified, last_login_at)
            SELECT t.id, t.email, t.norm, t.hash,
                   ARRAY(SELECT jsonb_array_elements_text(t.roles::jsonb)),
-                  t.disabled, t.created_at, t.updated_at, t.verified
+                  t.disabled, t.created_at, t.updated_at, t.verified, t.last_login
            FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                       $6::bool[], $7::timestamptz[], $8::timestamptz[], $9::bool[])
+                       $6::bool[], $7::timestamptz[], $8::timestamptz[], $9::bool[],
+                       $10::timestamptz[])
                 AS t(id, email, norm, hash, roles, disabled, created_at, updated_at,
-                     verified)"#,
+                     verified, last_login)"#,
         &col(rows, |r| r.id),
         &col(rows, |r| r.email.clone()),
         &col(rows, |r| r.email_normalized.clone()),
@@ -48,6 +50,7 @@ pub async fn users(conn: &mut PgConnection, rows: &[UserRow]) -> anyhow::Result<
         &col(rows, |r| r.created_at),
         &col(rows, |r| r.updated_at),
         &col(rows, |r| r.email_verified),
+        &last_login as _,
     )
     .execute(conn)
     .await?;

@@ -188,6 +188,7 @@ fn user_from(
     disabled: bool,
     email_verified: bool,
     created_at: chrono::DateTime<chrono::Utc>,
+    last_login_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> User {
     User {
         id: UserId(id),
@@ -196,6 +197,7 @@ fn user_from(
         disabled,
         email_verified,
         created_at,
+        last_login_at,
     }
 }
 
@@ -231,7 +233,7 @@ impl Store for PgStore {
         let row = sqlx::query!(
             r#"INSERT INTO users (id, email, email_normalized, password_hash, roles)
                VALUES ($1, $2, $3, $4, $5)
-               RETURNING id, email, roles, disabled, email_verified, created_at"#,
+               RETURNING id, email, roles, disabled, email_verified, created_at, last_login_at"#,
             Uuid::new_v4(),
             email.as_str(),
             email.normalized(),
@@ -252,6 +254,7 @@ impl Store for PgStore {
             row.disabled,
             row.email_verified,
             row.created_at,
+            row.last_login_at,
         ))
     }
 
@@ -261,7 +264,7 @@ impl Store for PgStore {
         device: Option<&[u8]>,
     ) -> StoreResult<Option<Credentials>> {
         let row = sqlx::query!(
-            r#"SELECT u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at,
+            r#"SELECT u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at, u.last_login_at,
                       u.password_hash,
                       EXISTS (SELECT 1 FROM devices d
                               WHERE d.token_hash = $2 AND d.user_id = u.id
@@ -281,6 +284,7 @@ impl Store for PgStore {
                 r.disabled,
                 r.email_verified,
                 r.created_at,
+                r.last_login_at,
             ),
             password_hash: r.password_hash,
             device_known: r.device_known,
@@ -289,7 +293,7 @@ impl Store for PgStore {
 
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>> {
         let row = sqlx::query!(
-            r#"SELECT id, email, roles, disabled, email_verified, created_at
+            r#"SELECT id, email, roles, disabled, email_verified, created_at, last_login_at
                FROM users WHERE id = $1"#,
             id.0,
         )
@@ -304,8 +308,46 @@ impl Store for PgStore {
                 r.disabled,
                 r.email_verified,
                 r.created_at,
+                r.last_login_at,
             )
         }))
+    }
+
+    async fn list_users(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query!(
+            r#"SELECT id, email, roles, disabled, email_verified, created_at, last_login_at
+               FROM users
+               WHERE ($1::text IS NULL
+                      OR (email_normalized >= $1 AND left(email_normalized, length($1)) = $1))
+                 AND ($2::text IS NULL OR email_normalized > $2)
+               ORDER BY email_normalized
+               LIMIT $3"#,
+            prefix,
+            after,
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                user_from(
+                    r.id,
+                    r.email,
+                    r.roles,
+                    r.disabled,
+                    r.email_verified,
+                    r.created_at,
+                    r.last_login_at,
+                )
+            })
+            .collect())
     }
 
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()> {
@@ -341,6 +383,8 @@ impl Store for PgStore {
                                          chain_hash)
                    SELECT $1, id, $3, $4, $5, $6, $5, $6, $13 FROM allowed
                    RETURNING id
+               ), login AS (
+                   UPDATE users SET last_login_at = now() WHERE id IN (SELECT id FROM allowed)
                ), token AS (
                    INSERT INTO refresh_tokens (token_hash, session_id)
                    SELECT $7, id FROM session
@@ -708,7 +752,7 @@ impl Store for PgStore {
                    updated_at = now()
                FROM (SELECT id, roles FROM users WHERE id = $1 FOR UPDATE) old
                WHERE u.id = old.id
-               RETURNING u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at,
+               RETURNING u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at, u.last_login_at,
                          old.roles AS old_roles"#,
             user.0,
             change.disabled,
@@ -743,6 +787,7 @@ impl Store for PgStore {
                 row.disabled,
                 row.email_verified,
                 row.created_at,
+                row.last_login_at,
             ),
             roles_changed,
             ended: session_ids(ended),
@@ -832,7 +877,7 @@ impl Store for PgStore {
             r#"UPDATE users SET email = $2, email_normalized = $3, email_verified = true,
                                 updated_at = now()
                WHERE id = $1
-               RETURNING id, email, roles, disabled, email_verified, created_at"#,
+               RETURNING id, email, roles, disabled, email_verified, created_at, last_login_at"#,
             used.user_id,
             used.new_email,
             used.norm,
@@ -848,6 +893,7 @@ impl Store for PgStore {
             row.disabled,
             row.email_verified,
             row.created_at,
+            row.last_login_at,
         )))
     }
 

@@ -15,7 +15,7 @@ pub async fn users(
 ) -> anyhow::Result<Vec<UserRow>> {
     let rows = sqlx::query!(
         r#"SELECT id, email, email_normalized, password_hash, roles, disabled, email_verified,
-                  created_at, updated_at
+                  last_login_at, created_at, updated_at
            FROM users WHERE id > ?1 ORDER BY id LIMIT ?2"#,
         after,
         limit,
@@ -32,6 +32,7 @@ pub async fn users(
                 roles: roles_from(&r.roles)?,
                 disabled: r.disabled,
                 email_verified: r.email_verified,
+                last_login_at: r.last_login_at.map(time),
                 created_at: time(r.created_at),
                 updated_at: time(r.updated_at),
             })

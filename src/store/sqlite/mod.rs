@@ -271,6 +271,7 @@ fn user_from(
     disabled: bool,
     email_verified: bool,
     created_at: i64,
+    last_login_at: Option<i64>,
 ) -> StoreResult<User> {
     Ok(User {
         id: UserId(uuid(id)?),
@@ -279,6 +280,7 @@ fn user_from(
         disabled,
         email_verified,
         created_at: time(created_at),
+        last_login_at: last_login_at.map(time),
     })
 }
 
@@ -441,7 +443,7 @@ impl Store for SqliteStore {
                                               roles, created_at, updated_at)
                            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
                            ON CONFLICT (email_normalized) DO NOTHING
-                           RETURNING id, email, roles, disabled, email_verified, created_at"#,
+                           RETURNING id, email, roles, disabled, email_verified, created_at, last_login_at"#,
                         id,
                         email,
                         normalized,
@@ -466,6 +468,7 @@ impl Store for SqliteStore {
             row.disabled,
             row.email_verified,
             row.created_at,
+            row.last_login_at,
         )
     }
 
@@ -477,7 +480,7 @@ impl Store for SqliteStore {
         let normalized = email.normalized();
         let now = now_us();
         let row = sqlx::query!(
-            r#"SELECT u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at,
+            r#"SELECT u.id, u.email, u.roles, u.disabled, u.email_verified, u.created_at, u.last_login_at,
                       u.password_hash,
                       EXISTS (SELECT 1 FROM devices d
                               WHERE d.token_hash = ?2 AND d.user_id = u.id
@@ -499,6 +502,7 @@ impl Store for SqliteStore {
                     r.disabled,
                     r.email_verified,
                     r.created_at,
+                    r.last_login_at,
                 )?,
                 password_hash: r.password_hash,
                 device_known: r.device_known,
@@ -510,7 +514,7 @@ impl Store for SqliteStore {
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>> {
         let id = id.0.to_string();
         let row = sqlx::query!(
-            r#"SELECT id, email, roles, disabled, email_verified, created_at
+            r#"SELECT id, email, roles, disabled, email_verified, created_at, last_login_at
                FROM users WHERE id = ?1"#,
             id,
         )
@@ -525,9 +529,47 @@ impl Store for SqliteStore {
                 r.disabled,
                 r.email_verified,
                 r.created_at,
+                r.last_login_at,
             )
         })
         .transpose()
+    }
+
+    async fn list_users(
+        &self,
+        prefix: Option<&str>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query!(
+            r#"SELECT id, email, roles, disabled, email_verified, created_at, last_login_at
+               FROM users
+               WHERE (?1 IS NULL
+                      OR (email_normalized >= ?1
+                          AND substr(email_normalized, 1, length(?1)) = ?1))
+                 AND (?2 IS NULL OR email_normalized > ?2)
+               ORDER BY email_normalized
+               LIMIT ?3"#,
+            prefix,
+            after,
+            limit,
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|r| {
+                user_from(
+                    &r.id,
+                    r.email,
+                    &r.roles,
+                    r.disabled,
+                    r.email_verified,
+                    r.created_at,
+                    r.last_login_at,
+                )
+            })
+            .collect()
     }
 
     async fn replace_password_hash(&self, user: UserId, old: &str, new: &str) -> StoreResult<()> {
@@ -571,9 +613,12 @@ impl Store for SqliteStore {
                 Box::pin(async move {
                 let now = now_us();
                 let Some(roles) = sqlx::query_scalar!(
-                    "SELECT roles FROM users WHERE id = ?1 AND password_hash = ?2 AND NOT disabled",
+                    r#"UPDATE users SET last_login_at = ?3
+                       WHERE id = ?1 AND password_hash = ?2 AND NOT disabled
+                       RETURNING roles"#,
                     user,
                     password_hash,
+                    now,
                 )
                 .fetch_optional(&mut *conn)
                 .await
@@ -1100,7 +1145,7 @@ impl Store for SqliteStore {
                        RETURNING id AS "id!", email AS "email!", roles AS "roles!",
                                  disabled AS "disabled!: bool",
                                  email_verified AS "email_verified!: bool",
-                                 created_at AS "created_at!""#,
+                                 created_at AS "created_at!", last_login_at"#,
                         id,
                         disabled,
                         roles,
@@ -1136,6 +1181,7 @@ impl Store for SqliteStore {
             row.disabled,
             row.email_verified,
             row.created_at,
+            row.last_login_at,
         )?;
         let roles_changed = super::roles_differ(&roles_from(&old_roles)?, &user.roles);
         Ok(Some(UserUpdate {
@@ -1266,7 +1312,7 @@ impl Store for SqliteStore {
                            RETURNING id AS "id!", email AS "email!", roles AS "roles!",
                                      disabled AS "disabled!: bool",
                                      email_verified AS "email_verified!: bool",
-                                     created_at AS "created_at!""#,
+                                     created_at AS "created_at!", last_login_at"#,
                         token.user_id,
                         token.new_email,
                         token.norm,
@@ -1286,6 +1332,7 @@ impl Store for SqliteStore {
                 row.disabled,
                 row.email_verified,
                 row.created_at,
+                row.last_login_at,
             )?)),
             Err(Some(why)) => Ok(Err(why)),
             Err(None) => Err(StoreError::Conflict),
