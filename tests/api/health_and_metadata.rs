@@ -73,7 +73,7 @@ async fn unknown_routes_and_wrong_methods_get_contract_errors() {
     assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
     let res = app.get("/login").await;
     assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
-    let res = app.client.delete(app.url("/me")).send().await.unwrap();
+    let res = app.client.put(app.url("/me")).send().await.unwrap();
     assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
 }
 

@@ -367,16 +367,20 @@ impl Store for PgStore {
     async fn create_session(&self, new: NewSession<'_>) -> StoreResult<Option<CreatedSession>> {
         // One statement: the session, its first refresh token, the device, and the
         // eviction of the least recently used sessions past the cap (the new one is not
-        // visible to the eviction's snapshot, hence cap - 1 others are kept). `FOR
-        // SHARE` makes a concurrent password change, disable or role change wait for
-        // this login (and then end its session or mark its token), or makes this login
-        // see the change: the roles in the token are the ones read under that lock.
+        // visible to the eviction's snapshot, hence cap - 1 others are kept), and the
+        // user's `last_login_at`. The row lock makes a concurrent password change,
+        // disable or role change wait for this login (and then end its session or mark
+        // its token), or makes this login see the change: the roles in the token are the
+        // ones read under that lock. It is `FOR NO KEY UPDATE`, not `FOR SHARE`, because
+        // the statement writes the row too: two logins holding a share lock and both
+        // upgrading it would deadlock; this way logins of one user take turns for the
+        // length of one statement.
         // A device token is only ever renewed for the user it belongs to.
         let row = sqlx::query!(
             r#"WITH allowed AS (
                    SELECT id, roles FROM users
                    WHERE id = $2 AND password_hash = $10 AND NOT disabled
-                   FOR SHARE
+                   FOR NO KEY UPDATE
                ), session AS (
                    INSERT INTO sessions (id, user_id, remember_me, expires_at,
                                          login_ip, login_user_agent, last_ip, last_user_agent,
