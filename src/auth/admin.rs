@@ -211,9 +211,13 @@ impl AuthService {
             admin,
             user.id,
             client,
-            json!({"roles": roles, "invitation_sent": invite}),
+            json!({"roles": roles}),
         )
         .await;
+        if invite {
+            self.admin_audit(AuditKind::InvitationSent, admin, user.id, client, json!({}))
+                .await;
+        }
         Ok(user)
     }
 

@@ -173,6 +173,11 @@ async fn an_admin_creates_users_with_a_password_or_an_invitation() {
         .await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     app.login_ok_with(&invited, chosen).await;
+    assert!(
+        app.audit_kinds()
+            .await
+            .contains(&"invitation_sent".to_owned())
+    );
 }
 
 #[tokio::test]
