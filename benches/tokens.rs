@@ -18,8 +18,8 @@ use tessera::auth::keys::{KeyStore, SharedKeyring};
 use tessera::auth::refresh_token::RefreshToken;
 use tessera::config::Settings;
 use tessera::domain::{SessionId, UserId};
-use tessera::store::Revocations;
 use tessera::store::redis::Denylist;
+use tessera::store::{Grant, Revocations};
 use uuid::Uuid;
 
 /// Settings from the environment with the keys in a fresh directory.
@@ -47,18 +47,19 @@ fn access_tokens(c: &mut Criterion) {
         let ring =
             Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings).unwrap()).unwrap());
         let tokens = AccessTokens::new(ring.clone(), &settings.tokens);
-        let (user, session) = (UserId(Uuid::new_v4()), SessionId(Uuid::new_v4()));
-        let roles = vec!["user".to_owned()];
+        let grant = Grant {
+            session_id: SessionId(Uuid::new_v4()),
+            user_id: UserId(Uuid::new_v4()),
+            roles: vec!["user".to_owned()],
+            email_verified: true,
+            expires_at: chrono::Utc::now(),
+            remember_me: false,
+            issued_at: chrono::Utc::now(),
+        };
         group.bench_function(format!("sign {algorithm}"), |b| {
-            b.iter(|| {
-                tokens
-                    .issue(black_box(user), session, &roles, chrono::Utc::now())
-                    .unwrap()
-            })
+            b.iter(|| tokens.issue(black_box(&grant)).unwrap())
         });
-        let token = tokens
-            .issue(user, session, &roles, chrono::Utc::now())
-            .unwrap();
+        let token = tokens.issue(&grant).unwrap();
         // The same claims through jsonwebtoken, which parses the key for every call:
         // what `issue` did before it signed with the key parsed once.
         let claims = tokens.verify(&token).unwrap();

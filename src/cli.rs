@@ -1,4 +1,5 @@
-//! The `tessera` command line: `serve` (default), `migrate`, `user create`, `keys`,
+//! The `tessera` command line: `serve` (default), `migrate`, `user
+//! create|list|show|delete|reset`, `keys`,
 //! `backup` and `copy` (the embedded database's backup and its move to PostgreSQL).
 
 use std::io::{BufRead, IsTerminal};
@@ -7,13 +8,17 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::auth::admin::By;
 use crate::auth::keys::KeyStore;
 use crate::auth::password::PasswordHasherPool;
+use crate::auth::session::AuthService;
 use crate::config::Settings;
-use crate::domain::{Email, Password};
+use crate::domain::{Email, Password, UserId};
+use crate::error::ApiError;
 use crate::startup::Application;
 use crate::store::Backend;
 use crate::store::Store;
+use crate::store::User;
 use crate::store::sqlite::SqliteStore;
 
 #[derive(Parser)]
@@ -74,6 +79,39 @@ pub enum UserCommand {
         /// A role to grant (repeatable), e.g. --role admin.
         #[arg(long = "role")]
         roles: Vec<String>,
+    },
+    /// List users sorted by email, one per line (id, email, verified, roles, disabled,
+    /// created, last login).
+    List {
+        /// Only emails starting with this (case-insensitive).
+        #[arg(long)]
+        email: Option<String>,
+        /// At most this many (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// The next page: users after this email (the last one listed).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Show one user, as JSON (the admin API's user object).
+    Show {
+        /// The user's id or email.
+        user: String,
+    },
+    /// Delete a user and everything of theirs (sessions, devices, emailed tokens);
+    /// every access token of theirs stops working at once, and the email can register
+    /// again. The last enabled admin cannot be deleted.
+    Delete {
+        /// The user's id or email.
+        user: String,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Email the user a password reset link (delivered by the running servers).
+    Reset {
+        /// The user's id or email.
+        user: String,
     },
 }
 
@@ -139,6 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 user.roles.join(",")
             );
         }
+        Command::User { command } => manage_user(settings, command).await?,
         Command::Backup { file } => backup(&settings, &file).await?,
         Command::Copy { to, redis } => {
             let to = match to.or_else(|| std::env::var("TESSERA_COPY_TO").ok()) {
@@ -192,6 +231,123 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `tessera user list|show|delete|reset`, through the same account operations as the
+/// admin API (audited as done by an operator).
+async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result<()> {
+    let auth = crate::startup::operator_service(settings).await?;
+    let failed = |e: ApiError| anyhow::anyhow!("{}", operator_message(e));
+    match command {
+        UserCommand::Create { .. } => unreachable!("handled by run"),
+        UserCommand::List {
+            email,
+            limit,
+            after,
+        } => {
+            anyhow::ensure!((1..=1000).contains(&limit), "--limit must be 1 to 1000");
+            let users = auth
+                .admin_list_users(email.as_deref(), after.as_deref(), limit)
+                .await
+                .map_err(failed)?;
+            println!(
+                "{:<36}  {:<32}  {:<8}  {:<16}  {:<8}  {:<20}  last login",
+                "id", "email", "verified", "roles", "disabled", "created"
+            );
+            for u in &users {
+                let when =
+                    |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+                println!(
+                    "{:<36}  {:<32}  {:<8}  {:<16}  {:<8}  {:<20}  {}",
+                    u.id,
+                    u.email,
+                    u.email_verified,
+                    u.roles.join(","),
+                    u.disabled,
+                    when(u.created_at),
+                    u.last_login_at.map(when).unwrap_or_else(|| "-".into())
+                );
+            }
+            if users.len() as i64 == limit
+                && let Some(last) = users.last()
+            {
+                eprintln!("more may follow: --after {}", last.email);
+            }
+        }
+        UserCommand::Show { user } => {
+            let user = find_user(&auth, &user).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::http::UserView::from(user))?
+            );
+        }
+        UserCommand::Delete { user, yes } => {
+            let user = find_user(&auth, &user).await?;
+            if !yes {
+                anyhow::ensure!(
+                    std::io::stdin().is_terminal(),
+                    "say --yes to delete {} without a terminal to confirm on",
+                    user.email
+                );
+                eprint!(
+                    "delete {} ({}) and everything of theirs? [y/N] ",
+                    user.email, user.id
+                );
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer)?;
+                anyhow::ensure!(answer.trim().eq_ignore_ascii_case("y"), "nothing deleted");
+            }
+            auth.delete_user(user.id, By::Operator)
+                .await
+                .map_err(failed)?;
+            eprintln!("deleted user {} ({})", user.email, user.id);
+        }
+        UserCommand::Reset { user } => {
+            anyhow::ensure!(
+                auth.settings().email.transport != crate::config::EmailTransport::None,
+                "email.transport is \"none\": nothing would be sent; set email.transport \
+                 (and email.smtp_url) as the servers have them"
+            );
+            let user = find_user(&auth, &user).await?;
+            auth.send_reset(user.id, By::Operator)
+                .await
+                .map_err(failed)?;
+            eprintln!(
+                "a password reset link for {} is in the outbox; a running server sends it",
+                user.email
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A user named by id or by email.
+async fn find_user(auth: &AuthService, name: &str) -> anyhow::Result<User> {
+    let found = match uuid::Uuid::parse_str(name) {
+        Ok(id) => auth.find_user(UserId(id)).await,
+        Err(_) => {
+            let email = Email::parse(name)
+                .map_err(|e| anyhow::anyhow!("{name:?} is neither a user id nor an email: {e}"))?;
+            auth.find_user_by_email(&email).await
+        }
+    };
+    found
+        .map_err(|e| anyhow::anyhow!("{}", operator_message(e)))?
+        .ok_or_else(|| anyhow::anyhow!("no user {name}; `tessera user list` shows them"))
+}
+
+/// What the operator is told when an account operation fails.
+fn operator_message(e: ApiError) -> String {
+    match e {
+        ApiError::LastAdmin => {
+            "this is the last enabled admin; make another user admin first".into()
+        }
+        ApiError::NotFound => "no such user (deleted meanwhile?)".into(),
+        ApiError::Unavailable(e, _) => {
+            format!("a backing service is unavailable: {e:#}; check database.url and redis.url")
+        }
+        other => format!("{other}"),
+    }
 }
 
 fn read_password() -> anyhow::Result<String> {

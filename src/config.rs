@@ -209,6 +209,24 @@ pub struct EmailSettings {
     pub retry_base_secs: u64,
     pub retry_max_secs: u64,
     pub give_up_after_secs: u64,
+    /// The security notices sent to a user's address (`email.notify`).
+    pub notify: Vec<NoticeKind>,
+}
+
+/// A security notice a user can be sent (`email.notify`). None carries a token or a link
+/// that acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    /// A login without a known device token, from a network and User-Agent the account
+    /// has not logged in from before.
+    NewDevice,
+    /// `PUT /me/password` or a password reset.
+    PasswordChanged,
+    /// To the old address, when an email change is asked for.
+    EmailChanged,
+    /// A refresh token used again after its rotation: the session was ended.
+    SessionReuseDetected,
 }
 
 /// Whether users must confirm their address (`email.verification`).

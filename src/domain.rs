@@ -8,6 +8,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// The role that lets a caller use the admin routes.
+pub const ADMIN_ROLE: &str = "admin";
+/// The only role of a user made by `POST /users/anonymous` until it is converted.
+pub const ANONYMOUS_ROLE: &str = "anonymous";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct UserId(pub Uuid);

@@ -71,6 +71,62 @@ async fn spawn_mark_loading(marks: Weak<MemoryMarks>, session_mark_secs: u64) {
     });
 }
 
+/// Every second, applies the marks other processes saved in the database (the command
+/// line's: see [`operator_service`]).
+fn spawn_mark_sync(marks: Weak<MemoryMarks>) {
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(MARK_SYNC_EVERY).await;
+            let Some(m) = marks.upgrade() else { return };
+            match m.sync().await {
+                Ok(_) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read saved revocation marks");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+/// How often a single instance reads the marks other processes saved.
+const MARK_SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// The account operations for the command line (`tessera user list|show|delete|reset`):
+/// the store, revocations and outbox a server with these settings uses, without
+/// serving. With `redis.url` empty a revocation is saved in the database, where the
+/// running server applies it within a second ([`MemoryMarks::sync`]); with Redis it is
+/// written there, as a server would. Email is left in the outbox for the servers'
+/// senders.
+pub async fn operator_service(settings: Settings) -> anyhow::Result<AuthService> {
+    let backend = Backend::from_settings(&settings.database)?;
+    backend.prepare(&settings.database, true).await?;
+    let store = backend.connect_lazy(&settings.database)?;
+    let revocations: Arc<dyn Revocations> = if settings.redis.url.expose_secret().trim().is_empty()
+    {
+        Arc::new(MemoryMarks::persistent(store.clone()))
+    } else {
+        Arc::new(Denylist::connect_lazy(&settings.redis)?)
+    };
+    let failures = Arc::new(MemoryBudgets::new(&settings.login));
+    let secrets = KeyStore::from_settings(&settings)?;
+    let outbox = Arc::new(Outbox::new(&secrets.outbox_secret()?));
+    let keys = Arc::new(SharedKeyring::open(secrets)?);
+    let tokens = AccessTokens::new(keys, &settings.tokens);
+    let hasher = PasswordHasherPool::new(&settings.password)?;
+    Ok(AuthService::new(
+        settings,
+        store,
+        revocations,
+        failures,
+        tokens,
+        hasher,
+        outbox,
+    ))
+}
+
 /// Where revocation marks and login failure budgets live: Redis, shared by every
 /// instance, or (with `redis.url` empty) this process alone, its marks made durable
 /// through the database.
@@ -104,6 +160,7 @@ async fn revocations_and_budgets(
             ),
         }
         spawn_mark_loading(Arc::downgrade(&marks), session_mark_secs).await;
+        spawn_mark_sync(Arc::downgrade(&marks));
         return Ok((marks, Arc::new(MemoryBudgets::new(&settings.login))));
     }
     let mut denylist = Denylist::connect_lazy(&settings.redis)?;

@@ -29,7 +29,8 @@ use uuid::Uuid;
 use super::keys::{KeyMaterial, SharedKeyring, jwt_algorithm};
 use super::recent::Recent;
 use crate::config::TokenSettings;
-use crate::domain::{SessionId, UserId};
+use crate::domain::{ANONYMOUS_ROLE, SessionId, UserId};
+use crate::store::Grant;
 
 pub const TOKEN_TYPE: &str = "at+jwt";
 
@@ -44,6 +45,14 @@ pub struct Claims {
     pub jti: String,
     pub sid: SessionId,
     pub roles: Vec<String>,
+    /// Whether the user's email address was verified when the token was issued (a
+    /// verification shows in the next refresh's token).
+    #[serde(default)]
+    pub email_verified: bool,
+    /// A user created by `POST /users/anonymous` and not converted yet (role
+    /// `anonymous`).
+    #[serde(default)]
+    pub is_anonymous: bool,
 }
 
 impl Claims {
@@ -125,13 +134,8 @@ impl AccessTokens {
     /// Signs a token issued at `issued_at`: the database's clock when the statement that
     /// granted it ran (see [`crate::store::Grant::issued_at`]), which is also its `jti`'s
     /// UUIDv7 timestamp, so per-user marks compare times from one clock.
-    pub fn issue(
-        &self,
-        user: UserId,
-        session: SessionId,
-        roles: &[String],
-        issued_at: chrono::DateTime<Utc>,
-    ) -> anyhow::Result<String> {
+    pub fn issue(&self, grant: &Grant) -> anyhow::Result<String> {
+        let issued_at = grant.issued_at;
         let now = issued_at.timestamp();
         let ts = uuid::Timestamp::from_unix(
             uuid::NoContext,
@@ -140,14 +144,16 @@ impl AccessTokens {
         );
         let claims = Claims {
             iss: self.issuer.clone(),
-            sub: user,
+            sub: grant.user_id,
             aud: self.audience.clone(),
             exp: now + self.ttl_secs,
             iat: now,
             nbf: now,
             jti: Uuid::new_v7(ts).to_string(),
-            sid: session,
-            roles: roles.to_vec(),
+            sid: grant.session_id,
+            roles: grant.roles.clone(),
+            email_verified: grant.email_verified,
+            is_anonymous: grant.roles.iter().any(|r| r == ANONYMOUS_ROLE),
         };
         let ring = self.keys.current();
         let key = &ring.signing;
@@ -243,6 +249,8 @@ mod tests {
             jti,
             sid: SessionId(Uuid::nil()),
             roles: vec![],
+            email_verified: false,
+            is_anonymous: false,
         }
     }
 
@@ -271,12 +279,15 @@ mod tests {
         let settings = crate::config::Settings::load_from(None, Vec::new()).unwrap();
         let tokens = AccessTokens::new(ring.clone(), &settings.tokens).remembering(10);
         let token = tokens
-            .issue(
-                UserId(Uuid::new_v4()),
-                SessionId(Uuid::new_v4()),
-                &[],
-                Utc::now(),
-            )
+            .issue(&Grant {
+                session_id: SessionId(Uuid::new_v4()),
+                user_id: UserId(Uuid::new_v4()),
+                roles: vec![],
+                email_verified: false,
+                expires_at: Utc::now(),
+                remember_me: false,
+                issued_at: Utc::now(),
+            })
             .unwrap();
         tokens.verify(&token).unwrap();
         tokens.verify(&token).unwrap();

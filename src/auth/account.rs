@@ -1,6 +1,8 @@
 //! What a signed-in user can do about their own account: see and end their sessions,
 //! and change their password (which ends every other session at once).
 
+use super::admin::By;
+use crate::config::NoticeKind;
 use std::net::IpAddr;
 
 use serde_json::json;
@@ -80,6 +82,12 @@ impl AuthService {
             )
             .await?;
         let new_hash = self.hasher.hash(new).await?;
+        let notice = self.notice(
+            NoticeKind::PasswordChanged,
+            claims.sub,
+            &credentials.user.email,
+            &[],
+        );
         let ended = self
             .store
             .change_password(
@@ -87,10 +95,14 @@ impl AuthService {
                 &credentials.password_hash,
                 &new_hash,
                 claims.sid,
+                notice.as_deref(),
             )
             .await?
             // Changed or disabled by someone else meanwhile.
             .ok_or(ApiError::InvalidCredentials)?;
+        if notice.is_some() {
+            self.outbox.wake();
+        }
         self.deny_sessions(&ended).await?;
         self.audit(
             AuditKind::PasswordChanged,
@@ -173,40 +185,19 @@ impl AuthService {
             AuditKind::UserDeletionFailed,
         )
         .await?;
-        self.delete_user(claims.sub, None).await
+        self.delete_user(claims.sub, By::Owner).await
     }
 
-    /// Deletes `user` (the caller's own account, or by `admin`); see
+    /// Deletes `user` (the caller's own account, by an admin or by an operator); see
     /// [`AuthService::delete_own_account`].
-    pub(super) async fn delete_user(
-        &self,
-        user: UserId,
-        admin: Option<(&Claims, &ClientInfo)>,
-    ) -> Result<(), ApiError> {
+    pub async fn delete_user(&self, user: UserId, by: By<'_>) -> Result<(), ApiError> {
         if !self.store.delete_user(user).await? {
             return Err(ApiError::NotFound);
         }
         self.forget_email(user);
         self.revoke_user_tokens(user).await?;
-        let (actor, client) = match admin {
-            Some((claims, client)) => (Some(claims.sub), client.clone()),
-            // Nothing that points at the person: no address, no user agent.
-            None => (None, ClientInfo::default()),
-        };
-        if let Err(e) = self
-            .store
-            .record_audit(crate::store::AuditEvent {
-                kind: AuditKind::UserDeleted,
-                user_id: Some(user),
-                session_id: None,
-                actor_id: actor,
-                client: &client,
-                detail: json!({}),
-            })
-            .await
-        {
-            tracing::warn!(error = %e, "could not record a deletion in the audit trail");
-        }
+        self.audit_by(by, AuditKind::UserDeleted, user, json!({}))
+            .await;
         Ok(())
     }
 }

@@ -23,6 +23,17 @@ use crate::store::{
     UserChange,
 };
 
+/// Who acts on a user's account, as the audit trail records it.
+#[derive(Clone, Copy)]
+pub enum By<'a> {
+    /// The user themself (no address or user agent is kept for a deletion).
+    Owner,
+    /// An admin through the HTTP API.
+    Admin(&'a Claims, &'a ClientInfo),
+    /// An operator through the `tessera` command line.
+    Operator,
+}
+
 /// Role names: short, printable, no spaces (they travel in every access token).
 pub fn parse_roles(raw: Vec<String>) -> Result<Vec<String>, &'static str> {
     if raw.len() > 32 {
@@ -142,7 +153,7 @@ impl AuthService {
         user: UserId,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
-        self.delete_user(user, Some((admin, client))).await
+        self.delete_user(user, By::Admin(admin, client)).await
     }
 
     /// Users sorted by email (see `GET /admin/users`).
@@ -166,6 +177,20 @@ impl AuthService {
             .store
             .list_users(prefix.as_deref(), after.as_deref(), limit)
             .await?)
+    }
+
+    /// A user by id, if there is one (`tessera user show`).
+    pub async fn find_user(&self, id: UserId) -> Result<Option<User>, ApiError> {
+        Ok(self.store.find_user(id).await?)
+    }
+
+    /// A user by email, if there is one (`tessera user show`).
+    pub async fn find_user_by_email(&self, email: &Email) -> Result<Option<User>, ApiError> {
+        Ok(self
+            .store
+            .find_credentials(email, None)
+            .await?
+            .map(|c| c.user))
     }
 
     pub async fn admin_get_user(&self, user: UserId) -> Result<User, ApiError> {
@@ -228,6 +253,12 @@ impl AuthService {
         user: UserId,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
+        self.send_reset(user, By::Admin(admin, client)).await
+    }
+
+    /// Emails `user` a password reset link (`POST /admin/users/{id}/password-reset`,
+    /// `tessera user reset`).
+    pub async fn send_reset(&self, user: UserId, by: By<'_>) -> Result<(), ApiError> {
         let user = self.existing_user(user).await?;
         let email = Email::parse(&user.email)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
@@ -242,14 +273,8 @@ impl AuthService {
             return Err(ApiError::NotFound);
         }
         self.outbox.wake();
-        self.admin_audit(
-            AuditKind::PasswordResetRequested,
-            admin,
-            user.id,
-            client,
-            json!({}),
-        )
-        .await;
+        self.audit_by(by, AuditKind::PasswordResetRequested, user.id, json!({}))
+            .await;
         Ok(())
     }
 
@@ -261,11 +286,34 @@ impl AuthService {
         client: &ClientInfo,
         detail: serde_json::Value,
     ) {
+        self.audit_by(By::Admin(admin, client), kind, user, detail)
+            .await
+    }
+
+    /// An audit row of something done to `user`: by an admin, with their id, session
+    /// and client; by an operator, marked so in `detail`; by the user, with no address
+    /// or user agent.
+    pub(super) async fn audit_by(
+        &self,
+        by: By<'_>,
+        kind: AuditKind,
+        user: UserId,
+        mut detail: serde_json::Value,
+    ) {
+        let none = ClientInfo::default();
+        let (session_id, actor_id, client) = match by {
+            By::Admin(admin, client) => (Some(admin.sid), Some(admin.sub), client),
+            By::Operator => {
+                detail["by"] = json!("operator");
+                (None, None, &none)
+            }
+            By::Owner => (None, None, &none),
+        };
         self.record(AuditEvent {
             kind,
             user_id: Some(user),
-            session_id: Some(admin.sid),
-            actor_id: Some(admin.sub),
+            session_id,
+            actor_id,
             client,
             detail,
         })

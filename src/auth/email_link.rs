@@ -18,7 +18,7 @@ use super::access_token::Claims;
 use super::device::DeviceToken;
 use super::refresh_token::RefreshToken;
 use super::session::AuthService;
-use crate::config::EmailVerification;
+use crate::config::{EmailVerification, NoticeKind};
 use crate::domain::{Email, Password, UserId};
 use crate::email::templates::Template;
 use crate::error::ApiError;
@@ -269,11 +269,16 @@ impl AuthService {
             .check_ip(ip)
             .map_err(|t| ApiError::RateLimited(t.retry_after_secs))?;
         let hash = self.hasher.hash(new_password).await?;
+        let notice = self.notice_for(NoticeKind::PasswordChanged);
+        let noticed = notice.is_some();
         let reset = self
             .store
-            .reset_password(&token.hash(), &hash)
+            .reset_password(&token.hash(), &hash, notice)
             .await?
             .map_err(ApiError::InvalidEmailToken)?;
+        if noticed {
+            self.outbox.wake();
+        }
         self.deny_sessions(&reset.ended).await?;
         if let Err(e) = self
             .failures
@@ -345,17 +350,12 @@ impl AuthService {
             &new_email,
             self.settings().email.verify_ttl_secs,
         );
-        let values = [
-            ("email", old.as_str().to_owned()),
-            ("new_email", new_email.as_str().to_owned()),
-            ("when", Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()),
-        ];
-        link.notice = Some(self.outbox.seal(&Item::Email {
-            user: Some(user.id),
-            template: Template::EmailChanged.name().to_owned(),
-            to: old.as_str().to_owned(),
-            values: values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-        }));
+        link.notice = self.notice(
+            NoticeKind::EmailChanged,
+            user.id,
+            old.as_str(),
+            &[("new_email", new_email.as_str().to_owned())],
+        );
         link.new_email = Some(new_email);
         if self.store.issue_email_token(user.id, link.grant()).await? {
             self.outbox.wake();

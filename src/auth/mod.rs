@@ -10,6 +10,7 @@ pub mod csrf;
 pub mod device;
 pub mod email_link;
 pub mod keys;
+pub mod notice;
 pub mod password;
 pub mod recent;
 pub mod refresh_token;

@@ -23,7 +23,7 @@ use super::password::{HashError, PasswordHasherPool};
 use super::recent::Recent;
 use super::refresh_token::RefreshToken;
 use super::throttle::{LoginThrottle, MailThrottle};
-use crate::config::{EmailVerification, Settings};
+use crate::config::{EmailVerification, NoticeKind, Settings};
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::outbox::Outbox;
@@ -67,7 +67,7 @@ pub struct AuthService {
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
     pub failures: Arc<dyn FailureBudgets>,
-    /// Users' emails for `GET /me`, with when each was read (Unix seconds).
+    /// Users' verified emails for `GET /me`, with when each was read (Unix seconds).
     emails: Recent<UserId, (Arc<str>, i64)>,
     pub outbox: Arc<Outbox>,
     pub(super) mail_throttle: MailThrottle,
@@ -222,6 +222,10 @@ impl AuthService {
             .known_device
             .clone()
             .unwrap_or_else(DeviceToken::generate);
+        let notice = match attempt.known_device {
+            Some(_) => None,
+            None => self.new_device_notice(user.id, &user.email, client).await,
+        };
         let created = self
             .store
             .create_session(NewSession {
@@ -237,6 +241,7 @@ impl AuthService {
                 device_hash: &device.hash(),
                 device_ttl_secs: self.settings.login.device_ttl_secs as i64,
                 chain_hash: &chain_hash,
+                notice: notice.as_deref(),
             })
             .await?;
         let Some(created) = created else {
@@ -254,6 +259,9 @@ impl AuthService {
             return Err(ApiError::InvalidCredentials);
         };
         attempt.finish(Outcome::Succeeded).await;
+        if notice.is_some() {
+            self.outbox.wake();
+        }
         self.deny_sessions(&created.evicted).await?;
         if let Some(new_hash) = verification.upgraded_hash {
             self.upgrade_hash(user.id, &password_hash, &new_hash).await;
@@ -339,7 +347,18 @@ impl AuthService {
         // Reuse after the window: treat as theft and end the whole session.
         let sid = state.grant.session_id;
         tracing::warn!(session_id = %sid, "refresh token reuse detected; revoking session");
-        self.end_session(sid, "refresh_token_reuse").await?;
+        let notice = self.notice_for(NoticeKind::SessionReuseDetected);
+        let noticed = notice.is_some();
+        if self
+            .store
+            .revoke_session(sid, "refresh_token_reuse", notice)
+            .await?
+            .is_some()
+            && noticed
+        {
+            self.outbox.wake();
+        }
+        self.deny_sessions(&[sid]).await?;
         self.audit(
             AuditKind::RefreshReuseDetected,
             Some(state.grant.user_id),
@@ -406,7 +425,7 @@ impl AuthService {
         let ended = match scope {
             // Even if it was already ended in the database, make sure of the mark.
             LogoutScope::Local => {
-                self.store.revoke_session(sid, "logout").await?;
+                self.store.revoke_session(sid, "logout", None).await?;
                 vec![sid]
             }
             LogoutScope::Others => {
@@ -499,7 +518,11 @@ impl AuthService {
                 }
                 return Ok(());
             }
-            let ended_now = self.store.revoke_session(sid, "revoked").await?.is_some();
+            let ended_now = self
+                .store
+                .revoke_session(sid, "revoked", None)
+                .await?
+                .is_some();
             self.deny_sessions(&[sid]).await?;
             if ended_now {
                 self.audit(
@@ -552,8 +575,8 @@ impl AuthService {
         }
     }
 
-    /// The email `GET /me` shows: from memory, or from the database on a miss, which
-    /// also turns away a disabled or unknown user.
+    /// The email `GET /me` shows, and whether it is verified: from memory, or from the
+    /// database on a miss, which also turns away a disabled or unknown user.
     ///
     /// A remembered email is used only for a token issued well before it was read
     /// (`EMAIL_FRESH_MARGIN_SECS`). An email change or a deletion revokes every access
@@ -561,32 +584,34 @@ impl AuthService {
     /// after it; an entry read before the change is therefore older than the token and
     /// is read again, on every instance, without telling them. A token's first `GET /me`
     /// on an instance reads the database once; later ones are served from memory.
+    /// Verification revokes nothing, but it only ever turns `false` into `true` for a
+    /// given address: so an entry saying "verified" stays right, and one saying "not
+    /// verified" is never used (the database is read again until it says verified).
     /// Whatever else decides whether the caller may see it is in the token, which the
     /// denylist has just checked: disabling a user revokes all their tokens.
-    pub async fn email_of(&self, user: UserId, token_iat: i64) -> Result<Arc<str>, ApiError> {
+    pub async fn email_of(
+        &self,
+        user: UserId,
+        token_iat: i64,
+    ) -> Result<(Arc<str>, bool), ApiError> {
         if let Some((email, read_at)) = self.emails.get(&user)
             && read_at >= token_iat + EMAIL_FRESH_MARGIN_SECS
         {
-            return Ok(email);
+            return Ok((email, true));
         }
         let read_at = Utc::now().timestamp();
         let user = self.current_user(user).await?;
         let email: Arc<str> = user.email.into();
-        self.emails.insert(user.id, (email.clone(), read_at));
-        Ok(email)
+        if user.email_verified {
+            self.emails.insert(user.id, (email.clone(), read_at));
+        }
+        Ok((email, user.email_verified))
     }
 
     /// Drops a remembered email (this instance's; others go by the rule of
     /// [`AuthService::email_of`]).
     pub(super) fn forget_email(&self, user: UserId) {
         self.emails.remove(&user);
-    }
-
-    /// Ends one session: the database first (its refresh token fails), then the
-    /// denylist (its access tokens fail on every instance).
-    pub(super) async fn end_session(&self, sid: SessionId, reason: &str) -> Result<(), ApiError> {
-        self.store.revoke_session(sid, reason).await?;
-        self.deny_sessions(&[sid]).await
     }
 
     pub(super) async fn deny_sessions(&self, sids: &[SessionId]) -> Result<(), ApiError> {
@@ -597,15 +622,7 @@ impl AuthService {
     }
 
     fn token_grant(&self, grant: &Grant, refresh: RefreshToken) -> Result<TokenGrant, ApiError> {
-        let access_token = self
-            .tokens
-            .issue(
-                grant.user_id,
-                grant.session_id,
-                &grant.roles,
-                grant.issued_at,
-            )
-            .map_err(ApiError::Internal)?;
+        let access_token = self.tokens.issue(grant).map_err(ApiError::Internal)?;
         let remaining = (grant.expires_at - Utc::now()).num_seconds().max(0);
         let idle = self.settings.tokens.refresh_idle_ttl_secs as i64;
         Ok(TokenGrant {

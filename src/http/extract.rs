@@ -222,7 +222,7 @@ impl FromRequest for Authenticated {
 /// revokes the user's earlier tokens at once, so they cannot be stale.
 pub struct Admin(pub Claims);
 
-pub const ADMIN_ROLE: &str = "admin";
+pub use crate::domain::ADMIN_ROLE;
 
 impl FromRequest for Admin {
     type Error = ApiError;

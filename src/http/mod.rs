@@ -46,7 +46,10 @@ pub(crate) struct UserView {
 impl From<crate::store::User> for UserView {
     fn from(user: crate::store::User) -> Self {
         UserView {
-            is_anonymous: user.roles.iter().any(|r| r == "anonymous"),
+            is_anonymous: user
+                .roles
+                .iter()
+                .any(|r| r == crate::domain::ANONYMOUS_ROLE),
             id: user.id,
             email: user.email,
             email_verified: user.email_verified,

@@ -51,6 +51,7 @@ pub async fn register(
 struct Me<'a> {
     id: UserId,
     email: &'a str,
+    email_verified: bool,
     roles: &'a [String],
     session_id: SessionId,
 }
@@ -61,12 +62,13 @@ pub async fn me(
 ) -> Result<HttpResponse, ApiError> {
     // Roles come from the token: it has just passed the denylist, and a role change
     // revokes every earlier token, so they are the user's current roles.
-    let email = state.auth.email_of(claims.sub, claims.iat).await?;
+    let (email, email_verified) = state.auth.email_of(claims.sub, claims.iat).await?;
     Ok(HttpResponse::Ok()
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .json(Me {
             id: claims.sub,
             email: &email,
+            email_verified,
             roles: &claims.roles,
             session_id: claims.sid,
         }))

@@ -142,6 +142,11 @@ pub struct EmailTokenGrant<'a> {
     pub notice: Option<&'a [u8]>,
 }
 
+/// Seals a notice (see `crate::auth::notice`) for the user and address it is given: for
+/// a change whose user the store finds, so the notice goes to the address the user has
+/// when the change commits, in the same transaction.
+pub type NoticeFor = std::sync::Arc<dyn Fn(UserId, &str) -> Vec<u8> + Send + Sync>;
+
 /// Why an emailed token was not accepted (`error_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRefusal {
@@ -207,6 +212,8 @@ pub struct NewSession<'a> {
     /// SHA-256 of the chain secret of the session's refresh tokens.
     pub chain_hash: &'a [u8],
     pub device_ttl_secs: i64,
+    /// An outbox row written with the session (a `new_device` notice), sealed.
+    pub notice: Option<&'a [u8]>,
 }
 
 /// What [`Store::create_session`] made.
@@ -241,6 +248,8 @@ pub struct Grant {
     pub session_id: SessionId,
     pub user_id: UserId,
     pub roles: Vec<String>,
+    /// The user's `email_verified` when the statement that granted it ran.
+    pub email_verified: bool,
     pub expires_at: DateTime<Utc>,
     /// Whether the login asked to be remembered (a browser keeps its refresh cookie
     /// across restarts only then).
@@ -641,8 +650,14 @@ pub trait Store: Send + Sync + 'static {
         secret_hash: &[u8],
     ) -> StoreResult<Option<(RefreshState, i64)>>;
 
-    /// Ends one session; returns its user if it was live.
-    async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>>;
+    /// Ends one session; returns its user if it was live. `notice` (only if it was live)
+    /// is written to the outbox in the same transaction.
+    async fn revoke_session(
+        &self,
+        id: SessionId,
+        reason: &str,
+        notice: Option<NoticeFor>,
+    ) -> StoreResult<Option<UserId>>;
     /// Ends every live session of a user, but `except`. Returns the sessions it ended
     /// and those already ended within the last `recent_secs`: a retry after a failed
     /// denylist write marks them all again, so none keeps working by accident.
@@ -670,13 +685,15 @@ pub trait Store: Send + Sync + 'static {
         recent_secs: i64,
     ) -> StoreResult<bool>;
     /// Replaces the password hash if it is still `old`, and ends every other session of
-    /// the user in the same statement. `None` if the hash changed meanwhile.
+    /// the user in the same statement. `None` if the hash changed meanwhile. `notice`, a
+    /// sealed outbox row, is written with the change.
     async fn change_password(
         &self,
         user: UserId,
         old: &str,
         new: &str,
         keep: SessionId,
+        notice: Option<&[u8]>,
     ) -> StoreResult<Option<Vec<SessionId>>>;
     /// Applies an admin's change; disabling also ends every session. `None`: no such user;
     /// [`StoreError::LastAdmin`] when it would leave no enabled admin.
@@ -709,11 +726,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Uses a `reset_password` token: sets the new password hash, counts the address as
     /// verified and ends every session of the user, in one transaction. The user, their
-    /// normalized email and the sessions it ended.
+    /// normalized email and the sessions it ended. `notice` is written to the outbox in
+    /// the same transaction.
     async fn reset_password(
         &self,
         token_hash: &[u8],
         new_hash: &str,
+        notice: Option<NoticeFor>,
     ) -> StoreResult<Result<PasswordReset, TokenRefusal>>;
 
     /// Deletes a user and everything of theirs in one transaction: sessions, refresh
@@ -735,6 +754,9 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_len(&self) -> StoreResult<i64>;
 
     async fn record_audit(&self, event: AuditEvent<'_>) -> StoreResult<()>;
+    /// Where the user's latest `limit` logins (and their own registration) came from,
+    /// newest first, from the audit rows: what a `new_device` notice compares with.
+    async fn login_origins(&self, user: UserId, limit: i64) -> StoreResult<Vec<ClientInfo>>;
     async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
 
     /// Deletes up to `batch` sessions (their refresh tokens cascade) that ended more

@@ -61,6 +61,12 @@ pub struct Claims {
     /// The session (one login).
     pub sid: Uuid,
     pub roles: Vec<String>,
+    /// Whether the user's email address was verified when the token was issued.
+    #[serde(default)]
+    pub email_verified: bool,
+    /// An anonymous user (`POST /users/anonymous`) not converted yet.
+    #[serde(default)]
+    pub is_anonymous: bool,
 }
 
 impl Claims {
@@ -322,6 +328,8 @@ mod tests {
             jti: Uuid::new_v4().to_string(),
             sid: Uuid::nil(),
             roles: vec![],
+            email_verified: false,
+            is_anonymous: false,
         };
         assert_eq!(c.issued_at_ms(), 7000);
         c.jti = Uuid::now_v7().to_string();

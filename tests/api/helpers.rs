@@ -177,6 +177,16 @@ impl Tokens {
             body,
         }
     }
+
+    /// The access token's claims, read without checking the signature.
+    pub fn claims(&self) -> Value {
+        use base64::Engine;
+        let payload = self.access.split('.').nth(1).expect("a JWT");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url claims");
+        serde_json::from_slice(&bytes).expect("JSON claims")
+    }
 }
 
 impl TestApp {

@@ -163,6 +163,7 @@ async fn create_session(app: &TestApp, user: uuid::Uuid, verified: &str) -> bool
             device_hash: uuid::Uuid::new_v4().as_bytes(),
             device_ttl_secs: 60,
             chain_hash: uuid::Uuid::new_v4().as_bytes(),
+            notice: None,
         })
         .await
         .unwrap();

@@ -76,6 +76,37 @@ async fn registration_sends_a_link_that_verifies_once() {
 }
 
 #[tokio::test]
+async fn me_and_the_access_token_say_whether_the_address_is_verified() {
+    let server = SmtpServer::start(Options::default()).await;
+    let app = spawn_app_with(mailing(&server, EmailVerification::Optional)).await;
+    let address = email();
+    app.register(&address, PASSWORD).await;
+    let tokens = app.login_ok(&address).await;
+    assert_eq!(tokens.claims()["email_verified"], false);
+    assert_eq!(tokens.claims()["is_anonymous"], false);
+    let me = |token: String| {
+        let app = &app;
+        async move { app.me(&token).await.json::<Value>().await.unwrap() }
+    };
+    assert_eq!(me(tokens.access.clone()).await["email_verified"], false);
+
+    let (_, token) = link(&server.wait_for(1, WAIT).await[0]);
+    assert_eq!(verify(&app, &token).await.status(), StatusCode::OK);
+    // The token issued before keeps its claim; `GET /me` reads the address's state now,
+    // even on a token it has answered for before.
+    assert_eq!(me(tokens.access.clone()).await["email_verified"], true);
+    let refreshed = app.refresh_ok(&tokens.refresh).await;
+    assert_eq!(refreshed.claims()["email_verified"], true);
+    assert_eq!(
+        app.login_ok(&address).await.claims()["email_verified"],
+        true
+    );
+    let body = me(refreshed.access).await;
+    assert_eq!(body["email"], address.as_str());
+    assert_eq!(body["email_verified"], true);
+}
+
+#[tokio::test]
 async fn with_verification_off_registration_sends_nothing_but_a_link_can_be_asked_for() {
     let server = SmtpServer::start(Options::default()).await;
     let app = spawn_app_with(mailing(&server, EmailVerification::Off)).await;

@@ -4,7 +4,9 @@
 //! Durable through the database ([`MemoryMarks::persistent`]): per-user cut-offs and
 //! single access tokens are saved (`revocation_marks`) before they count, ended
 //! sessions are in `sessions.revoked_at` already, and [`MemoryMarks::load`] reads both
-//! back on start, so a restart never brings a revoked access token back.
+//! back on start, so a restart never brings a revoked access token back. The saved ones
+//! are read again every second ([`MemoryMarks::sync`]): the command line, another
+//! process, revokes this way (`tessera user delete` on the embedded database).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -69,6 +71,25 @@ impl MemoryMarks {
             }
         }
         self.loaded.store(true, Ordering::Release);
+        Ok(saved.len())
+    }
+
+    /// Applies the marks saved in the database since they were read (those another
+    /// process saved: `tessera user delete` on the embedded database), so that they
+    /// count here too. Returns how many were saved in all.
+    pub async fn sync(&self) -> anyhow::Result<usize> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        // Sessions ended zero seconds ago: none; only the saved marks.
+        let saved = store.live_marks(0).await?;
+        let now = chrono::Utc::now();
+        for mark in &saved {
+            let left = (mark.expires_at - now).to_std().unwrap_or_default();
+            if !left.is_zero() {
+                self.mark(&mark.key, &mark.value.to_string(), left);
+            }
+        }
         Ok(saved.len())
     }
 

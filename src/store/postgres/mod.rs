@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, EmailTokenGrant, Grant, NewSession, OutboxRow, PasswordReset, RefreshState,
-    Rotation, SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal, User,
-    UserChange, UserUpdate, refusal, session_ids,
+    Credentials, EmailTokenGrant, Grant, NewSession, NoticeFor, OutboxRow, PasswordReset,
+    RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal,
+    User, UserChange, UserUpdate, refusal, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -378,7 +378,7 @@ impl Store for PgStore {
         // A device token is only ever renewed for the user it belongs to.
         let row = sqlx::query!(
             r#"WITH allowed AS (
-                   SELECT id, roles FROM users
+                   SELECT id, roles, email_verified FROM users
                    WHERE id = $2 AND password_hash = $10 AND NOT disabled
                    FOR NO KEY UPDATE
                ), session AS (
@@ -398,6 +398,9 @@ impl Store for PgStore {
                    ON CONFLICT (token_hash) DO UPDATE
                        SET last_used_at = now(), expires_at = excluded.expires_at
                        WHERE devices.user_id = excluded.user_id
+               ), noticed AS (
+                   INSERT INTO outbox (kind, user_id, payload)
+                   SELECT 'email', id, $14 FROM allowed WHERE $14::bytea IS NOT NULL
                ), evicted AS (
                    UPDATE sessions SET revoked_at = now(), revoked_reason = 'session_cap'
                    WHERE $8::int4 > 0 AND EXISTS (SELECT 1 FROM allowed) AND id IN (
@@ -409,6 +412,7 @@ impl Store for PgStore {
                    RETURNING id
                )
                SELECT (SELECT roles FROM allowed) AS roles,
+                      coalesce((SELECT email_verified FROM allowed), false) AS "email_verified!",
                       now() AS "issued_at!",
                       ARRAY(SELECT id FROM evicted
                             UNION
@@ -429,6 +433,7 @@ impl Store for PgStore {
             new.device_hash,
             new.device_ttl_secs as f64,
             new.chain_hash,
+            new.notice,
         )
         .fetch_one(&self.pool)
         .await
@@ -438,6 +443,7 @@ impl Store for PgStore {
                 session_id: new.id,
                 user_id: new.user_id,
                 roles,
+                email_verified: row.email_verified,
                 expires_at: new.expires_at,
                 remember_me: new.remember_me,
                 issued_at: row.issued_at,
@@ -470,7 +476,8 @@ impl Store for PgStore {
                      AND s.expires_at > now()
                      AND s.last_used_at > now() - make_interval(secs => $4::float8)
                      AND NOT u.disabled
-                   RETURNING rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles
+                   RETURNING rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
+                             u.email_verified
                ), touched AS (
                    UPDATE sessions SET last_used_at = now(), last_ip = $5, last_user_agent = $6,
                                        generation = generation + 1
@@ -489,6 +496,7 @@ impl Store for PgStore {
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!",
+                      email_verified AS "email_verified!",
                       remember_me AS "remember_me!", now() AS "issued_at!"
                FROM rotated"#,
             r.token_hash,
@@ -508,6 +516,7 @@ impl Store for PgStore {
             session_id: SessionId(r.session_id),
             user_id: UserId(r.user_id),
             roles: r.roles,
+            email_verified: r.email_verified,
             expires_at: r.expires_at,
             remember_me: r.remember_me,
             issued_at: r.issued_at,
@@ -519,7 +528,7 @@ impl Store for PgStore {
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at,
                       s.revoked_at, s.remember_me,
-                      u.roles, u.disabled, now() AS "now!"
+                      u.roles, u.email_verified, u.disabled, now() AS "now!"
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
                JOIN users u ON u.id = s.user_id
@@ -534,6 +543,7 @@ impl Store for PgStore {
                 session_id: SessionId(r.session_id),
                 user_id: UserId(r.user_id),
                 roles: r.roles,
+                email_verified: r.email_verified,
                 expires_at: r.expires_at,
                 remember_me: r.remember_me,
                 issued_at: r.now,
@@ -554,7 +564,8 @@ impl Store for PgStore {
     ) -> StoreResult<Option<(RefreshState, i64)>> {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.generation, s.remember_me, u.roles, u.disabled, now() AS "now!"
+                      s.generation, s.remember_me, u.roles, u.email_verified, u.disabled,
+                      now() AS "now!"
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = $1 AND s.chain_hash = $2"#,
             session.0,
@@ -569,6 +580,7 @@ impl Store for PgStore {
                     session_id: SessionId(r.id),
                     user_id: UserId(r.user_id),
                     roles: r.roles,
+                    email_verified: r.email_verified,
                     expires_at: r.expires_at,
                     remember_me: r.remember_me,
                     issued_at: r.now,
@@ -584,18 +596,30 @@ impl Store for PgStore {
         }))
     }
 
-    async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>> {
-        let user = sqlx::query_scalar!(
+    async fn revoke_session(
+        &self,
+        id: SessionId,
+        reason: &str,
+        notice: Option<NoticeFor>,
+    ) -> StoreResult<Option<UserId>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let ended = sqlx::query!(
             r#"UPDATE sessions SET revoked_at = now(), revoked_reason = $2
                WHERE id = $1 AND revoked_at IS NULL
-               RETURNING user_id"#,
+               RETURNING user_id,
+                         (SELECT email FROM users WHERE users.id = sessions.user_id) AS "email!""#,
             id.0,
             reason,
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(classify)?;
-        Ok(user.map(UserId))
+        if let (Some(ended), Some(notice)) = (&ended, notice) {
+            let sealed = notice(UserId(ended.user_id), &ended.email);
+            enqueue(&mut tx, ended.user_id, &sealed).await?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(ended.map(|e| UserId(e.user_id)))
     }
 
     async fn revoke_user_sessions(
@@ -702,6 +726,7 @@ impl Store for PgStore {
         old: &str,
         new: &str,
         keep: SessionId,
+        notice: Option<&[u8]>,
     ) -> StoreResult<Option<Vec<SessionId>>> {
         // Two statements in one transaction: the second takes its snapshot after the
         // first has waited out any login holding the user row (see create_session), so
@@ -731,6 +756,9 @@ impl Store for PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
+        if let Some(notice) = notice {
+            enqueue(&mut tx, user.0, notice).await?;
+        }
         tx.commit().await.map_err(classify)?;
         Ok(Some(session_ids(ended)))
     }
@@ -745,7 +773,7 @@ impl Store for PgStore {
             || change
                 .roles
                 .as_ref()
-                .is_some_and(|r| !r.iter().any(|r| r == "admin"));
+                .is_some_and(|r| !r.iter().any(|r| r == crate::domain::ADMIN_ROLE));
         if demotes && last_admin(&mut tx, user).await? {
             return Err(StoreError::LastAdmin);
         }
@@ -917,6 +945,7 @@ impl Store for PgStore {
         &self,
         token_hash: &[u8],
         new_hash: &str,
+        notice: Option<NoticeFor>,
     ) -> StoreResult<Result<PasswordReset, TokenRefusal>> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let used = sqlx::query_scalar!(
@@ -934,15 +963,18 @@ impl Store for PgStore {
                 token_refusal(&mut tx, token_hash, "reset_password").await?
             ));
         };
-        let email_normalized = sqlx::query_scalar!(
+        let changed = sqlx::query!(
             r#"UPDATE users SET password_hash = $2, email_verified = true, updated_at = now()
-               WHERE id = $1 RETURNING email_normalized"#,
+               WHERE id = $1 RETURNING email, email_normalized"#,
             user,
             new_hash,
         )
         .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
+        if let Some(notice) = notice {
+            enqueue(&mut tx, user, &notice(UserId(user), &changed.email)).await?;
+        }
         let ended = sqlx::query_scalar!(
             r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'password_reset'
                WHERE user_id = $1 AND revoked_at IS NULL
@@ -955,7 +987,7 @@ impl Store for PgStore {
         tx.commit().await.map_err(classify)?;
         Ok(Ok(PasswordReset {
             user: UserId(user),
-            email_normalized,
+            email_normalized: changed.email_normalized,
             ended: session_ids(ended),
         }))
     }
@@ -1063,6 +1095,28 @@ impl Store for PgStore {
     async fn record_audit(&self, e: AuditEvent<'_>) -> StoreResult<()> {
         let mut conn = self.pool.acquire().await.map_err(classify)?;
         insert_audit(&mut conn, &e).await
+    }
+
+    async fn login_origins(&self, user: UserId, limit: i64) -> StoreResult<Vec<ClientInfo>> {
+        let rows = sqlx::query!(
+            r#"SELECT ip, user_agent FROM audit_events
+               WHERE user_id = $1
+                 AND (kind = 'login_succeeded' OR (kind = 'user_created' AND actor_id IS NULL))
+               ORDER BY id DESC
+               LIMIT $2"#,
+            user.0,
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ClientInfo {
+                ip: r.ip,
+                user_agent: r.user_agent,
+            })
+            .collect())
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
@@ -1275,15 +1329,21 @@ async fn insert_email_token(
     .await
     .map_err(classify)?;
     for payload in std::iter::once(grant.message).chain(grant.notice) {
-        sqlx::query!(
-            "INSERT INTO outbox (kind, user_id, payload) VALUES ('email', $1, $2)",
-            user,
-            payload,
-        )
-        .execute(&mut *conn)
-        .await
-        .map_err(classify)?;
+        enqueue(conn, user, payload).await?;
     }
+    Ok(())
+}
+
+/// Writes an email about `user` to the outbox, in the caller's transaction.
+async fn enqueue(conn: &mut sqlx::PgConnection, user: Uuid, payload: &[u8]) -> StoreResult<()> {
+    sqlx::query!(
+        "INSERT INTO outbox (kind, user_id, payload) VALUES ('email', $1, $2)",
+        user,
+        payload,
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(classify)?;
     Ok(())
 }
 

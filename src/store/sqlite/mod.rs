@@ -57,10 +57,10 @@ use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, CreatedSession, Credentials,
-    EmailTokenGrant, Grant, NewSession, OutboxRow, PasswordReset, RefreshState, Rotation,
-    SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal, User, UserChange,
-    UserUpdate, refusal,
+    AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
+    Credentials, EmailTokenGrant, Grant, NewSession, NoticeFor, OutboxRow, PasswordReset,
+    RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal,
+    User, UserChange, UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{Email, SessionId, UserId};
@@ -250,6 +250,13 @@ fn secs_us(secs: i64) -> i64 {
 
 fn uuid(text: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(text).map_err(|e| StoreError::Other(anyhow::anyhow!("stored id: {e}")))
+}
+
+/// A stored user id, inside a writer's work.
+fn user_id(text: &str) -> Result<UserId, sqlx::Error> {
+    Uuid::parse_str(text)
+        .map(UserId)
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 fn opt_uuid(text: Option<String>) -> StoreResult<Option<Uuid>> {
@@ -607,15 +614,16 @@ impl Store for SqliteStore {
             us(new.expires_at),
         );
         let device_ttl_secs = new.device_ttl_secs;
-        let Some((roles, mut evicted, now)) = self
+        let notice = new.notice.map(<[u8]>::to_vec);
+        let Some((roles, email_verified, mut evicted, now)) = self
             .writer
             .write(Box::new(move |conn| {
                 Box::pin(async move {
                 let now = now_us();
-                let Some(roles) = sqlx::query_scalar!(
+                let Some(granted) = sqlx::query!(
                     r#"UPDATE users SET last_login_at = ?3
                        WHERE id = ?1 AND password_hash = ?2 AND NOT disabled
-                       RETURNING roles"#,
+                       RETURNING roles, email_verified"#,
                     user,
                     password_hash,
                     now,
@@ -700,7 +708,10 @@ impl Store for SqliteStore {
                 .execute(&mut *conn)
                 .await
                 ?;
-                Ok(Some((roles, evicted, now)))
+                if let Some(notice) = &notice {
+                    enqueue(conn, &user, notice, now).await?;
+                }
+                Ok(Some((granted.roles, granted.email_verified, evicted, now)))
                 })
             }))
             .await?
@@ -714,6 +725,7 @@ impl Store for SqliteStore {
                 session_id: new.id,
                 user_id: new.user_id,
                 roles: roles_from(&roles)?,
+                email_verified,
                 expires_at: new.expires_at,
                 remember_me: new.remember_me,
                 issued_at: time(now),
@@ -769,7 +781,8 @@ impl Store for SqliteStore {
                        SELECT ?, ?, s.user_id, s.id, ?, ?
                        FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
                        WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
-                       SELECT rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles
+                       SELECT rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
+                              u.email_verified
                        FROM refresh_tokens rt
                        JOIN sessions s ON s.id = rt.session_id
                        JOIN users u ON u.id = s.user_id
@@ -820,6 +833,7 @@ impl Store for SqliteStore {
                 session_id: SessionId(uuid(&row.session_id)?),
                 user_id: UserId(uuid(&row.user_id)?),
                 roles: roles_from(&row.roles)?,
+                email_verified: row.email_verified,
                 expires_at: time(row.expires_at),
                 remember_me: row.remember_me,
                 issued_at: time(now),
@@ -832,7 +846,7 @@ impl Store for SqliteStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.remember_me, u.roles, u.disabled
+                      s.remember_me, u.roles, u.email_verified, u.disabled
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
                JOIN users u ON u.id = s.user_id
@@ -849,6 +863,7 @@ impl Store for SqliteStore {
                     session_id: SessionId(uuid(&r.session_id)?),
                     user_id: UserId(uuid(&r.user_id)?),
                     roles: roles_from(&r.roles)?,
+                    email_verified: r.email_verified,
                     expires_at: time(r.expires_at),
                     remember_me: r.remember_me,
                     issued_at: now,
@@ -872,7 +887,7 @@ impl Store for SqliteStore {
         let session = session.0.to_string();
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.generation, s.remember_me, u.roles, u.disabled
+                      s.generation, s.remember_me, u.roles, u.email_verified, u.disabled
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = ?1 AND s.chain_hash = ?2"#,
             session,
@@ -888,6 +903,7 @@ impl Store for SqliteStore {
                     session_id: SessionId(uuid(&r.id)?),
                     user_id: UserId(uuid(&r.user_id)?),
                     roles: roles_from(&r.roles)?,
+                    email_verified: r.email_verified,
                     expires_at: time(r.expires_at),
                     remember_me: r.remember_me,
                     issued_at: now,
@@ -904,7 +920,12 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn revoke_session(&self, id: SessionId, reason: &str) -> StoreResult<Option<UserId>> {
+    async fn revoke_session(
+        &self,
+        id: SessionId,
+        reason: &str,
+        notice: Option<NoticeFor>,
+    ) -> StoreResult<Option<UserId>> {
         let id = id.0.to_string();
         let reason = reason.to_owned();
         let user = self
@@ -912,17 +933,23 @@ impl Store for SqliteStore {
             .write(Box::new(move |conn| {
                 Box::pin(async move {
                     let now = now_us();
-                    let user = sqlx::query_scalar!(
+                    let ended = sqlx::query!(
                         r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3
                        WHERE id = ?1 AND revoked_at IS NULL
-                       RETURNING user_id"#,
+                       RETURNING user_id,
+                                 (SELECT email FROM users
+                                  WHERE users.id = sessions.user_id) AS "email!: String""#,
                         id,
                         now,
                         reason,
                     )
                     .fetch_optional(&mut *conn)
                     .await?;
-                    Ok(user)
+                    if let (Some(ended), Some(notice)) = (&ended, notice) {
+                        let sealed = notice(user_id(&ended.user_id)?, &ended.email);
+                        enqueue(conn, &ended.user_id, &sealed, now).await?;
+                    }
+                    Ok(ended.map(|e| e.user_id))
                 })
             }))
             .await?;
@@ -1066,9 +1093,11 @@ impl Store for SqliteStore {
         old: &str,
         new: &str,
         keep: SessionId,
+        notice: Option<&[u8]>,
     ) -> StoreResult<Option<Vec<SessionId>>> {
         let user = user.0.to_string();
         let keep = keep.0.to_string();
+        let notice = notice.map(<[u8]>::to_vec);
         let (old, new) = (old.to_owned(), new.to_owned());
         let Some(ended) = self
             .writer
@@ -1099,6 +1128,9 @@ impl Store for SqliteStore {
                     )
                     .fetch_all(&mut *conn)
                     .await?;
+                    if let Some(notice) = &notice {
+                        enqueue(conn, &user, notice, now).await?;
+                    }
                     Ok(Some(ended))
                 })
             }))
@@ -1121,7 +1153,7 @@ impl Store for SqliteStore {
             || change
                 .roles
                 .as_ref()
-                .is_some_and(|r| !r.iter().any(|r| r == "admin"));
+                .is_some_and(|r| !r.iter().any(|r| r == crate::domain::ADMIN_ROLE));
         let Some(done) = self
             .writer
             .write(Box::new(move |conn| {
@@ -1356,6 +1388,7 @@ impl Store for SqliteStore {
         &self,
         token_hash: &[u8],
         new_hash: &str,
+        notice: Option<NoticeFor>,
     ) -> StoreResult<Result<PasswordReset, TokenRefusal>> {
         let (hash, new_hash) = (token_hash.to_vec(), new_hash.to_owned());
         let done = self
@@ -1376,16 +1409,21 @@ impl Store for SqliteStore {
                     else {
                         return Ok(Err(token_refusal(conn, &hash, "reset_password", now).await?));
                     };
-                    let email_normalized = sqlx::query_scalar!(
+                    let changed = sqlx::query!(
                         r#"UPDATE users SET password_hash = ?2, email_verified = TRUE,
                                             updated_at = ?3
-                           WHERE id = ?1 RETURNING email_normalized"#,
+                           WHERE id = ?1 RETURNING email, email_normalized"#,
                         user,
                         new_hash,
                         now,
                     )
                     .fetch_one(&mut *conn)
                     .await?;
+                    if let Some(notice) = notice {
+                        let sealed = notice(user_id(&user)?, &changed.email);
+                        enqueue(conn, &user, &sealed, now).await?;
+                    }
+                    let email_normalized = changed.email_normalized;
                     let ended = sqlx::query_scalar!(
                         r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'password_reset'
                            WHERE user_id = ?1 AND revoked_at IS NULL
@@ -1522,6 +1560,29 @@ impl Store for SqliteStore {
         self.writer
             .write(Box::new(move |conn| Box::pin(audit.insert(conn))))
             .await
+    }
+
+    async fn login_origins(&self, user: UserId, limit: i64) -> StoreResult<Vec<ClientInfo>> {
+        let user = user.0.to_string();
+        let rows = sqlx::query!(
+            r#"SELECT ip, user_agent FROM audit_events
+               WHERE user_id = ?1
+                 AND (kind = 'login_succeeded' OR (kind = 'user_created' AND actor_id IS NULL))
+               ORDER BY id DESC
+               LIMIT ?2"#,
+            user,
+            limit,
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ClientInfo {
+                ip: r.ip,
+                user_agent: r.user_agent,
+            })
+            .collect())
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
@@ -1723,16 +1784,27 @@ async fn insert_email_token(
     .execute(&mut *conn)
     .await?;
     for payload in std::iter::once(&grant.message).chain(&grant.notice) {
-        sqlx::query!(
-            r#"INSERT INTO outbox (kind, user_id, payload, created_at, next_attempt_at)
-               VALUES ('email', ?1, ?2, ?3, ?3)"#,
-            user,
-            payload,
-            now,
-        )
-        .execute(&mut *conn)
-        .await?;
+        enqueue(conn, user, payload, now).await?;
     }
+    Ok(())
+}
+
+/// Writes an email about `user` to the outbox (in the writer's transaction).
+async fn enqueue(
+    conn: &mut SqliteConnection,
+    user: &str,
+    payload: &[u8],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"INSERT INTO outbox (kind, user_id, payload, created_at, next_attempt_at)
+           VALUES ('email', ?1, ?2, ?3, ?3)"#,
+        user,
+        payload,
+        now,
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
