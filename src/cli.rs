@@ -173,7 +173,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", user.id);
             eprintln!(
                 "created user {} with roles {}",
-                user.email,
+                email.as_str(),
                 user.roles.join(",")
             );
         }
@@ -260,7 +260,7 @@ async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result
                 println!(
                     "{:<36}  {:<32}  {:<8}  {:<16}  {:<8}  {:<20}  {}",
                     u.id,
-                    u.email,
+                    u.email.as_deref().unwrap_or("-"),
                     u.email_verified,
                     u.roles.join(","),
                     u.disabled,
@@ -271,7 +271,7 @@ async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result
             if users.len() as i64 == limit
                 && let Some(last) = users.last()
             {
-                eprintln!("more may follow: --after {}", last.email);
+                eprintln!("more may follow: --after {}", shown(last));
             }
         }
         UserCommand::Show { user } => {
@@ -287,11 +287,12 @@ async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result
                 anyhow::ensure!(
                     std::io::stdin().is_terminal(),
                     "say --yes to delete {} without a terminal to confirm on",
-                    user.email
+                    shown(&user)
                 );
                 eprint!(
                     "delete {} ({}) and everything of theirs? [y/N] ",
-                    user.email, user.id
+                    shown(&user),
+                    user.id
                 );
                 let mut answer = String::new();
                 std::io::stdin().lock().read_line(&mut answer)?;
@@ -300,7 +301,7 @@ async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result
             auth.delete_user(user.id, By::Operator)
                 .await
                 .map_err(failed)?;
-            eprintln!("deleted user {} ({})", user.email, user.id);
+            eprintln!("deleted user {} ({})", shown(&user), user.id);
         }
         UserCommand::Reset { user } => {
             anyhow::ensure!(
@@ -314,11 +315,16 @@ async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result
                 .map_err(failed)?;
             eprintln!(
                 "a password reset link for {} is in the outbox; a running server sends it",
-                user.email
+                shown(&user)
             );
         }
     }
     Ok(())
+}
+
+/// How a user is named in messages: the email, or "anonymous user".
+fn shown(user: &User) -> &str {
+    user.email.as_deref().unwrap_or("anonymous user")
 }
 
 /// A user named by id or by email.

@@ -149,6 +149,8 @@ pub struct LoginSettings {
 #[serde(deny_unknown_fields)]
 pub struct RegistrationSettings {
     pub enabled: bool,
+    /// Whether `POST /users/anonymous` makes users with no email.
+    pub anonymous: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +173,8 @@ pub struct CleanupSettings {
     pub batch_size: u32,
     pub session_retention_secs: u64,
     pub audit_retention_secs: u64,
+    /// Anonymous users never converted are deleted this long after their last refresh.
+    pub anonymous_retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -499,6 +503,7 @@ mod tests {
             ("email", "from") => "Other <other@example.com>".into(),
             ("email", "link_base") => "https://app.example.com/auth".into(),
             ("email", "verification") => "optional".into(),
+            ("email", "notify") => "new_device,password_changed".into(),
             ("log", "format") => "json".into(),
             ("log", "level") => "debug".into(),
             _ => match default {

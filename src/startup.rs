@@ -414,6 +414,10 @@ fn spawn_cleanup(target: Weak<AppState>, every: Duration) {
 
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/users", web::post().to(users::register)))
+        .service(resource(
+            "/users/anonymous",
+            web::post().to(users::register_anonymous),
+        ))
         .service(resource("/login", web::post().to(auth::login)))
         .service(resource(
             "/email/verification",

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::access_token::Claims;
 use super::device::DeviceToken;
 use super::session::AuthService;
-use crate::domain::{Email, Password, SessionId, UserId};
+use crate::domain::{Password, SessionId, UserId};
 use crate::error::ApiError;
 use crate::store::Outcome;
 use crate::store::{AuditKind, ClientInfo, Credentials, SessionInfo};
@@ -82,12 +82,11 @@ impl AuthService {
             )
             .await?;
         let new_hash = self.hasher.hash(new).await?;
-        let notice = self.notice(
-            NoticeKind::PasswordChanged,
-            claims.sub,
-            &credentials.user.email,
-            &[],
-        );
+        let notice = credentials
+            .user
+            .email
+            .as_deref()
+            .and_then(|to| self.notice(NoticeKind::PasswordChanged, claims.sub, to, &[]));
         let ended = self
             .store
             .change_password(
@@ -129,8 +128,8 @@ impl AuthService {
         failed: AuditKind,
     ) -> Result<Credentials, ApiError> {
         let user = self.current_user(claims.sub).await?;
-        let email = Email::parse(&user.email)
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        // An anonymous user has no email, and no password to check.
+        let email = user.address().ok_or(ApiError::InvalidCredentials)?;
         let mut attempt = self
             .admit_password_attempt(&email, device, ip, client)
             .await?;

@@ -32,6 +32,8 @@ pub enum By<'a> {
     Admin(&'a Claims, &'a ClientInfo),
     /// An operator through the `tessera` command line.
     Operator,
+    /// The periodic cleanup (anonymous users never converted).
+    Cleanup,
 }
 
 /// Role names: short, printable, no spaces (they travel in every access token).
@@ -260,8 +262,9 @@ impl AuthService {
     /// `tessera user reset`).
     pub async fn send_reset(&self, user: UserId, by: By<'_>) -> Result<(), ApiError> {
         let user = self.existing_user(user).await?;
-        let email = Email::parse(&user.email)
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        let email = user.address().ok_or_else(|| {
+            ApiError::InvalidRequest("this user is anonymous: it has no address to send to".into())
+        })?;
         let link = self.issue_link(
             EmailTokenKind::ResetPassword,
             Template::ResetPassword,
@@ -305,6 +308,10 @@ impl AuthService {
             By::Admin(admin, client) => (Some(admin.sid), Some(admin.sub), client),
             By::Operator => {
                 detail["by"] = json!("operator");
+                (None, None, &none)
+            }
+            By::Cleanup => {
+                detail["by"] = json!("cleanup");
                 (None, None, &none)
             }
             By::Owner => (None, None, &none),

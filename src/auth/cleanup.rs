@@ -1,12 +1,14 @@
 //! The periodic cleanup: deletes sessions (with their refresh tokens) that ended more
-//! than `cleanup.session_retention_secs` ago, audit rows past their retention, and
-//! expired devices and revocation marks.
+//! than `cleanup.session_retention_secs` ago, audit rows past their retention,
+//! expired devices and revocation marks, and anonymous users never converted
+//! (`cleanup.anonymous_retention_secs` after their last refresh).
 //!
 //! Work is done in batches of `cleanup.batch_size` rows, each its own short statement
 //! with `SKIP LOCKED`, so the cleanup never holds locks for long, never blocks a refresh
 //! and several instances can run it at once without waiting on each other.
 
 use super::session::AuthService;
+use crate::error::ApiError;
 use crate::store::StoreError;
 
 /// What one cleanup pass deleted.
@@ -16,6 +18,7 @@ pub struct Cleaned {
     pub audit_events: u64,
     pub devices: u64,
     pub marks: u64,
+    pub anonymous_users: u64,
 }
 
 impl AuthService {
@@ -37,6 +40,13 @@ impl AuthService {
             audit_events,
             devices: in_batches(batch, || store.delete_expired_devices(batch)).await?,
             marks: in_batches(batch, || store.delete_expired_marks(batch)).await?,
+            anonymous_users: self
+                .delete_idle_anonymous(batch)
+                .await
+                .map_err(|e| match e {
+                    ApiError::Unavailable(e, _) => StoreError::Unavailable(e),
+                    other => StoreError::Other(anyhow::anyhow!("{other}")),
+                })?,
         };
         if done != Cleaned::default() {
             tracing::info!(
@@ -44,7 +54,9 @@ impl AuthService {
                 audit_events = done.audit_events,
                 devices = done.devices,
                 marks = done.marks,
-                "cleanup deleted ended sessions, old audit rows, expired devices and marks"
+                anonymous_users = done.anonymous_users,
+                "cleanup deleted ended sessions, old audit rows, expired devices and marks, \
+                 and idle anonymous users"
             );
         }
         Ok(done)

@@ -172,7 +172,7 @@ impl AuthService {
         if user.email_verified {
             return Ok(());
         }
-        let email = Email::parse(&user.email).unwrap_or_else(|_| email.clone());
+        let email = user.address().unwrap_or_else(|| email.clone());
         let link = self.issue_link(
             EmailTokenKind::VerifyEmail,
             Template::VerifyEmail,
@@ -230,7 +230,7 @@ impl AuthService {
         if user.disabled {
             return Ok(());
         }
-        let email = Email::parse(&user.email).unwrap_or_else(|_| email.clone());
+        let email = user.address().unwrap_or_else(|| email.clone());
         let link = self.issue_link(
             EmailTokenKind::ResetPassword,
             Template::ResetPassword,
@@ -324,8 +324,7 @@ impl AuthService {
             )
             .await?;
         let user = credentials.user;
-        let old = Email::parse(&user.email)
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored email invalid: {e}")))?;
+        let old = user.address().ok_or(ApiError::InvalidCredentials)?;
         if old.normalized() == new_email.normalized() {
             return Err(ApiError::InvalidRequest(
                 "new_email is already this account's address".into(),

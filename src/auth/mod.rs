@@ -4,6 +4,7 @@
 pub mod access_token;
 pub mod account;
 pub mod admin;
+pub mod anonymous;
 pub mod attempt;
 pub mod cleanup;
 pub mod csrf;

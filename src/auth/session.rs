@@ -28,8 +28,8 @@ use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::{ApiError, GrantFailure};
 use crate::outbox::Outbox;
 use crate::store::{
-    AuditEvent, AuditKind, ClientInfo, FailureBudgets, Grant, NewSession, Outcome, RefreshState,
-    Revocations, Rotation, Store, User,
+    AuditEvent, AuditKind, ClientInfo, CreatedSession, FailureBudgets, Grant, NewSession, Outcome,
+    RefreshState, Revocations, Rotation, Store, User,
 };
 
 /// What login and refresh hand back to the client.
@@ -205,46 +205,25 @@ impl AuthService {
             return Err(ApiError::EmailNotVerified);
         }
 
-        let t = &self.settings.tokens;
-        let lifetime = if remember_me {
-            t.refresh_absolute_ttl_secs
-        } else {
-            t.refresh_short_absolute_ttl_secs
-        };
-        let session_id = SessionId(uuid::Uuid::new_v4());
-        let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
-        let refresh = RefreshToken::start_chain(session_id);
-        let chain_hash = refresh
-            .chain()
-            .map(|c| c.secret_hash())
-            .expect("a new chain token has a chain");
         let device = attempt
             .known_device
             .clone()
             .unwrap_or_else(DeviceToken::generate);
-        let notice = match attempt.known_device {
-            Some(_) => None,
-            None => self.new_device_notice(user.id, &user.email, client).await,
+        let notice = match (&attempt.known_device, &user.email) {
+            (None, Some(to)) => self.new_device_notice(user.id, to, client).await,
+            _ => None,
         };
         let created = self
-            .store
-            .create_session(NewSession {
-                id: session_id,
-                user_id: user.id,
+            .open_session(
+                user.id,
+                &password_hash,
                 remember_me,
-                expires_at,
-                refresh_hash: &refresh.hash(),
-                password_hash: &password_hash,
+                &device,
+                notice.as_deref(),
                 client,
-                max_per_user: self.settings.sessions.max_per_user,
-                recent_secs: self.access_token_horizon().as_secs() as i64,
-                device_hash: &device.hash(),
-                device_ttl_secs: self.settings.login.device_ttl_secs as i64,
-                chain_hash: &chain_hash,
-                notice: notice.as_deref(),
-            })
+            )
             .await?;
-        let Some(created) = created else {
+        let Some((created, refresh)) = created else {
             // The password changed or the user was disabled while we were hashing: the
             // password was not wrong, so nothing is counted.
             drop(attempt);
@@ -269,7 +248,7 @@ impl AuthService {
         self.audit(
             AuditKind::LoginSucceeded,
             Some(user.id),
-            Some(session_id),
+            Some(created.grant.session_id),
             client,
             json!({"remember_me": remember_me, "sessions_evicted": created.evicted.len()}),
         )
@@ -593,16 +572,18 @@ impl AuthService {
         &self,
         user: UserId,
         token_iat: i64,
-    ) -> Result<(Arc<str>, bool), ApiError> {
+    ) -> Result<(Option<Arc<str>>, bool), ApiError> {
         if let Some((email, read_at)) = self.emails.get(&user)
             && read_at >= token_iat + EMAIL_FRESH_MARGIN_SECS
         {
-            return Ok((email, true));
+            return Ok((Some(email), true));
         }
         let read_at = Utc::now().timestamp();
         let user = self.current_user(user).await?;
-        let email: Arc<str> = user.email.into();
-        if user.email_verified {
+        let email: Option<Arc<str>> = user.email.map(Into::into);
+        if let Some(email) = &email
+            && user.email_verified
+        {
             self.emails.insert(user.id, (email.clone(), read_at));
         }
         Ok((email, user.email_verified))
@@ -621,7 +602,11 @@ impl AuthService {
             .map_err(ApiError::unavailable)
     }
 
-    fn token_grant(&self, grant: &Grant, refresh: RefreshToken) -> Result<TokenGrant, ApiError> {
+    pub(super) fn token_grant(
+        &self,
+        grant: &Grant,
+        refresh: RefreshToken,
+    ) -> Result<TokenGrant, ApiError> {
         let access_token = self.tokens.issue(grant).map_err(ApiError::Internal)?;
         let remaining = (grant.expires_at - Utc::now()).num_seconds().max(0);
         let idle = self.settings.tokens.refresh_idle_ttl_secs as i64;
@@ -635,6 +620,52 @@ impl AuthService {
             remember_me: grant.remember_me,
             device_token: None,
         })
+    }
+
+    /// Starts a session for `user` with its first refresh token, in a statement that
+    /// checks the user still has `password_hash` and is enabled (`None` otherwise), and
+    /// remembers `device`; `notice` goes to the outbox with it.
+    pub(super) async fn open_session(
+        &self,
+        user: UserId,
+        password_hash: &str,
+        remember_me: bool,
+        device: &DeviceToken,
+        notice: Option<&[u8]>,
+        client: &ClientInfo,
+    ) -> Result<Option<(CreatedSession, RefreshToken)>, ApiError> {
+        let t = &self.settings.tokens;
+        let lifetime = if remember_me {
+            t.refresh_absolute_ttl_secs
+        } else {
+            t.refresh_short_absolute_ttl_secs
+        };
+        let session_id = SessionId(uuid::Uuid::new_v4());
+        let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
+        let refresh = RefreshToken::start_chain(session_id);
+        let chain_hash = refresh
+            .chain()
+            .map(|c| c.secret_hash())
+            .expect("a new chain token has a chain");
+        let created = self
+            .store
+            .create_session(NewSession {
+                id: session_id,
+                user_id: user,
+                remember_me,
+                expires_at,
+                refresh_hash: &refresh.hash(),
+                password_hash,
+                client,
+                max_per_user: self.settings.sessions.max_per_user,
+                recent_secs: self.access_token_horizon().as_secs() as i64,
+                device_hash: &device.hash(),
+                device_ttl_secs: self.settings.login.device_ttl_secs as i64,
+                chain_hash: &chain_hash,
+                notice,
+            })
+            .await?;
+        Ok(created.map(|c| (c, refresh)))
     }
 
     /// Replaces a hash made with outdated parameters; best effort, like audit rows.

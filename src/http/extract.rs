@@ -217,6 +217,23 @@ impl FromRequest for Authenticated {
     }
 }
 
+/// An access token if the request has an `Authorization` header (which must then hold a
+/// valid, unrevoked token: 401 otherwise), `None` if it has none.
+pub struct MaybeAuthenticated(pub Option<Claims>);
+
+impl FromRequest for MaybeAuthenticated {
+    type Error = ApiError;
+    type Future = Boxed<Self>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        if !req.headers().contains_key(header::AUTHORIZATION) {
+            return Box::pin(async { Ok(MaybeAuthenticated(None)) });
+        }
+        let authenticated = Authenticated::from_request(req, payload);
+        Box::pin(async move { Ok(MaybeAuthenticated(Some(authenticated.await?.0))) })
+    }
+}
+
 /// An authenticated caller holding the `admin` role: 401 without a valid token, 403
 /// `insufficient_scope` without the role. Roles come from the token; a role change
 /// revokes the user's earlier tokens at once, so they cannot be stale.

@@ -32,7 +32,8 @@ pub struct AppState {
 #[derive(Serialize)]
 pub(crate) struct UserView {
     id: crate::domain::UserId,
-    email: String,
+    /// `null` for an anonymous user.
+    email: Option<String>,
     email_verified: bool,
     roles: Vec<String>,
     disabled: bool,
@@ -46,10 +47,7 @@ pub(crate) struct UserView {
 impl From<crate::store::User> for UserView {
     fn from(user: crate::store::User) -> Self {
         UserView {
-            is_anonymous: user
-                .roles
-                .iter()
-                .any(|r| r == crate::domain::ANONYMOUS_ROLE),
+            is_anonymous: user.is_anonymous(),
             id: user.id,
             email: user.email,
             email_verified: user.email_verified,
@@ -86,7 +84,15 @@ pub(crate) fn no_store(
 }
 
 pub(crate) fn token_response(grant: &TokenGrant) -> HttpResponse {
-    no_store(HttpResponse::Ok()).json(TokenResponse {
+    token_response_as(HttpResponse::Ok(), grant)
+}
+
+/// The token response with another status (201 for a new anonymous user).
+pub(crate) fn token_response_as(
+    status: actix_web::HttpResponseBuilder,
+    grant: &TokenGrant,
+) -> HttpResponse {
+    no_store(status).json(TokenResponse {
         access_token: &grant.access_token,
         token_type: "Bearer",
         expires_in: grant.expires_in,

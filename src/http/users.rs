@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::device_token;
-use super::extract::{Authenticated, Caller, Json};
+use super::extract::{Authenticated, Caller, Json, MaybeAuthenticated};
 use crate::domain::{Email, Password, SessionId, UserId};
 use crate::error::ApiError;
 
@@ -19,14 +19,17 @@ pub struct RegisterRequest {
 #[derive(Serialize)]
 struct Registered {
     id: UserId,
-    email: String,
+    email: Option<String>,
     email_verified: bool,
     created_at: DateTime<Utc>,
 }
 
+/// `POST /users`: a new user; or, with an anonymous user's Bearer token, that user
+/// converted (same id).
 pub async fn register(
     state: web::Data<AppState>,
     caller: Caller,
+    MaybeAuthenticated(anonymous): MaybeAuthenticated,
     Json(body): Json<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if !state.auth.settings().registration.enabled {
@@ -35,10 +38,20 @@ pub async fn register(
     let email = Email::parse(&body.email).map_err(|e| ApiError::InvalidRequest(e.into()))?;
     let password =
         Password::parse_new(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
-    let user = state
-        .auth
-        .register(email, password, caller.ip, &caller.info)
-        .await?;
+    let user = match anonymous {
+        Some(claims) => {
+            state
+                .auth
+                .convert_anonymous(&claims, email, password, caller.ip, &caller.info)
+                .await?
+        }
+        None => {
+            state
+                .auth
+                .register(email, password, caller.ip, &caller.info)
+                .await?
+        }
+    };
     Ok(HttpResponse::Created().json(Registered {
         id: user.id,
         email: user.email,
@@ -47,10 +60,20 @@ pub async fn register(
     }))
 }
 
+/// `POST /users/anonymous` (no body): a new anonymous user and its first tokens, 201.
+pub async fn register_anonymous(
+    state: web::Data<AppState>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let grant = state.auth.create_anonymous(caller.ip, &caller.info).await?;
+    Ok(super::token_response_as(HttpResponse::Created(), &grant))
+}
+
 #[derive(Serialize)]
 struct Me<'a> {
     id: UserId,
-    email: &'a str,
+    /// `null` for an anonymous user.
+    email: Option<&'a str>,
     email_verified: bool,
     roles: &'a [String],
     session_id: SessionId,
@@ -67,7 +90,7 @@ pub async fn me(
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .json(Me {
             id: claims.sub,
-            email: &email,
+            email: email.as_deref(),
             email_verified,
             roles: &claims.roles,
             session_id: claims.sid,

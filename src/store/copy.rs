@@ -31,8 +31,8 @@ const PAGE: i64 = 1000;
 
 pub struct UserRow {
     pub id: Uuid,
-    pub email: String,
-    pub email_normalized: String,
+    pub email: Option<String>,
+    pub email_normalized: Option<String>,
     pub password_hash: String,
     pub roles: Vec<String>,
     pub disabled: bool,

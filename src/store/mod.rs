@@ -97,7 +97,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Debug, Clone)]
 pub struct User {
     pub id: UserId,
-    pub email: String,
+    /// `None` for an anonymous user (`POST /users/anonymous`) not converted yet.
+    pub email: Option<String>,
     pub roles: Vec<String>,
     pub disabled: bool,
     /// Whether the user has shown they read mail at `email` (a verification link, a
@@ -106,6 +107,20 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     /// When the user last started a session with their password.
     pub last_login_at: Option<DateTime<Utc>>,
+}
+
+impl User {
+    /// The user's address, parsed; `None` for an anonymous user.
+    pub fn address(&self) -> Option<Email> {
+        self.email.as_deref().and_then(|e| Email::parse(e).ok())
+    }
+
+    /// Whether the user is anonymous (made by `POST /users/anonymous`, not converted).
+    pub fn is_anonymous(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|r| r == crate::domain::ANONYMOUS_ROLE)
+    }
 }
 
 /// What an emailed token lets its holder do.
@@ -331,6 +346,8 @@ pub enum AuditKind {
     UserDeleted,
     InvitationSent,
     EmailDeliveryFailed,
+    AnonymousCreated,
+    AnonymousConverted,
 }
 
 impl AuditKind {
@@ -359,6 +376,8 @@ impl AuditKind {
             AuditKind::UserDeleted => "user_deleted",
             AuditKind::InvitationSent => "invitation_sent",
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
+            AuditKind::AnonymousCreated => "anonymous_created",
+            AuditKind::AnonymousConverted => "anonymous_converted",
         }
     }
 }
@@ -620,7 +639,30 @@ pub trait Store: Send + Sync + 'static {
         device: Option<&[u8]>,
     ) -> StoreResult<Option<Credentials>>;
     async fn find_user(&self, id: UserId) -> StoreResult<Option<User>>;
-    /// Users sorted by normalized email: those starting with `prefix` (normalized), after
+    /// Creates an anonymous user: no email, the role `anonymous`, and a password hash
+    /// nobody has the password of (it only lets the store's session check pass).
+    async fn create_anonymous(&self, password_hash: &str) -> StoreResult<User>;
+    /// Gives an anonymous user an email, a password and `roles`, keeping its id (and its
+    /// sessions), with the verification link if any in the same transaction. `None`
+    /// when the user is not anonymous (any more) or is disabled; `StoreError::Conflict`
+    /// when another account has the email.
+    async fn convert_anonymous(
+        &self,
+        user: UserId,
+        email: &Email,
+        password_hash: &str,
+        roles: &[String],
+        verification: Option<EmailTokenGrant<'_>>,
+    ) -> StoreResult<Option<User>>;
+    /// Up to `batch` anonymous users made more than `retention_secs` ago with no session
+    /// used since then: the cleanup deletes them.
+    async fn idle_anonymous_users(
+        &self,
+        retention_secs: i64,
+        batch: i64,
+    ) -> StoreResult<Vec<UserId>>;
+    /// Users with an email (anonymous ones have none) sorted by normalized email: those
+    /// starting with `prefix` (normalized), after
     /// the normalized email `after`, at most `limit`.
     async fn list_users(
         &self,

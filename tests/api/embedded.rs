@@ -294,12 +294,22 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     settings.email.smtp_ca_file = smtp.ca_file();
     settings.email.retry_base_secs = 1;
     settings.email.retry_max_secs = 1;
+    settings.registration.anonymous = true;
     let app = spawn_app_with(settings.clone()).await;
     let email = app.new_user().await;
+    // An anonymous user (no email) comes along too.
+    let res = app.client.post(app.url("/users/anonymous")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let guest = crate::helpers::Tokens::from_body(res.json().await.unwrap());
     let res = app
         .post_json("/email/verification", &json!({ "email": email }))
         .await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
+    // The link is issued just after the answer (see `after_the_answer`).
+    crate::helpers::eventually("the verification message is in the outbox", || async {
+        app.state.auth.store.outbox_len().await.unwrap() == 1
+    })
+    .await;
     let kept = app.login_ok(&email).await;
     let kept = app.refresh_ok(&kept.refresh).await;
     let logged_out = app.login_ok(&email).await;
@@ -353,8 +363,8 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     };
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("users: 1/1"), "progress: {said}");
-    assert!(said.contains("sessions: 3/3"), "progress: {said}");
+    assert!(said.contains("users: 2/2"), "progress: {said}");
+    assert!(said.contains("sessions: 4/4"), "progress: {said}");
     assert!(said.contains("email_tokens: 1/1"), "progress: {said}");
     assert!(said.contains("outbox: 1/1"), "progress: {said}");
     assert!(said.contains("written to Redis"), "{said}");
@@ -385,6 +395,19 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     let next = app.refresh_ok(&kept.refresh).await;
     assert_eq!(next.session_id, kept.session_id);
     assert_eq!(app.me(&next.access).await.status(), StatusCode::OK);
+    // The anonymous user's session goes on, still without an email, and converts.
+    let guest = app.refresh_ok(&guest.refresh).await;
+    let me: serde_json::Value = app.me(&guest.access).await.json().await.unwrap();
+    assert_eq!(me["email"], serde_json::Value::Null);
+    let res = app
+        .client
+        .post(app.url("/users"))
+        .bearer_auth(&guest.access)
+        .json(&json!({"email": "guest@example.com", "password": crate::helpers::PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
     // What was revoked stays revoked: the ended session, the revoked access token.
     assert_invalid_token(app.me(&logged_out.access).await).await;
     assert_invalid_grant(app.refresh(&logged_out.refresh).await, "revoked").await;

@@ -31,6 +31,8 @@ async fn an_active_token_introspects_with_its_claims() {
     assert_eq!(body["sid"], t.session_id.as_str());
     assert_eq!(body["aud"], "tessera");
     assert_eq!(body["roles"], json!(["user"]));
+    assert_eq!(body["email_verified"], false);
+    assert_eq!(body["is_anonymous"], false);
     for field in ["sub", "jti", "exp", "iat", "iss", "token_type"] {
         assert!(body.get(field).is_some(), "missing {field}");
     }

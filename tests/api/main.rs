@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_users;
+mod anonymous;
 mod audit;
 mod browser;
 mod cleanup;

@@ -42,8 +42,10 @@ pub async fn users(conn: &mut PgConnection, rows: &[UserRow]) -> anyhow::Result<
                 AS t(id, email, norm, hash, roles, disabled, created_at, updated_at,
                      verified, last_login)"#,
         &col(rows, |r| r.id),
-        &col(rows, |r| r.email.clone()),
-        &col(rows, |r| r.email_normalized.clone()),
+        // NULL for anonymous users: an array of options, which the macro's check of a
+        // text[] parameter does not take as is.
+        &col(rows, |r| r.email.clone()) as _,
+        &col(rows, |r| r.email_normalized.clone()) as _,
         &col(rows, |r| r.password_hash.clone()),
         &roles,
         &col(rows, |r| r.disabled),

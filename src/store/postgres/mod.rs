@@ -20,7 +20,7 @@ use super::{
     User, UserChange, UserUpdate, refusal, session_ids,
 };
 use crate::config::DatabaseSettings;
-use crate::domain::{Email, SessionId, UserId};
+use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -95,11 +95,11 @@ async fn renormalize_emails(conn: &mut sqlx::PgConnection) -> anyhow::Result<()>
             .await
             .context("reading emails to normalize")?;
     for row in rows {
-        let Ok(email) = Email::parse(&row.email) else {
+        let Some(Ok(email)) = row.email.as_deref().map(Email::parse) else {
             continue;
         };
         let normalized = email.normalized();
-        if normalized == row.email_normalized {
+        if row.email_normalized.as_deref() == Some(normalized.as_str()) {
             continue;
         }
         let done = sqlx::query!(
@@ -183,7 +183,7 @@ fn classify(err: sqlx::Error) -> StoreError {
 
 fn user_from(
     id: Uuid,
-    email: String,
+    email: Option<String>,
     roles: Vec<String>,
     disabled: bool,
     email_verified: bool,
@@ -258,6 +258,93 @@ impl Store for PgStore {
         ))
     }
 
+    async fn create_anonymous(&self, password_hash: &str) -> StoreResult<User> {
+        let row = sqlx::query!(
+            r#"INSERT INTO users (id, password_hash, roles) VALUES ($1, $2, $3)
+               RETURNING id, email, roles, disabled, email_verified, created_at, last_login_at"#,
+            Uuid::new_v4(),
+            password_hash,
+            &[ANONYMOUS_ROLE.to_owned()] as &[String],
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(user_from(
+            row.id,
+            row.email,
+            row.roles,
+            row.disabled,
+            row.email_verified,
+            row.created_at,
+            row.last_login_at,
+        ))
+    }
+
+    async fn convert_anonymous(
+        &self,
+        user: UserId,
+        email: &Email,
+        password_hash: &str,
+        roles: &[String],
+        verification: Option<EmailTokenGrant<'_>>,
+    ) -> StoreResult<Option<User>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let row = sqlx::query!(
+            r#"UPDATE users SET email = $2, email_normalized = $3, password_hash = $4, roles = $5,
+                                updated_at = now()
+               WHERE id = $1 AND email IS NULL AND NOT disabled
+               RETURNING id, email, roles, disabled, email_verified, created_at, last_login_at"#,
+            user.0,
+            email.as_str(),
+            email.normalized(),
+            password_hash,
+            roles,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        if let Some(grant) = verification {
+            insert_email_token(&mut tx, row.id, &grant).await?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(Some(user_from(
+            row.id,
+            row.email,
+            row.roles,
+            row.disabled,
+            row.email_verified,
+            row.created_at,
+            row.last_login_at,
+        )))
+    }
+
+    async fn idle_anonymous_users(
+        &self,
+        retention_secs: i64,
+        batch: i64,
+    ) -> StoreResult<Vec<UserId>> {
+        let ids = sqlx::query_scalar!(
+            r#"SELECT id FROM users u
+               WHERE email IS NULL
+                 AND created_at < now() - make_interval(secs => $1::float8)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM sessions s
+                     WHERE s.user_id = u.id
+                       AND s.last_used_at > now() - make_interval(secs => $1::float8))
+               ORDER BY created_at
+               LIMIT $2"#,
+            retention_secs as f64,
+            batch,
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(ids.into_iter().map(UserId).collect())
+    }
+
     async fn find_credentials(
         &self,
         email: &Email,
@@ -322,7 +409,8 @@ impl Store for PgStore {
         let rows = sqlx::query!(
             r#"SELECT id, email, roles, disabled, email_verified, created_at, last_login_at
                FROM users
-               WHERE ($1::text IS NULL
+               WHERE email_normalized IS NOT NULL
+                 AND ($1::text IS NULL
                       OR (email_normalized >= $1 AND left(email_normalized, length($1)) = $1))
                  AND ($2::text IS NULL OR email_normalized > $2)
                ORDER BY email_normalized
@@ -972,8 +1060,8 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
-        if let Some(notice) = notice {
-            enqueue(&mut tx, user, &notice(UserId(user), &changed.email)).await?;
+        if let (Some(notice), Some(to)) = (notice, &changed.email) {
+            enqueue(&mut tx, user, &notice(UserId(user), to)).await?;
         }
         let ended = sqlx::query_scalar!(
             r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'password_reset'
@@ -987,7 +1075,8 @@ impl Store for PgStore {
         tx.commit().await.map_err(classify)?;
         Ok(Ok(PasswordReset {
             user: UserId(user),
-            email_normalized: changed.email_normalized,
+            // A reset token is only ever issued to a user with an email.
+            email_normalized: changed.email_normalized.unwrap_or_default(),
             ended: session_ids(ended),
         }))
     }

@@ -63,7 +63,7 @@ use super::{
     User, UserChange, UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
-use crate::domain::{Email, SessionId, UserId};
+use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -273,7 +273,7 @@ fn roles_json(roles: &[String]) -> String {
 
 fn user_from(
     id: &str,
-    email: String,
+    email: Option<String>,
     roles: &str,
     disabled: bool,
     email_verified: bool,
@@ -479,6 +479,120 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn create_anonymous(&self, password_hash: &str) -> StoreResult<User> {
+        let id = Uuid::new_v4().to_string();
+        let roles = roles_json(&[ANONYMOUS_ROLE.to_owned()]);
+        let password_hash = password_hash.to_owned();
+        let row = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let row = sqlx::query!(
+                        r#"INSERT INTO users (id, password_hash, roles, created_at, updated_at)
+                           VALUES (?1, ?2, ?3, ?4, ?4)
+                           RETURNING id, email, roles, disabled, email_verified, created_at,
+                                     last_login_at"#,
+                        id,
+                        password_hash,
+                        roles,
+                        now,
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    Ok(row)
+                })
+            }))
+            .await?;
+        user_from(
+            &row.id,
+            row.email,
+            &row.roles,
+            row.disabled,
+            row.email_verified,
+            row.created_at,
+            row.last_login_at,
+        )
+    }
+
+    async fn convert_anonymous(
+        &self,
+        user: UserId,
+        email: &Email,
+        password_hash: &str,
+        roles: &[String],
+        verification: Option<EmailTokenGrant<'_>>,
+    ) -> StoreResult<Option<User>> {
+        let id = user.0.to_string();
+        let verification = verification.map(OwnedGrant::from);
+        let normalized = email.normalized();
+        let roles = roles_json(roles);
+        let (email, password_hash) = (email.as_str().to_owned(), password_hash.to_owned());
+        let row = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    // A taken email fails the statement (unique index): the writer rolls
+                    // the transaction back and the error reads as a conflict.
+                    let row = sqlx::query!(
+                        r#"UPDATE users SET email = ?2, email_normalized = ?3, password_hash = ?4,
+                                            roles = ?5, updated_at = ?6
+                           WHERE id = ?1 AND email IS NULL AND NOT disabled
+                           RETURNING id, email, roles, disabled, email_verified, created_at,
+                                     last_login_at"#,
+                        id,
+                        email,
+                        normalized,
+                        password_hash,
+                        roles,
+                        now,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if let (Some(row), Some(grant)) = (&row, &verification) {
+                        insert_email_token(conn, &row.id, grant, now).await?;
+                    }
+                    Ok(row)
+                })
+            }))
+            .await?;
+        row.map(|row| {
+            user_from(
+                &row.id,
+                row.email,
+                &row.roles,
+                row.disabled,
+                row.email_verified,
+                row.created_at,
+                row.last_login_at,
+            )
+        })
+        .transpose()
+    }
+
+    async fn idle_anonymous_users(
+        &self,
+        retention_secs: i64,
+        batch: i64,
+    ) -> StoreResult<Vec<UserId>> {
+        let since = now_us() - secs_us(retention_secs);
+        let ids = sqlx::query_scalar!(
+            r#"SELECT id FROM users u
+               WHERE email IS NULL AND created_at < ?1
+                 AND NOT EXISTS (SELECT 1 FROM sessions s
+                                 WHERE s.user_id = u.id AND s.last_used_at > ?1)
+               ORDER BY created_at
+               LIMIT ?2"#,
+            since,
+            batch,
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        ids.iter().map(|id| uuid(id).map(UserId)).collect()
+    }
+
     async fn find_credentials(
         &self,
         email: &Email,
@@ -551,7 +665,8 @@ impl Store for SqliteStore {
         let rows = sqlx::query!(
             r#"SELECT id, email, roles, disabled, email_verified, created_at, last_login_at
                FROM users
-               WHERE (?1 IS NULL
+               WHERE email_normalized IS NOT NULL
+                 AND (?1 IS NULL
                       OR (email_normalized >= ?1
                           AND substr(email_normalized, 1, length(?1)) = ?1))
                  AND (?2 IS NULL OR email_normalized > ?2)
@@ -1174,7 +1289,7 @@ impl Store for SqliteStore {
                        SET disabled = coalesce(?2, disabled), roles = coalesce(?3, roles),
                            updated_at = ?4
                        WHERE id = ?1
-                       RETURNING id AS "id!", email AS "email!", roles AS "roles!",
+                       RETURNING id AS "id!", email AS "email?", roles AS "roles!",
                                  disabled AS "disabled!: bool",
                                  email_verified AS "email_verified!: bool",
                                  created_at AS "created_at!", last_login_at"#,
@@ -1359,7 +1474,7 @@ impl Store for SqliteStore {
         match done {
             Ok(row) => Ok(Ok(user_from(
                 &row.id,
-                row.email,
+                Some(row.email),
                 &row.roles,
                 row.disabled,
                 row.email_verified,
@@ -1419,11 +1534,12 @@ impl Store for SqliteStore {
                     )
                     .fetch_one(&mut *conn)
                     .await?;
-                    if let Some(notice) = notice {
-                        let sealed = notice(user_id(&user)?, &changed.email);
+                    if let (Some(notice), Some(to)) = (notice, &changed.email) {
+                        let sealed = notice(user_id(&user)?, to);
                         enqueue(conn, &user, &sealed, now).await?;
                     }
-                    let email_normalized = changed.email_normalized;
+                    // A reset token is only ever issued to a user with an email.
+                    let email_normalized = changed.email_normalized.unwrap_or_default();
                     let ended = sqlx::query_scalar!(
                         r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'password_reset'
                            WHERE user_id = ?1 AND revoked_at IS NULL
