@@ -35,8 +35,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server (the default).
     Serve,
-    /// Create the database if needed and apply pending migrations.
-    Migrate,
+    /// Create the database if needed and apply pending migrations: the schema's, then
+    /// the user migrations of users.migrations_dir.
+    Migrate {
+        /// Apply nothing: print the user migrations that would be applied and what they
+        /// would do (each is tried in a transaction that is rolled back).
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage users.
     User {
         #[command(subcommand)]
@@ -134,13 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(address = %format!("{}:{}", settings.server.host, app.port()), "tessera listening");
             app.run_until_stopped().await?;
         }
-        Command::Migrate => {
-            eprintln!("migrating the database ...");
-            Backend::from_settings(&settings.database)?
-                .prepare(&settings.database, true)
-                .await?;
-            eprintln!("database is up to date");
-        }
+        Command::Migrate { dry_run } => migrate(settings, dry_run).await?,
         Command::User {
             command: UserCommand::Create { email, roles },
         } => {
@@ -233,10 +233,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tessera migrate [--dry-run]`: the schema, then the user migrations.
+async fn migrate(settings: Settings, dry_run: bool) -> anyhow::Result<()> {
+    let backend = Backend::from_settings(&settings.database)?;
+    if dry_run {
+        backend.prepare(&settings.database, false).await?;
+    } else {
+        eprintln!("migrating the database schema ...");
+        backend.prepare(&settings.database, true).await?;
+        eprintln!("the schema is up to date");
+    }
+    let dir = settings.users.migrations_dir.clone();
+    if dir.as_os_str().is_empty() {
+        eprintln!("no user migrations (users.migrations_dir is empty)");
+        return Ok(());
+    }
+    let auth = crate::startup::operator_service(settings, !dry_run).await?;
+    let verb = if dry_run { "trying" } else { "applying" };
+    let done = auth
+        .apply_user_migrations(&dir, dry_run, |file| eprintln!("{verb} {file} ..."))
+        .await
+        .map_err(|e| {
+            if dry_run && format!("{e:#}").contains("user_migrations") {
+                anyhow::anyhow!(
+                    "{e:#}\nthe schema may be behind: run `tessera migrate` (without \
+                     --dry-run) to bring it up to date"
+                )
+            } else {
+                e
+            }
+        })?;
+    for outcome in &done {
+        let how = if dry_run { "would apply" } else { "applied" };
+        println!("{how} {}:", outcome.file);
+        for op in &outcome.operations {
+            println!("  {op}");
+        }
+    }
+    match (done.len(), dry_run) {
+        (0, _) => eprintln!("user migrations are up to date"),
+        (n, true) => eprintln!("{n} user migration(s) would be applied; nothing was changed"),
+        (n, false) => eprintln!("{n} user migration(s) applied"),
+    }
+    Ok(())
+}
+
 /// `tessera user list|show|delete|reset`, through the same account operations as the
 /// admin API (audited as done by an operator).
 async fn manage_user(settings: Settings, command: UserCommand) -> anyhow::Result<()> {
-    let auth = crate::startup::operator_service(settings).await?;
+    let auth = crate::startup::operator_service(settings, true).await?;
     let failed = |e: ApiError| anyhow::anyhow!("{}", operator_message(e));
     match command {
         UserCommand::Create { .. } => unreachable!("handled by run"),
@@ -447,7 +492,8 @@ async fn copy(settings: &Settings, to: String, redis: Option<String>) -> anyhow:
     .await?;
     eprintln!(
         "copied {} users, {} sessions, {} refresh tokens, {} devices, {} audit events, {} \
-         emailed tokens, {} outbox messages, {} saved revocation marks",
+         emailed tokens, {} outbox messages, {} saved revocation marks, {} applied user \
+         migrations",
         copied.users,
         copied.sessions,
         copied.refresh_tokens,
@@ -455,7 +501,8 @@ async fn copy(settings: &Settings, to: String, redis: Option<String>) -> anyhow:
         copied.audit_events,
         copied.email_tokens,
         copied.outbox,
-        copied.revocation_marks
+        copied.revocation_marks,
+        copied.user_migrations
     );
     let redis = redis.or_else(|| {
         let url = settings.redis.url.expose_secret().trim().to_owned();

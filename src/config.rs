@@ -28,6 +28,7 @@ pub struct Settings {
     pub password: PasswordSettings,
     pub login: LoginSettings,
     pub registration: RegistrationSettings,
+    pub users: UsersSettings,
     pub introspection: IntrospectionSettings,
     pub sessions: SessionSettings,
     pub cleanup: CleanupSettings,
@@ -151,6 +152,14 @@ pub struct RegistrationSettings {
     pub enabled: bool,
     /// Whether `POST /users/anonymous` makes users with no email.
     pub anonymous: bool,
+}
+
+/// Users managed through files (`[users]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersSettings {
+    /// Where `tessera migrate` finds user migrations, `NNNN_name.toml` ("" for none).
+    pub migrations_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -100,9 +100,9 @@ const MARK_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// running server applies it within a second ([`MemoryMarks::sync`]); with Redis it is
 /// written there, as a server would. Email is left in the outbox for the servers'
 /// senders.
-pub async fn operator_service(settings: Settings) -> anyhow::Result<AuthService> {
+pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Result<AuthService> {
     let backend = Backend::from_settings(&settings.database)?;
-    backend.prepare(&settings.database, true).await?;
+    backend.prepare(&settings.database, migrate).await?;
     let store = backend.connect_lazy(&settings.database)?;
     let revocations: Arc<dyn Revocations> = if settings.redis.url.expose_secret().trim().is_empty()
     {

@@ -17,5 +17,6 @@ pub mod recent;
 pub mod refresh_token;
 pub mod session;
 pub mod throttle;
+pub mod user_migrations;
 
 pub(crate) use crate::domain::sha256;

@@ -51,6 +51,16 @@ pub struct Verification {
     pub upgraded_hash: Option<String>,
 }
 
+/// Whether `hash` is an argon2 PHC string this server can verify passwords against
+/// (`$argon2id$v=19$m=…,t=…,p=…$salt$hash`), e.g. one a user migration brings in.
+pub fn is_argon2_hash(hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|phc| {
+        matches!(phc.algorithm.as_str(), "argon2id" | "argon2i" | "argon2d")
+            && phc.hash.is_some()
+            && Params::try_from(&phc).is_ok()
+    })
+}
+
 /// True when `hash` is not argon2id v19 with exactly the configured parameters.
 fn is_outdated(argon2: &Argon2<'_>, hash: &str) -> bool {
     let Ok(phc) = PasswordHash::new(hash) else {

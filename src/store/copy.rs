@@ -99,6 +99,14 @@ pub struct OutboxCopyRow {
     pub next_attempt_at: DateTime<Utc>,
 }
 
+/// An applied user migration (see `crate::auth::user_migrations`).
+pub struct UserMigrationRow {
+    pub version: i64,
+    pub name: String,
+    pub checksum: Vec<u8>,
+    pub applied_at: DateTime<Utc>,
+}
+
 /// What was copied, table by table.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Copied {
@@ -110,6 +118,7 @@ pub struct Copied {
     pub email_tokens: u64,
     pub outbox: u64,
     pub revocation_marks: u64,
+    pub user_migrations: u64,
 }
 
 /// Copies everything `from` holds into `to`, which must hold no user yet. `progress`
@@ -229,6 +238,20 @@ pub async fn sqlite_to_postgres(
         "revocation_marks",
         &mut copied.revocation_marks,
         marks.len(),
+        total,
+    );
+
+    // So that `tessera migrate` on the new deployment applies only the files not
+    // applied yet, and still sees an edited one.
+    let applied = export::user_migrations(&mut src).await?;
+    import::user_migrations(&mut dst, &applied)
+        .await
+        .context("writing the applied user migrations")?;
+    let total = applied.len() as u64;
+    report(
+        "user_migrations",
+        &mut copied.user_migrations,
+        applied.len(),
         total,
     );
 

@@ -123,6 +123,80 @@ impl User {
     }
 }
 
+/// One operation of a user migration (see `crate::auth::user_migrations`), checked and
+/// ready for the store.
+#[derive(Debug, Clone)]
+pub enum UserOp {
+    /// A new user with an argon2 hash; or, for an invitation, a hash nobody has the
+    /// password of and a reset link (its token and sealed message) written with it.
+    Create {
+        email: Email,
+        password_hash: String,
+        roles: Vec<String>,
+        invitation: Option<Invitation>,
+    },
+    Grant {
+        email: Email,
+        role: String,
+    },
+    Revoke {
+        email: Email,
+        role: String,
+    },
+    Disable {
+        email: Email,
+    },
+    Delete {
+        email: Email,
+    },
+}
+
+/// The reset link an invitation writes: token hash, expiry and sealed message.
+#[derive(Debug, Clone)]
+pub struct Invitation {
+    pub token_hash: Vec<u8>,
+    pub expires_at: DateTime<Utc>,
+    pub message: Vec<u8>,
+}
+
+impl Invitation {
+    pub fn grant(&self) -> EmailTokenGrant<'_> {
+        EmailTokenGrant {
+            kind: EmailTokenKind::ResetPassword,
+            token_hash: &self.token_hash,
+            expires_at: self.expires_at,
+            new_email: None,
+            message: &self.message,
+            notice: None,
+        }
+    }
+}
+
+/// A user migration file as recorded once applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserMigrationRecord {
+    pub version: i64,
+    pub name: String,
+    /// SHA-256 of the file's bytes.
+    pub checksum: Vec<u8>,
+}
+
+/// What a user migration changed that revocation marks must follow: users whose roles
+/// changed or who were disabled or deleted, and the sessions that ended.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationEffects {
+    pub users: Vec<UserId>,
+    pub ended: Vec<SessionId>,
+}
+
+/// Why a user migration's operation failed (its whole file is rolled back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpFailure {
+    /// The operation's place in its file, from 1.
+    pub operation: usize,
+    pub reason: String,
+}
+
 /// What an emailed token lets its holder do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmailTokenKind {
@@ -348,6 +422,7 @@ pub enum AuditKind {
     EmailDeliveryFailed,
     AnonymousCreated,
     AnonymousConverted,
+    UserMigrationApplied,
 }
 
 impl AuditKind {
@@ -378,6 +453,7 @@ impl AuditKind {
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
             AuditKind::AnonymousCreated => "anonymous_created",
             AuditKind::AnonymousConverted => "anonymous_converted",
+            AuditKind::UserMigrationApplied => "user_migration_applied",
         }
     }
 }
@@ -776,6 +852,19 @@ pub trait Store: Send + Sync + 'static {
         new_hash: &str,
         notice: Option<NoticeFor>,
     ) -> StoreResult<Result<PasswordReset, TokenRefusal>>;
+
+    /// The user migrations applied so far, by version.
+    async fn applied_user_migrations(&self) -> StoreResult<Vec<UserMigrationRecord>>;
+    /// Applies one user migration's operations in order and records it, all in one
+    /// transaction: the first operation that fails rolls the whole file back. With
+    /// `dry_run`, everything is done and then rolled back (what would change, and
+    /// whether it would fail).
+    async fn apply_user_migration(
+        &self,
+        record: &UserMigrationRecord,
+        ops: &[UserOp],
+        dry_run: bool,
+    ) -> StoreResult<Result<MigrationEffects, OpFailure>>;
 
     /// Deletes a user and everything of theirs in one transaction: sessions, refresh
     /// tokens, devices, emailed tokens, waiting outbox rows; their audit rows keep only

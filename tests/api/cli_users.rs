@@ -13,7 +13,7 @@ use crate::keys::cli;
 use crate::smtp::{Options, SmtpServer, link, mailing};
 
 /// The binary configured like the server: its database, Redis, keys and email.
-fn user_cli(app: &TestApp, args: &[&str]) -> Command {
+pub fn configured(app: &TestApp) -> Command {
     use secrecy::ExposeSecret;
     let s = &app.settings;
     let mut cmd = cli(app);
@@ -26,9 +26,13 @@ fn user_cli(app: &TestApp, args: &[&str]) -> Command {
         .env("TESSERA__EMAIL__SMTP_URL", s.email.smtp_url.expose_secret())
         .env("TESSERA__EMAIL__SMTP_CA_FILE", &s.email.smtp_ca_file)
         .env("TESSERA__EMAIL__LINK_BASE", &s.email.link_base)
-        .args(["user"])
-        .args(args)
         .stdin(Stdio::null());
+    cmd
+}
+
+fn user_cli(app: &TestApp, args: &[&str]) -> Command {
+    let mut cmd = configured(app);
+    cmd.args(["user"]).args(args);
     cmd
 }
 

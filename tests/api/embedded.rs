@@ -298,7 +298,12 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     let app = spawn_app_with(settings.clone()).await;
     let email = app.new_user().await;
     // An anonymous user (no email) comes along too.
-    let res = app.client.post(app.url("/users/anonymous")).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/users/anonymous"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let guest = crate::helpers::Tokens::from_body(res.json().await.unwrap());
     let res = app
@@ -322,6 +327,33 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
         .post_form("/revoke", &[("token", &revoked.access)])
         .await;
     assert_eq!(res.status(), StatusCode::OK);
+    // A user migration applied on SQLite stays applied after the move.
+    let other = app.new_user().await;
+    let users_dir =
+        crate::helpers::test_data_dir(&format!("users-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&users_dir).unwrap();
+    std::fs::write(
+        users_dir.join("0001_editor.toml"),
+        format!("[[operation]]\nop = \"grant\"\nemail = \"{other}\"\nrole = \"editor\"\n"),
+    )
+    .unwrap();
+    let migrate = |database: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.env("TESSERA__DATABASE__URL", database)
+            .env("TESSERA__KEYS__DIR", &settings.keys.dir)
+            .env("TESSERA__USERS__MIGRATIONS_DIR", &users_dir)
+            .env("TESSERA__LOG__LEVEL", "warn")
+            .arg("migrate");
+        let out = cmd.output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{said}");
+        said
+    };
+    {
+        use secrecy::ExposeSecret;
+        let said = migrate(settings.database.url.expose_secret());
+        assert!(said.contains("1 user migration(s) applied"), "{said}");
+    }
     let audited = app.audit_kinds().await.len();
 
     let run = std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into());
@@ -363,10 +395,11 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     };
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("users: 2/2"), "progress: {said}");
+    assert!(said.contains("users: 3/3"), "progress: {said}");
     assert!(said.contains("sessions: 4/4"), "progress: {said}");
     assert!(said.contains("email_tokens: 1/1"), "progress: {said}");
     assert!(said.contains("outbox: 1/1"), "progress: {said}");
+    assert!(said.contains("user_migrations: 1/1"), "progress: {said}");
     assert!(said.contains("written to Redis"), "{said}");
 
     // The same deployment on PostgreSQL + Redis (the signing keys stay where they are).
@@ -420,6 +453,14 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
         "{} then {}",
         audited,
         kinds.len()
+    );
+
+    // The migration is known as applied there: nothing to do.
+    let said = migrate(&target);
+    assert!(said.contains("user migrations are up to date"), "{said}");
+    assert_eq!(
+        app.login_ok(&other).await.claims()["roles"],
+        json!(["editor", "user"])
     );
 
     // A second copy into the now used database is refused.

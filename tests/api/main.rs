@@ -43,5 +43,6 @@ mod shared_throttle;
 mod smtp;
 mod storage;
 mod timing;
+mod user_migrations;
 mod users;
 mod verification;

@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::store::copy::{DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserRow};
+use crate::store::copy::{
+    DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserMigrationRow, UserRow,
+};
 use crate::store::{AuditRecord, SavedMark};
 
 /// One column of a page.
@@ -208,6 +210,23 @@ pub async fn outbox(conn: &mut PgConnection, rows: &[OutboxCopyRow]) -> anyhow::
            AS "next!""#
     )
     .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn user_migrations(
+    conn: &mut PgConnection,
+    rows: &[UserMigrationRow],
+) -> anyhow::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO user_migrations (version, name, checksum, applied_at)
+           SELECT * FROM UNNEST($1::int8[], $2::text[], $3::bytea[], $4::timestamptz[])"#,
+        &col(rows, |r| r.version),
+        &col(rows, |r| r.name.clone()),
+        &col(rows, |r| r.checksum.clone()),
+        &col(rows, |r| r.applied_at),
+    )
+    .execute(conn)
     .await?;
     Ok(())
 }

@@ -15,9 +15,10 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, EmailTokenGrant, Grant, NewSession, NoticeFor, OutboxRow, PasswordReset,
-    RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal,
-    User, UserChange, UserUpdate, refusal, session_ids,
+    Credentials, EmailTokenGrant, Grant, MigrationEffects, NewSession, NoticeFor, OpFailure,
+    OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError,
+    StoreResult, TokenRefusal, User, UserChange, UserMigrationRecord, UserOp, UserUpdate, refusal,
+    session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
@@ -1086,26 +1087,65 @@ impl Store for PgStore {
         if last_admin(&mut tx, user).await? {
             return Err(StoreError::LastAdmin);
         }
-        sqlx::query!("DELETE FROM outbox WHERE user_id = $1", user.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        sqlx::query!(
-            r#"UPDATE audit_events SET ip = NULL, user_agent = NULL
-               WHERE user_id = $1 OR actor_id = $1"#,
-            user.0,
+        let deleted = delete_user_rows(&mut tx, user.0).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(deleted)
+    }
+
+    async fn applied_user_migrations(&self) -> StoreResult<Vec<UserMigrationRecord>> {
+        let rows =
+            sqlx::query!("SELECT version, name, checksum FROM user_migrations ORDER BY version")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UserMigrationRecord {
+                version: r.version,
+                name: r.name,
+                checksum: r.checksum,
+            })
+            .collect())
+    }
+
+    async fn apply_user_migration(
+        &self,
+        record: &UserMigrationRecord,
+        ops: &[UserOp],
+        dry_run: bool,
+    ) -> StoreResult<Result<MigrationEffects, OpFailure>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut effects = MigrationEffects::default();
+        for (i, op) in ops.iter().enumerate() {
+            if let Err(reason) = apply_user_op(&mut tx, op, &mut effects).await? {
+                // Dropping the transaction rolls the whole file back.
+                return Ok(Err(OpFailure {
+                    operation: i + 1,
+                    reason,
+                }));
+            }
+        }
+        let recorded = sqlx::query!(
+            r#"INSERT INTO user_migrations (version, name, checksum) VALUES ($1, $2, $3)
+               ON CONFLICT (version) DO NOTHING"#,
+            record.version,
+            record.name,
+            record.checksum,
         )
         .execute(&mut *tx)
         .await
-        .map_err(classify)?;
-        // Sessions (and their refresh tokens), devices and emailed tokens cascade.
-        let deleted = sqlx::query!("DELETE FROM users WHERE id = $1", user.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?
-            .rows_affected();
-        tx.commit().await.map_err(classify)?;
-        Ok(deleted > 0)
+        .map_err(classify)?
+        .rows_affected();
+        if recorded == 0 {
+            // Another `tessera migrate` applied it meanwhile.
+            return Err(StoreError::Conflict);
+        }
+        if dry_run {
+            tx.rollback().await.map_err(classify)?;
+        } else {
+            tx.commit().await.map_err(classify)?;
+        }
+        Ok(Ok(effects))
     }
 
     async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
@@ -1457,6 +1497,155 @@ async fn token_refusal(
 /// Whether `user` is the only enabled admin. Locks every enabled admin's row for the
 /// rest of the transaction, so two admins demoting each other take turns and the second
 /// finds itself the last.
+/// Deletes a user and everything of theirs (see `Store::delete_user`); false if there
+/// was none.
+async fn delete_user_rows(conn: &mut sqlx::PgConnection, user: Uuid) -> StoreResult<bool> {
+    sqlx::query!("DELETE FROM outbox WHERE user_id = $1", user)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    sqlx::query!(
+        r#"UPDATE audit_events SET ip = NULL, user_agent = NULL
+           WHERE user_id = $1 OR actor_id = $1"#,
+        user,
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(classify)?;
+    // Sessions (and their refresh tokens), devices and emailed tokens cascade.
+    let deleted = sqlx::query!("DELETE FROM users WHERE id = $1", user)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+    Ok(deleted > 0)
+}
+
+/// One user migration operation in the caller's transaction: `Err` with why it cannot
+/// be done (the caller rolls the file back).
+async fn apply_user_op(
+    conn: &mut sqlx::PgConnection,
+    op: &UserOp,
+    effects: &mut MigrationEffects,
+) -> StoreResult<Result<(), String>> {
+    let email = match op {
+        UserOp::Create {
+            email,
+            password_hash,
+            roles,
+            invitation,
+        } => {
+            let id = sqlx::query_scalar!(
+                r#"INSERT INTO users (id, email, email_normalized, password_hash, roles)
+                   VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT DO NOTHING
+                   RETURNING id"#,
+                Uuid::new_v4(),
+                email.as_str(),
+                email.normalized(),
+                password_hash,
+                roles,
+            )
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(classify)?;
+            let Some(id) = id else {
+                return Ok(Err(format!("a user with email {} exists", email.as_str())));
+            };
+            if let Some(invitation) = invitation {
+                insert_email_token(conn, id, &invitation.grant()).await?;
+            }
+            return Ok(Ok(()));
+        }
+        UserOp::Grant { email, .. }
+        | UserOp::Revoke { email, .. }
+        | UserOp::Disable { email }
+        | UserOp::Delete { email } => email,
+    };
+    let Some(id) = sqlx::query_scalar!(
+        "SELECT id FROM users WHERE email_normalized = $1 FOR UPDATE",
+        email.normalized(),
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(classify)?
+    else {
+        return Ok(Err(format!(
+            "there is no user with email {}",
+            email.as_str()
+        )));
+    };
+    let removes_admin = match op {
+        UserOp::Revoke { role, .. } => role == crate::domain::ADMIN_ROLE,
+        UserOp::Disable { .. } | UserOp::Delete { .. } => true,
+        _ => false,
+    };
+    if removes_admin && last_admin(conn, UserId(id)).await? {
+        return Ok(Err(format!(
+            "{} is the last enabled admin; make another user admin first",
+            email.as_str()
+        )));
+    }
+    let changed = match op {
+        UserOp::Grant { role, .. } => {
+            sqlx::query!(
+                r#"UPDATE users
+                   SET roles = ARRAY(SELECT r FROM unnest(array_append(roles, $2)) AS r ORDER BY r),
+                       updated_at = now()
+                   WHERE id = $1 AND NOT ($2 = ANY (roles))"#,
+                id,
+                role,
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?
+            .rows_affected()
+                > 0
+        }
+        UserOp::Revoke { role, .. } => {
+            sqlx::query!(
+                r#"UPDATE users SET roles = array_remove(roles, $2), updated_at = now()
+                   WHERE id = $1 AND $2 = ANY (roles)"#,
+                id,
+                role,
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?
+            .rows_affected()
+                > 0
+        }
+        UserOp::Disable { .. } => {
+            let disabled = sqlx::query!(
+                "UPDATE users SET disabled = true, updated_at = now() WHERE id = $1 AND NOT disabled",
+                id,
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?
+            .rows_affected()
+                > 0;
+            let ended = sqlx::query_scalar!(
+                r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'user_disabled'
+                   WHERE user_id = $1 AND revoked_at IS NULL
+                   RETURNING id"#,
+                id,
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(classify)?;
+            effects.ended.extend(session_ids(ended));
+            disabled
+        }
+        UserOp::Delete { .. } => delete_user_rows(conn, id).await?,
+        UserOp::Create { .. } => unreachable!("handled above"),
+    };
+    if changed {
+        effects.users.push(UserId(id));
+    }
+    Ok(Ok(()))
+}
+
 async fn last_admin(conn: &mut sqlx::PgConnection, user: UserId) -> StoreResult<bool> {
     let admins = sqlx::query_scalar!(
         r#"SELECT id FROM users WHERE 'admin' = ANY (roles) AND NOT disabled

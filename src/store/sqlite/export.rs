@@ -5,7 +5,9 @@
 use sqlx::SqliteConnection;
 
 use super::{opt_uuid, roles_from, time, uuid};
-use crate::store::copy::{DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserRow};
+use crate::store::copy::{
+    DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserMigrationRow, UserRow,
+};
 use crate::store::{AuditRecord, SavedMark, StoreError};
 
 pub async fn users(
@@ -208,6 +210,24 @@ pub async fn outbox(
             })
         })
         .collect()
+}
+
+/// Every applied user migration.
+pub async fn user_migrations(conn: &mut SqliteConnection) -> anyhow::Result<Vec<UserMigrationRow>> {
+    let rows = sqlx::query!(
+        "SELECT version, name, checksum, applied_at FROM user_migrations ORDER BY version"
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| UserMigrationRow {
+            version: r.version,
+            name: r.name,
+            checksum: r.checksum,
+            applied_at: time(r.applied_at),
+        })
+        .collect())
 }
 
 /// Every saved revocation mark, live or not (the target's cleanup deletes the expired).

@@ -58,9 +58,9 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, EmailTokenGrant, Grant, NewSession, NoticeFor, OutboxRow, PasswordReset,
-    RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError, StoreResult, TokenRefusal,
-    User, UserChange, UserUpdate, refusal,
+    Credentials, EmailTokenGrant, Grant, MigrationEffects, NewSession, NoticeFor, OpFailure,
+    OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError,
+    StoreResult, TokenRefusal, User, UserChange, UserMigrationRecord, UserOp, UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
@@ -1571,26 +1571,102 @@ impl Store for SqliteStore {
                     if last_admin(conn, &id).await? {
                         return Ok(Err(StoreError::LastAdmin));
                     }
-                    sqlx::query!("DELETE FROM outbox WHERE user_id = ?1", id)
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query!(
-                        r#"UPDATE audit_events SET ip = NULL, user_agent = NULL
-                           WHERE user_id = ?1 OR actor_id = ?1"#,
-                        id,
-                    )
-                    .execute(&mut *conn)
-                    .await?;
-                    // Sessions (and their refresh tokens), devices and emailed tokens
-                    // cascade.
-                    let deleted = sqlx::query!("DELETE FROM users WHERE id = ?1", id)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected();
-                    Ok(Ok(deleted > 0))
+                    Ok(Ok(delete_user_rows(conn, &id).await?))
                 })
             }))
             .await?
+    }
+
+    async fn applied_user_migrations(&self) -> StoreResult<Vec<UserMigrationRecord>> {
+        let rows = sqlx::query!(
+            "SELECT version, name, checksum FROM user_migrations ORDER BY version ASC"
+        )
+        .fetch_all(&self.reader)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UserMigrationRecord {
+                version: r.version,
+                name: r.name,
+                checksum: r.checksum,
+            })
+            .collect())
+    }
+
+    async fn apply_user_migration(
+        &self,
+        record: &UserMigrationRecord,
+        ops: &[UserOp],
+        dry_run: bool,
+    ) -> StoreResult<Result<MigrationEffects, OpFailure>> {
+        let (record, ops) = (record.clone(), ops.to_vec());
+        // A savepoint of its own: the writer may share its transaction with other work,
+        // and only this file's writes are to be undone.
+        let (outcome, ended) = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    sqlx::query("SAVEPOINT user_migration")
+                        .execute(&mut *conn)
+                        .await?;
+                    let now = now_us();
+                    let mut users = Vec::new();
+                    let mut ended = Vec::new();
+                    let mut failure = None;
+                    for (i, op) in ops.iter().enumerate() {
+                        if let Err(reason) =
+                            apply_user_op(conn, op, now, &mut users, &mut ended).await?
+                        {
+                            failure = Some(OpFailure {
+                                operation: i + 1,
+                                reason,
+                            });
+                            break;
+                        }
+                    }
+                    let recorded = failure.is_none()
+                        && sqlx::query!(
+                            r#"INSERT INTO user_migrations (version, name, checksum, applied_at)
+                               VALUES (?1, ?2, ?3, ?4)
+                               ON CONFLICT (version) DO NOTHING"#,
+                            record.version,
+                            record.name,
+                            record.checksum,
+                            now,
+                        )
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected()
+                            > 0;
+                    if dry_run || !recorded {
+                        sqlx::query("ROLLBACK TO user_migration")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    sqlx::query("RELEASE user_migration")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(match failure {
+                        Some(failure) => (Err(failure), ended),
+                        // Another `tessera migrate` applied it meanwhile.
+                        None if !recorded => (Ok(None), ended),
+                        None => (Ok(Some(users)), ended),
+                    })
+                })
+            }))
+            .await?;
+        match outcome {
+            Err(failure) => Ok(Err(failure)),
+            Ok(None) => Err(StoreError::Conflict),
+            Ok(Some(users)) => Ok(Ok(MigrationEffects {
+                users: users
+                    .iter()
+                    .map(|u| uuid(u).map(UserId))
+                    .collect::<StoreResult<_>>()?,
+                ended: ids(ended)?,
+            })),
+        }
     }
 
     async fn claim_outbox(&self, limit: i64, lease_secs: i64) -> StoreResult<Vec<OutboxRow>> {
@@ -1945,6 +2021,162 @@ async fn token_refusal(
 
 /// Whether `user` is the only enabled admin (the one writer makes the answer hold for
 /// the rest of its transaction).
+/// Deletes a user and everything of theirs (see `Store::delete_user`); false if there
+/// was none.
+async fn delete_user_rows(conn: &mut SqliteConnection, user: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query!("DELETE FROM outbox WHERE user_id = ?1", user)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query!(
+        r#"UPDATE audit_events SET ip = NULL, user_agent = NULL
+           WHERE user_id = ?1 OR actor_id = ?1"#,
+        user,
+    )
+    .execute(&mut *conn)
+    .await?;
+    // Sessions (and their refresh tokens), devices and emailed tokens cascade.
+    let deleted = sqlx::query!("DELETE FROM users WHERE id = ?1", user)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(deleted > 0)
+}
+
+/// One user migration operation in the writer's transaction: `Err` with why it cannot
+/// be done (the caller rolls the file back). Users it changed and sessions it ended are
+/// added to `users` and `ended`.
+async fn apply_user_op(
+    conn: &mut SqliteConnection,
+    op: &UserOp,
+    now: i64,
+    users: &mut Vec<String>,
+    ended: &mut Vec<String>,
+) -> Result<Result<(), String>, sqlx::Error> {
+    let email = match op {
+        UserOp::Create {
+            email,
+            password_hash,
+            roles,
+            invitation,
+        } => {
+            let id = Uuid::new_v4().to_string();
+            let (address, normalized, roles) =
+                (email.as_str(), email.normalized(), roles_json(roles));
+            let created = sqlx::query!(
+                r#"INSERT INTO users (id, email, email_normalized, password_hash, roles,
+                                      created_at, updated_at)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                   ON CONFLICT (email_normalized) DO NOTHING"#,
+                id,
+                address,
+                normalized,
+                password_hash,
+                roles,
+                now,
+            )
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if created == 0 {
+                return Ok(Err(format!("a user with email {} exists", email.as_str())));
+            }
+            if let Some(invitation) = invitation {
+                insert_email_token(conn, &id, &OwnedGrant::from(invitation.grant()), now).await?;
+            }
+            return Ok(Ok(()));
+        }
+        UserOp::Grant { email, .. }
+        | UserOp::Revoke { email, .. }
+        | UserOp::Disable { email }
+        | UserOp::Delete { email } => email,
+    };
+    let normalized = email.normalized();
+    let Some(found) = sqlx::query!(
+        "SELECT id, roles FROM users WHERE email_normalized = ?1",
+        normalized,
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(Err(format!(
+            "there is no user with email {}",
+            email.as_str()
+        )));
+    };
+    let id = found.id;
+    let removes_admin = match op {
+        UserOp::Revoke { role, .. } => role == crate::domain::ADMIN_ROLE,
+        UserOp::Disable { .. } | UserOp::Delete { .. } => true,
+        _ => false,
+    };
+    if removes_admin && last_admin(conn, &id).await? {
+        return Ok(Err(format!(
+            "{} is the last enabled admin; make another user admin first",
+            email.as_str()
+        )));
+    }
+    let roles_now: Vec<String> =
+        serde_json::from_str(&found.roles).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let new_roles = match op {
+        UserOp::Grant { role, .. } if !roles_now.contains(role) => {
+            // Sorted, as the admin API and `parse_roles` keep them.
+            let mut roles = [roles_now.clone(), vec![role.clone()]].concat();
+            roles.sort();
+            Some(roles)
+        }
+        UserOp::Revoke { role, .. } if roles_now.contains(role) => {
+            Some(roles_now.iter().filter(|r| *r != role).cloned().collect())
+        }
+        _ => None,
+    };
+    let changed = match op {
+        UserOp::Grant { .. } | UserOp::Revoke { .. } => match new_roles {
+            Some(roles) => {
+                let roles = roles_json(&roles);
+                sqlx::query!(
+                    "UPDATE users SET roles = ?2, updated_at = ?3 WHERE id = ?1",
+                    id,
+                    roles,
+                    now,
+                )
+                .execute(&mut *conn)
+                .await?;
+                true
+            }
+            None => false,
+        },
+        UserOp::Disable { .. } => {
+            let disabled = sqlx::query!(
+                "UPDATE users SET disabled = TRUE, updated_at = ?2 WHERE id = ?1 AND NOT disabled",
+                id,
+                now,
+            )
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                > 0;
+            ended.extend(
+                sqlx::query_scalar!(
+                    r#"UPDATE sessions SET revoked_at = ?2, revoked_reason = 'user_disabled'
+                       WHERE user_id = ?1 AND revoked_at IS NULL
+                       RETURNING id"#,
+                    id,
+                    now,
+                )
+                .fetch_all(&mut *conn)
+                .await?,
+            );
+            disabled
+        }
+        UserOp::Delete { .. } => delete_user_rows(conn, &id).await?,
+        UserOp::Create { .. } => unreachable!("handled above"),
+    };
+    if changed {
+        users.push(id);
+    }
+    Ok(Ok(()))
+}
+
 async fn last_admin(conn: &mut SqliteConnection, user: &str) -> Result<bool, sqlx::Error> {
     let admins = sqlx::query_scalar!(
         r#"SELECT id FROM users
