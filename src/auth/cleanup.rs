@@ -1,6 +1,8 @@
 //! The periodic cleanup: deletes sessions (with their refresh tokens) that ended more
 //! than `cleanup.session_retention_secs` ago, audit rows past their retention,
-//! expired devices and revocation marks, and anonymous users never converted
+//! expired devices and revocation marks, emailed tokens expired more than
+//! `cleanup.session_retention_secs` ago (used or not: until then a late use still
+//! learns `used` or `expired`), and anonymous users never converted
 //! (`cleanup.anonymous_retention_secs` after their last refresh).
 //!
 //! Work is done in batches of `cleanup.batch_size` rows, each its own short statement
@@ -19,6 +21,7 @@ pub struct Cleaned {
     pub devices: u64,
     pub marks: u64,
     pub anonymous_users: u64,
+    pub email_tokens: u64,
 }
 
 impl AuthService {
@@ -40,6 +43,10 @@ impl AuthService {
             audit_events,
             devices: in_batches(batch, || store.delete_expired_devices(batch)).await?,
             marks: in_batches(batch, || store.delete_expired_marks(batch)).await?,
+            email_tokens: in_batches(batch, || {
+                store.delete_old_email_tokens(c.session_retention_secs as i64, batch)
+            })
+            .await?,
             anonymous_users: self
                 .delete_idle_anonymous(batch)
                 .await
@@ -55,8 +62,9 @@ impl AuthService {
                 devices = done.devices,
                 marks = done.marks,
                 anonymous_users = done.anonymous_users,
-                "cleanup deleted ended sessions, old audit rows, expired devices and marks, \
-                 and idle anonymous users"
+                email_tokens = done.email_tokens,
+                "cleanup deleted ended sessions, old audit rows, expired devices, marks and \
+                 emailed tokens, and idle anonymous users"
             );
         }
         Ok(done)

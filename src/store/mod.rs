@@ -903,6 +903,9 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64>;
     /// Deletes up to `batch` expired devices; returns how many.
     async fn delete_expired_devices(&self, batch: i64) -> StoreResult<u64>;
+    /// Deletes up to `batch` emailed tokens, used or not, that expired more than
+    /// `retention_secs` ago (until then a late use still learns `used` or `expired`).
+    async fn delete_old_email_tokens(&self, retention_secs: i64, batch: i64) -> StoreResult<u64>;
 }
 
 /// Whether two role lists differ as sets (order and repeats aside).

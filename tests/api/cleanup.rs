@@ -110,3 +110,50 @@ async fn the_cleanup_runs_periodically_on_its_own() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn emailed_tokens_go_once_expired_past_retention_and_say_why_until_then() {
+    use tessera::config::EmailVerification;
+    let server = crate::smtp::SmtpServer::start(Default::default()).await;
+    let mut settings = crate::smtp::mailing(&server, EmailVerification::Optional);
+    settings.tokens.access_ttl_secs = 1;
+    settings.tokens.leeway_secs = 0;
+    settings.cleanup.session_retention_secs = 1;
+    settings.email.verify_ttl_secs = 1;
+    let app = spawn_app_with(settings).await;
+    let used = app.new_user().await;
+    let unused = app.new_user().await;
+    let mails = server.wait_for(2, Duration::from_secs(10)).await;
+    let token_of = |to: &str| {
+        let mail = mails
+            .iter()
+            .find(|m| m.header("X-Test-Envelope-To").as_deref() == Some(to))
+            .unwrap();
+        crate::smtp::link(mail).1
+    };
+    let (used_token, unused_token) = (token_of(&used), token_of(&unused));
+    let verify = |token: String| {
+        let app = &app;
+        async move {
+            app.post_json("/email/verify", &serde_json::json!({ "token": token }))
+                .await
+        }
+    };
+    assert_eq!(
+        verify(used_token.clone()).await.status(),
+        reqwest::StatusCode::OK
+    );
+    assert_eq!(count(&app, "email_tokens").await, 2);
+
+    // Expired, within retention: kept, and a late use says why.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(app.state.auth.cleanup().await.unwrap().email_tokens, 0);
+    assert_invalid_grant(verify(used_token.clone()).await, "used").await;
+    assert_invalid_grant(verify(unused_token.clone()).await, "expired").await;
+
+    // Past it: both go, used or not.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(app.state.auth.cleanup().await.unwrap().email_tokens, 2);
+    assert_eq!(count(&app, "email_tokens").await, 0);
+    assert_invalid_grant(verify(used_token).await, "unknown").await;
+}

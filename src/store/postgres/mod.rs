@@ -1398,6 +1398,23 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn delete_old_email_tokens(&self, retention_secs: i64, batch: i64) -> StoreResult<u64> {
+        let done = sqlx::query!(
+            r#"DELETE FROM email_tokens WHERE token_hash IN (
+                   SELECT token_hash FROM email_tokens
+                   WHERE expires_at < now() - make_interval(secs => $1::float8)
+                   LIMIT $2
+                   FOR UPDATE SKIP LOCKED
+               )"#,
+            retention_secs as f64,
+            batch,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
     async fn delete_old_audit(&self, retention_secs: i64, batch: i64) -> StoreResult<u64> {
         let done = sqlx::query!(
             r#"DELETE FROM audit_events WHERE id IN (

@@ -1877,6 +1877,18 @@ impl Store for SqliteStore {
         ))
         .await
     }
+
+    async fn delete_old_email_tokens(&self, retention_secs: i64, batch: i64) -> StoreResult<u64> {
+        let before = now_us() - secs_us(retention_secs);
+        self.write_one(sqlx::query!(
+            r#"DELETE FROM email_tokens WHERE token_hash IN (
+                   SELECT token_hash FROM email_tokens WHERE expires_at < ?1 LIMIT ?2
+               )"#,
+            before,
+            batch,
+        ))
+        .await
+    }
 }
 
 /// The lock file beside the database: `data/tessera.db` → `data/tessera.lock`.
