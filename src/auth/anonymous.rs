@@ -94,9 +94,6 @@ impl AuthService {
             )
             .await?
             .ok_or(ApiError::Conflict)?;
-        if link.is_some() {
-            self.outbox.wake();
-        }
         self.audit(
             AuditKind::AnonymousConverted,
             Some(user.id),
@@ -105,6 +102,8 @@ impl AuthService {
             json!({"verification_sent": link.is_some()}),
         )
         .await;
+        self.registration_link_sent(link.is_some(), user.id, client)
+            .await;
         Ok(user)
     }
 

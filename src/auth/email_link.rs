@@ -136,6 +136,27 @@ impl AuthService {
         }
     }
 
+    /// After a registration's transaction: wakes the sender and audits the link if one
+    /// was written with the user.
+    pub(super) async fn registration_link_sent(
+        &self,
+        sent: bool,
+        user: UserId,
+        client: &ClientInfo,
+    ) {
+        if sent {
+            self.outbox.wake();
+            self.audit(
+                AuditKind::VerificationSent,
+                Some(user),
+                None,
+                client,
+                json!({}),
+            )
+            .await;
+        }
+    }
+
     /// The verification link a registration sends, if `email.verification` asks for one.
     pub(super) fn registration_link(&self, email: &Email) -> Option<IssuedLink> {
         (self.settings().email.verification != EmailVerification::Off).then(|| {
@@ -165,31 +186,41 @@ impl AuthService {
         email: &Email,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
+        self.send_link(
+            email,
+            |user| !user.email_verified,
+            (EmailTokenKind::VerifyEmail, Template::VerifyEmail),
+            self.settings().email.verify_ttl_secs,
+            AuditKind::VerificationSent,
+            client,
+        )
+        .await
+    }
+
+    /// Sends a link of `kind` to the account that has `email`, if there is one and
+    /// `wanted` says it should get one, with its audit row; nothing otherwise.
+    async fn send_link(
+        &self,
+        email: &Email,
+        wanted: impl Fn(&User) -> bool,
+        (kind, template): (EmailTokenKind, Template),
+        ttl_secs: u64,
+        audited: AuditKind,
+        client: &ClientInfo,
+    ) -> Result<(), ApiError> {
         let Some(found) = self.store.find_credentials(email, None).await? else {
             return Ok(());
         };
         let user = found.user;
-        if user.email_verified {
+        if !wanted(&user) {
             return Ok(());
         }
         let email = user.address().unwrap_or_else(|| email.clone());
-        let link = self.issue_link(
-            EmailTokenKind::VerifyEmail,
-            Template::VerifyEmail,
-            Some(user.id),
-            &email,
-            self.settings().email.verify_ttl_secs,
-        );
+        let link = self.issue_link(kind, template, Some(user.id), &email, ttl_secs);
         if self.store.issue_email_token(user.id, link.grant()).await? {
             self.outbox.wake();
-            self.audit(
-                AuditKind::VerificationSent,
-                Some(user.id),
-                None,
-                client,
-                json!({}),
-            )
-            .await;
+            self.audit(audited, Some(user.id), None, client, json!({}))
+                .await;
         }
         Ok(())
     }
@@ -223,33 +254,15 @@ impl AuthService {
         email: &Email,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
-        let Some(found) = self.store.find_credentials(email, None).await? else {
-            return Ok(());
-        };
-        let user = found.user;
-        if user.disabled {
-            return Ok(());
-        }
-        let email = user.address().unwrap_or_else(|| email.clone());
-        let link = self.issue_link(
-            EmailTokenKind::ResetPassword,
-            Template::ResetPassword,
-            Some(user.id),
-            &email,
+        self.send_link(
+            email,
+            |user| !user.disabled,
+            (EmailTokenKind::ResetPassword, Template::ResetPassword),
             self.settings().email.reset_ttl_secs,
-        );
-        if self.store.issue_email_token(user.id, link.grant()).await? {
-            self.outbox.wake();
-            self.audit(
-                AuditKind::PasswordResetRequested,
-                Some(user.id),
-                None,
-                client,
-                json!({}),
-            )
-            .await;
-        }
-        Ok(())
+            AuditKind::PasswordResetRequested,
+            client,
+        )
+        .await
     }
 
     /// Uses a reset token: the new password is in force, the address counts as

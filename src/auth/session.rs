@@ -145,9 +145,6 @@ impl AuthService {
                 link.as_ref().map(|l| l.grant()),
             )
             .await?;
-        if link.is_some() {
-            self.outbox.wake();
-        }
         self.audit(
             AuditKind::UserCreated,
             Some(user.id),
@@ -156,6 +153,8 @@ impl AuthService {
             json!({"verification_sent": link.is_some()}),
         )
         .await;
+        self.registration_link_sent(link.is_some(), user.id, client)
+            .await;
         Ok(user)
     }
 

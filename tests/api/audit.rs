@@ -138,3 +138,161 @@ async fn every_auth_event_is_audited_without_secrets() {
         assert!(!json.contains(&email), "no email in audit rows: {json}");
     }
 }
+
+#[tokio::test]
+async fn every_account_event_is_audited_without_an_address_or_a_token() {
+    use tessera::config::EmailVerification;
+    let server = crate::smtp::SmtpServer::start(Default::default()).await;
+    let mut settings = crate::smtp::mailing(&server, EmailVerification::Optional);
+    settings.registration.anonymous = true;
+    let app = spawn_app_with(settings).await;
+    let admin = app.admin().await;
+    let wait = std::time::Duration::from_secs(10);
+    // The token of the newest link of `action` sent to `to`.
+    let link_to = |to: String, action: &'static str| {
+        let server = &server;
+        async move {
+            let deadline = std::time::Instant::now() + wait;
+            loop {
+                let found = server.messages().into_iter().rev().find(|m| {
+                    m.header("X-Test-Envelope-To").as_deref() == Some(to.as_str())
+                        && m.text().contains(&format!("?action={action}&"))
+                });
+                if let Some(mail) = found {
+                    return crate::smtp::link(&mail).1;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no {action} link to {to}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (email, new_email, invited, converted) = (
+        format!("audit-{tag}@example.com"),
+        format!("audit-new-{tag}@example.com"),
+        format!("audit-invited-{tag}@example.com"),
+        format!("audit-guest-{tag}@example.com"),
+    );
+    let mut tokens = Vec::new();
+
+    // Verification sent and confirmed.
+    app.register(&email, PASSWORD).await;
+    let token = link_to(email.clone(), "verify_email").await;
+    app.post_json("/email/verify", &json!({ "token": token }))
+        .await;
+    tokens.push(token);
+    // Reset asked for and done.
+    app.post_json("/password/forgot", &json!({ "email": email }))
+        .await;
+    let token = link_to(email.clone(), "reset_password").await;
+    let res = app
+        .post_json(
+            "/password/reset",
+            &json!({"token": token, "new_password": NEW_PASSWORD}),
+        )
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::NO_CONTENT,
+        "{}",
+        res.text().await.unwrap()
+    );
+    tokens.push(token);
+    // Email change asked for and confirmed.
+    let session = app.login_ok_with(&email, NEW_PASSWORD).await;
+    let res = app
+        .client
+        .put(app.url("/me/email"))
+        .bearer_auth(&session.access)
+        .json(&json!({"new_email": new_email, "password": NEW_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let token = link_to(new_email.clone(), "confirm_email_change").await;
+    let res = app
+        .post_json("/email/change/confirm", &json!({ "token": token }))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    tokens.push(token);
+    // An invitation; an anonymous user created and converted; a deletion.
+    let res = app
+        .call(
+            Method::POST,
+            "/admin/users",
+            &admin.access,
+            Some(&json!({ "email": invited })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let res = app
+        .client
+        .post(app.url("/users/anonymous"))
+        .send()
+        .await
+        .unwrap();
+    let guest = Tokens::from_body(res.json().await.unwrap());
+    let res = app
+        .client
+        .post(app.url("/users"))
+        .bearer_auth(&guest.access)
+        .json(&json!({"email": converted, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let session = app.login_ok_with(&new_email, NEW_PASSWORD).await;
+    let res = app
+        .client
+        .delete(app.url("/me"))
+        .bearer_auth(&session.access)
+        .json(&json!({ "password": NEW_PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+
+    let kinds = app.audit_kinds().await;
+    for kind in [
+        "verification_sent",
+        "email_verified",
+        "password_reset_requested",
+        "password_reset",
+        "email_change_requested",
+        "email_changed",
+        "invitation_sent",
+        "anonymous_created",
+        "anonymous_converted",
+        "user_deleted",
+    ] {
+        assert!(
+            kinds.contains(&kind.to_owned()),
+            "{kind} missing: {kinds:?}"
+        );
+    }
+    let mut db = app.db().await;
+    let rows: Vec<String> = sqlx::query_scalar(app.pick(
+        "SELECT row_to_json(audit_events)::text FROM audit_events",
+        "SELECT json_object('kind', kind, 'user_id', user_id, 'session_id', session_id,
+                            'actor_id', actor_id, 'ip', ip, 'user_agent', user_agent,
+                            'detail', detail)
+         FROM audit_events",
+    ))
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let text = rows.join("\n").to_lowercase();
+    for secret in [&email, &new_email, &invited, &converted]
+        .into_iter()
+        .chain(&tokens)
+        .chain([&guest.access, &guest.refresh])
+    {
+        assert!(
+            !text.contains(&secret.to_lowercase()),
+            "the audit trail holds {secret}: {text}"
+        );
+    }
+}
