@@ -52,6 +52,8 @@ fn access_tokens(c: &mut Criterion) {
             user_id: UserId(Uuid::new_v4()),
             roles: vec!["user".to_owned()],
             email_verified: true,
+            amr: vec!["pwd".to_owned()],
+            auth_time: chrono::Utc::now(),
             expires_at: chrono::Utc::now(),
             remember_me: false,
             issued_at: chrono::Utc::now(),

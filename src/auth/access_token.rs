@@ -53,6 +53,13 @@ pub struct Claims {
     /// `anonymous`).
     #[serde(default)]
     pub is_anonymous: bool,
+    /// How the user authenticated (RFC 8176): `["pwd"]`, `["pwd", "otp"]`.
+    #[serde(default)]
+    pub amr: Vec<String>,
+    /// When the user last authenticated (the login, or a reauthentication), Unix
+    /// seconds; kept across refreshes.
+    #[serde(default)]
+    pub auth_time: i64,
 }
 
 impl Claims {
@@ -154,6 +161,8 @@ impl AccessTokens {
             roles: grant.roles.clone(),
             email_verified: grant.email_verified,
             is_anonymous: grant.roles.iter().any(|r| r == ANONYMOUS_ROLE),
+            amr: grant.amr.clone(),
+            auth_time: grant.auth_time.timestamp(),
         };
         let ring = self.keys.current();
         let key = &ring.signing;
@@ -251,6 +260,8 @@ mod tests {
             roles: vec![],
             email_verified: false,
             is_anonymous: false,
+            amr: vec![],
+            auth_time: 0,
         }
     }
 
@@ -284,6 +295,8 @@ mod tests {
                 user_id: UserId(Uuid::new_v4()),
                 roles: vec![],
                 email_verified: false,
+                amr: vec!["pwd".into()],
+                auth_time: Utc::now(),
                 expires_at: Utc::now(),
                 remember_me: false,
                 issued_at: Utc::now(),

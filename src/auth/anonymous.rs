@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::access_token::Claims;
 use super::device::DeviceToken;
-use super::session::{AuthService, TokenGrant};
+use super::session::{AuthService, SessionStart, TokenGrant};
 use crate::domain::{ANONYMOUS_ROLE, Email, Password};
 use crate::error::ApiError;
 use crate::store::{AuditKind, ClientInfo, User};
@@ -46,7 +46,18 @@ impl AuthService {
         let user = self.store.create_anonymous(NO_PASSWORD).await?;
         let device = DeviceToken::generate();
         let (created, refresh) = self
-            .open_session(user.id, NO_PASSWORD, true, &device, None, client)
+            .open_session(
+                SessionStart {
+                    user: user.id,
+                    password_hash: NO_PASSWORD,
+                    remember_me: true,
+                    device: &device,
+                    notice: None,
+                    // No authentication method at all.
+                    amr: &[],
+                },
+                client,
+            )
             .await?
             .ok_or_else(|| {
                 ApiError::Internal(anyhow::anyhow!("the new anonymous user went away"))

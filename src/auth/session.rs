@@ -60,6 +60,24 @@ pub enum LogoutScope {
 /// `iat` claim drops, plus a second of clock difference between instances.
 const EMAIL_FRESH_MARGIN_SECS: i64 = 2;
 
+/// A session to start ([`AuthService::open_session`]).
+pub(super) struct SessionStart<'a> {
+    pub user: UserId,
+    /// The hash the password was checked against: the statement that creates the
+    /// session checks the user still has it and is enabled.
+    pub password_hash: &'a str,
+    pub remember_me: bool,
+    /// The device token to remember (new, or the known one renewed).
+    pub device: &'a DeviceToken,
+    /// An outbox row written with the session (a `new_device` notice).
+    pub notice: Option<&'a [u8]>,
+    /// How the user authenticated (RFC 8176).
+    pub amr: &'a [String],
+}
+
+/// The `amr` value (RFC 8176) of a password.
+pub const PASSWORD_AMR: &str = "pwd";
+
 pub struct AuthService {
     pub store: Arc<dyn Store>,
     pub revocations: Arc<dyn Revocations>,
@@ -214,11 +232,14 @@ impl AuthService {
         };
         let created = self
             .open_session(
-                user.id,
-                &password_hash,
-                remember_me,
-                &device,
-                notice.as_deref(),
+                SessionStart {
+                    user: user.id,
+                    password_hash: &password_hash,
+                    remember_me,
+                    device: &device,
+                    notice: notice.as_deref(),
+                    amr: &[PASSWORD_AMR.to_owned()],
+                },
                 client,
             )
             .await?;
@@ -621,18 +642,21 @@ impl AuthService {
         })
     }
 
-    /// Starts a session for `user` with its first refresh token, in a statement that
-    /// checks the user still has `password_hash` and is enabled (`None` otherwise), and
-    /// remembers `device`; `notice` goes to the outbox with it.
+    /// Starts a session with its first refresh token (see [`SessionStart`]); `None` when
+    /// the user no longer has the hash or was disabled meanwhile.
     pub(super) async fn open_session(
         &self,
-        user: UserId,
-        password_hash: &str,
-        remember_me: bool,
-        device: &DeviceToken,
-        notice: Option<&[u8]>,
+        start: SessionStart<'_>,
         client: &ClientInfo,
     ) -> Result<Option<(CreatedSession, RefreshToken)>, ApiError> {
+        let SessionStart {
+            user,
+            password_hash,
+            remember_me,
+            device,
+            notice,
+            amr,
+        } = start;
         let t = &self.settings.tokens;
         let lifetime = if remember_me {
             t.refresh_absolute_ttl_secs
@@ -662,6 +686,7 @@ impl AuthService {
                 device_ttl_secs: self.settings.login.device_ttl_secs as i64,
                 chain_hash: &chain_hash,
                 notice,
+                amr,
             })
             .await?;
         Ok(created.map(|c| (c, refresh)))

@@ -121,7 +121,8 @@ pub async fn introspect(
             "active": true,
             "sub": c.sub, "sid": c.sid, "jti": c.jti, "exp": c.exp, "iat": c.iat, "nbf": c.nbf,
             "iss": c.iss, "aud": c.aud, "roles": c.roles, "email_verified": c.email_verified,
-            "is_anonymous": c.is_anonymous, "token_type": "Bearer",
+            "is_anonymous": c.is_anonymous, "amr": c.amr, "auth_time": c.auth_time,
+            "token_type": "Bearer",
         }),
         None => json!({"active": false}),
     };

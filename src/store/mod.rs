@@ -303,6 +303,9 @@ pub struct NewSession<'a> {
     pub device_ttl_secs: i64,
     /// An outbox row written with the session (a `new_device` notice), sealed.
     pub notice: Option<&'a [u8]>,
+    /// How the user authenticated (`pwd`, then `otp`); the session's `auth_time` is
+    /// the statement's clock.
+    pub amr: &'a [String],
 }
 
 /// What [`Store::create_session`] made.
@@ -339,6 +342,10 @@ pub struct Grant {
     pub roles: Vec<String>,
     /// The user's `email_verified` when the statement that granted it ran.
     pub email_verified: bool,
+    /// How the session's user last authenticated (RFC 8176: `pwd`, `otp`), and when:
+    /// the login, or the latest reauthentication; kept across refreshes.
+    pub amr: Vec<String>,
+    pub auth_time: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     /// Whether the login asked to be remembered (a browser keeps its refresh cookie
     /// across restarts only then).

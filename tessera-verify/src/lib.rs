@@ -67,6 +67,12 @@ pub struct Claims {
     /// An anonymous user (`POST /users/anonymous`) not converted yet.
     #[serde(default)]
     pub is_anonymous: bool,
+    /// How the user authenticated (RFC 8176): `["pwd"]`, `["pwd", "otp"]`.
+    #[serde(default)]
+    pub amr: Vec<String>,
+    /// When the user last authenticated, Unix seconds (kept across refreshes).
+    #[serde(default)]
+    pub auth_time: i64,
 }
 
 impl Claims {
@@ -330,6 +336,8 @@ mod tests {
             roles: vec![],
             email_verified: false,
             is_anonymous: false,
+            amr: vec![],
+            auth_time: 0,
         };
         assert_eq!(c.issued_at_ms(), 7000);
         c.jti = Uuid::now_v7().to_string();

@@ -53,6 +53,7 @@ async fn an_anonymous_user_converts_keeping_its_id_and_its_session() {
     assert_eq!(claims["roles"], json!(["anonymous"]));
     assert_eq!(claims["is_anonymous"], true);
     assert_eq!(claims["email_verified"], false);
+    assert_eq!(claims["amr"], json!([]), "no authentication method");
     let me: Value = app.me(&guest.access).await.json().await.unwrap();
     assert_eq!(me["email"], Value::Null);
     assert_eq!(me["roles"], json!(["anonymous"]));

@@ -33,6 +33,8 @@ async fn an_active_token_introspects_with_its_claims() {
     assert_eq!(body["roles"], json!(["user"]));
     assert_eq!(body["email_verified"], false);
     assert_eq!(body["is_anonymous"], false);
+    assert_eq!(body["amr"], json!(["pwd"]));
+    assert!(body["auth_time"].as_i64().unwrap() > 0);
     for field in ["sub", "jti", "exp", "iat", "iss", "token_type"] {
         assert!(body.get(field).is_some(), "missing {field}");
     }

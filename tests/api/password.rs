@@ -164,6 +164,7 @@ async fn create_session(app: &TestApp, user: uuid::Uuid, verified: &str) -> bool
             device_ttl_secs: 60,
             chain_hash: uuid::Uuid::new_v4().as_bytes(),
             notice: None,
+            amr: &["pwd".to_owned()],
         })
         .await
         .unwrap();

@@ -186,3 +186,23 @@ async fn a_disabled_users_refresh_tokens_stop_working() {
         .unwrap();
     assert_invalid_grant(app.refresh(&login.refresh).await, "revoked").await;
 }
+
+#[tokio::test]
+async fn amr_and_auth_time_come_from_the_login_and_survive_refreshes() {
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let login = app.login_ok(&email).await;
+    let claims = login.claims();
+    assert_eq!(claims["amr"], serde_json::json!(["pwd"]));
+    let auth_time = claims["auth_time"].as_i64().unwrap();
+    assert_eq!(auth_time, claims["iat"].as_i64().unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let next = app.refresh_ok(&login.refresh).await.claims();
+    assert!(next["iat"].as_i64().unwrap() > auth_time, "a new token");
+    assert_eq!(
+        next["auth_time"].as_i64().unwrap(),
+        auth_time,
+        "the login's time"
+    );
+    assert_eq!(next["amr"], serde_json::json!(["pwd"]));
+}

@@ -473,8 +473,8 @@ impl Store for PgStore {
                ), session AS (
                    INSERT INTO sessions (id, user_id, remember_me, expires_at,
                                          login_ip, login_user_agent, last_ip, last_user_agent,
-                                         chain_hash)
-                   SELECT $1, id, $3, $4, $5, $6, $5, $6, $13 FROM allowed
+                                         chain_hash, auth_time, amr)
+                   SELECT $1, id, $3, $4, $5, $6, $5, $6, $13, now(), $15 FROM allowed
                    RETURNING id
                ), login AS (
                    UPDATE users SET last_login_at = now() WHERE id IN (SELECT id FROM allowed)
@@ -523,6 +523,7 @@ impl Store for PgStore {
             new.device_ttl_secs as f64,
             new.chain_hash,
             new.notice,
+            new.amr,
         )
         .fetch_one(&self.pool)
         .await
@@ -533,6 +534,8 @@ impl Store for PgStore {
                 user_id: new.user_id,
                 roles,
                 email_verified: row.email_verified,
+                amr: new.amr.to_vec(),
+                auth_time: row.issued_at,
                 expires_at: new.expires_at,
                 remember_me: new.remember_me,
                 issued_at: row.issued_at,
@@ -566,7 +569,9 @@ impl Store for PgStore {
                      AND s.last_used_at > now() - make_interval(secs => $4::float8)
                      AND NOT u.disabled
                    RETURNING rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
-                             u.email_verified
+                             u.email_verified,
+                             coalesce(s.auth_time, s.created_at) AS auth_time,
+                             coalesce(s.amr, '{pwd}') AS amr
                ), touched AS (
                    UPDATE sessions SET last_used_at = now(), last_ip = $5, last_user_agent = $6,
                                        generation = generation + 1
@@ -586,6 +591,7 @@ impl Store for PgStore {
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!",
                       email_verified AS "email_verified!",
+                      auth_time AS "auth_time!", amr AS "amr!",
                       remember_me AS "remember_me!", now() AS "issued_at!"
                FROM rotated"#,
             r.token_hash,
@@ -606,6 +612,8 @@ impl Store for PgStore {
             user_id: UserId(r.user_id),
             roles: r.roles,
             email_verified: r.email_verified,
+            amr: r.amr,
+            auth_time: r.auth_time,
             expires_at: r.expires_at,
             remember_me: r.remember_me,
             issued_at: r.issued_at,
@@ -617,6 +625,8 @@ impl Store for PgStore {
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at,
                       s.revoked_at, s.remember_me,
+                      coalesce(s.auth_time, s.created_at) AS "auth_time!",
+                      coalesce(s.amr, '{pwd}') AS "amr!",
                       u.roles, u.email_verified, u.disabled, now() AS "now!"
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
@@ -633,6 +643,8 @@ impl Store for PgStore {
                 user_id: UserId(r.user_id),
                 roles: r.roles,
                 email_verified: r.email_verified,
+                amr: r.amr,
+                auth_time: r.auth_time,
                 expires_at: r.expires_at,
                 remember_me: r.remember_me,
                 issued_at: r.now,
@@ -654,6 +666,8 @@ impl Store for PgStore {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
                       s.generation, s.remember_me, u.roles, u.email_verified, u.disabled,
+                      coalesce(s.auth_time, s.created_at) AS "auth_time!",
+                      coalesce(s.amr, '{pwd}') AS "amr!",
                       now() AS "now!"
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = $1 AND s.chain_hash = $2"#,
@@ -670,6 +684,8 @@ impl Store for PgStore {
                     user_id: UserId(r.user_id),
                     roles: r.roles,
                     email_verified: r.email_verified,
+                    amr: r.amr,
+                    auth_time: r.auth_time,
                     expires_at: r.expires_at,
                     remember_me: r.remember_me,
                     issued_at: r.now,

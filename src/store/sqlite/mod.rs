@@ -730,6 +730,8 @@ impl Store for SqliteStore {
         );
         let device_ttl_secs = new.device_ttl_secs;
         let notice = new.notice.map(<[u8]>::to_vec);
+        let amr = roles_json(new.amr);
+        let amr_granted = new.amr.to_vec();
         let Some((roles, email_verified, mut evicted, now)) = self
             .writer
             .write(Box::new(move |conn| {
@@ -784,8 +786,8 @@ impl Store for SqliteStore {
                 sqlx::query!(
                     r#"INSERT INTO sessions (id, user_id, remember_me, created_at, last_used_at,
                                              expires_at, login_ip, login_user_agent, last_ip,
-                                             last_user_agent, chain_hash)
-                       VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?6, ?7, ?8)"#,
+                                             last_user_agent, chain_hash, auth_time, amr)
+                       VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?6, ?7, ?8, ?4, ?9)"#,
                     session,
                     user,
                     remember_me,
@@ -794,6 +796,7 @@ impl Store for SqliteStore {
                     ip,
                     user_agent,
                     chain_hash,
+                    amr,
                 )
                 .execute(&mut *conn)
                 .await
@@ -841,6 +844,8 @@ impl Store for SqliteStore {
                 user_id: new.user_id,
                 roles: roles_from(&roles)?,
                 email_verified,
+                amr: amr_granted,
+                auth_time: time(now),
                 expires_at: new.expires_at,
                 remember_me: new.remember_me,
                 issued_at: time(now),
@@ -897,7 +902,9 @@ impl Store for SqliteStore {
                        FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
                        WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
                        SELECT rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
-                              u.email_verified
+                              u.email_verified,
+                              coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
+                              coalesce(s.amr, '["pwd"]') AS "amr!: String"
                        FROM refresh_tokens rt
                        JOIN sessions s ON s.id = rt.session_id
                        JOIN users u ON u.id = s.user_id
@@ -949,6 +956,8 @@ impl Store for SqliteStore {
                 user_id: UserId(uuid(&row.user_id)?),
                 roles: roles_from(&row.roles)?,
                 email_verified: row.email_verified,
+                amr: roles_from(&row.amr)?,
+                auth_time: time(row.auth_time),
                 expires_at: time(row.expires_at),
                 remember_me: row.remember_me,
                 issued_at: time(now),
@@ -961,7 +970,9 @@ impl Store for SqliteStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.remember_me, u.roles, u.email_verified, u.disabled
+                      s.remember_me, u.roles, u.email_verified, u.disabled,
+                      coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
+                      coalesce(s.amr, '["pwd"]') AS "amr!: String"
                FROM refresh_tokens rt
                JOIN sessions s ON s.id = rt.session_id
                JOIN users u ON u.id = s.user_id
@@ -979,6 +990,8 @@ impl Store for SqliteStore {
                     user_id: UserId(uuid(&r.user_id)?),
                     roles: roles_from(&r.roles)?,
                     email_verified: r.email_verified,
+                    amr: roles_from(&r.amr)?,
+                    auth_time: time(r.auth_time),
                     expires_at: time(r.expires_at),
                     remember_me: r.remember_me,
                     issued_at: now,
@@ -1002,7 +1015,9 @@ impl Store for SqliteStore {
         let session = session.0.to_string();
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.generation, s.remember_me, u.roles, u.email_verified, u.disabled
+                      s.generation, s.remember_me, u.roles, u.email_verified, u.disabled,
+                      coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
+                      coalesce(s.amr, '["pwd"]') AS "amr!: String"
                FROM sessions s JOIN users u ON u.id = s.user_id
                WHERE s.id = ?1 AND s.chain_hash = ?2"#,
             session,
@@ -1019,6 +1034,8 @@ impl Store for SqliteStore {
                     user_id: UserId(uuid(&r.user_id)?),
                     roles: roles_from(&r.roles)?,
                     email_verified: r.email_verified,
+                    amr: roles_from(&r.amr)?,
+                    auth_time: time(r.auth_time),
                     expires_at: time(r.expires_at),
                     remember_me: r.remember_me,
                     issued_at: now,
