@@ -10,6 +10,7 @@ pub mod email;
 pub mod error;
 pub mod http;
 pub mod outbox;
+pub mod seal;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

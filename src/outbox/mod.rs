@@ -12,13 +12,11 @@ pub mod sender;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use aws_lc_rs::digest::{SHA256, digest};
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::domain::UserId;
+use crate::seal::Sealer;
 
 /// One thing to deliver.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,59 +44,29 @@ impl std::fmt::Debug for Item {
 /// What the application's parts share about the outbox: how to seal a row, and how to
 /// wake this instance's sender when one was written.
 pub struct Outbox {
-    key: LessSafeKey,
+    sealer: Sealer,
     wake: Arc<Notify>,
 }
-
-const AAD: &[u8] = b"tessera/outbox/v1";
 
 impl Outbox {
     /// `secret`: the 32 random bytes of `keys.dir/outbox.secret`.
     pub fn new(secret: &[u8]) -> Self {
-        let mut input = b"tessera/outbox/v1\0".to_vec();
-        input.extend_from_slice(secret);
-        let key = digest(&SHA256, &input);
         Outbox {
-            key: LessSafeKey::new(
-                UnboundKey::new(&AES_256_GCM, key.as_ref()).expect("32-byte key"),
-            ),
+            sealer: Sealer::new("tessera/outbox/v1", secret),
             wake: Arc::new(Notify::new()),
         }
     }
 
     /// The payload of a row holding `item`.
     pub fn seal(&self, item: &Item) -> Vec<u8> {
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .expect("the OS random generator failed");
-        let mut buf = serde_json::to_vec(item).expect("an item serializes");
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(AAD),
-                &mut buf,
-            )
-            .expect("AES-GCM sealing cannot fail for small inputs");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
-        out
+        let json = serde_json::to_vec(item).expect("an item serializes");
+        self.sealer.seal(&json, b"")
     }
 
     /// The item a payload holds; `None` if it was not sealed under this key (another
     /// `outbox.secret`) or was altered.
     pub fn open(&self, sealed: &[u8]) -> Option<Item> {
-        if sealed.len() < NONCE_LEN {
-            return None;
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut buf = ciphertext.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(AAD), &mut buf)
-            .ok()?;
-        serde_json::from_slice(plain).ok()
+        serde_json::from_slice(&self.sealer.open(sealed, b"")?).ok()
     }
 
     /// Tells this instance's sender that a row was written (others find it by polling).
