@@ -29,6 +29,7 @@ pub struct Settings {
     pub login: LoginSettings,
     pub registration: RegistrationSettings,
     pub users: UsersSettings,
+    pub mfa: MfaSettings,
     pub introspection: IntrospectionSettings,
     pub sessions: SessionSettings,
     pub cleanup: CleanupSettings,
@@ -152,6 +153,14 @@ pub struct RegistrationSettings {
     pub enabled: bool,
     /// Whether `POST /users/anonymous` makes users with no email.
     pub anonymous: bool,
+}
+
+/// The second factor (`[mfa]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MfaSettings {
+    /// The issuer authenticator apps show beside the account (no `:`).
+    pub issuer_name: String,
 }
 
 /// Users managed through files (`[users]`).

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::auth::access_token::AccessTokens;
 use crate::auth::keys::{KeyStore, SharedKeyring};
 use crate::auth::password::PasswordHasherPool;
-use crate::auth::session::AuthService;
+use crate::auth::session::{AuthService, Sealing};
 use crate::config::{EmailTransport, Settings};
 use crate::email::Mailer;
 use crate::email::templates::Templates;
@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::http::cookies::BrowserSessions;
 use crate::http::extract::IpRange;
 use crate::http::token::IntrospectionClients;
-use crate::http::{admin, auth, email, health, sessions, token, users, well_known};
+use crate::http::{admin, auth, email, health, mfa, sessions, token, users, well_known};
 use crate::outbox::Outbox;
 use crate::outbox::sender::Sender;
 use crate::store::memory::{MemoryBudgets, MemoryMarks};
@@ -113,6 +113,7 @@ pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Resu
     let failures = Arc::new(MemoryBudgets::new(&settings.login));
     let secrets = KeyStore::from_settings(&settings)?;
     let outbox = Arc::new(Outbox::new(&secrets.outbox_secret()?));
+    let mfa_secret = secrets.mfa_secret()?;
     let keys = Arc::new(SharedKeyring::open(secrets)?);
     let tokens = AccessTokens::new(keys, &settings.tokens);
     let hasher = PasswordHasherPool::new(&settings.password)?;
@@ -123,7 +124,7 @@ pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Resu
         failures,
         tokens,
         hasher,
-        outbox,
+        Sealing::new(outbox, &mfa_secret),
     ))
 }
 
@@ -241,6 +242,7 @@ impl Application {
             templates,
             settings.email.clone(),
         );
+        let mfa_secret = secrets.mfa_secret()?;
         let auth = AuthService::new(
             settings,
             store,
@@ -248,7 +250,7 @@ impl Application {
             failures,
             tokens,
             hasher,
-            outbox,
+            Sealing::new(outbox, &mfa_secret),
         );
         let state = web::Data::new(AppState {
             auth,
@@ -277,6 +279,7 @@ impl Application {
                             | ("PUT", "/me/password")
                             | ("PUT", "/me/email")
                             | ("DELETE", "/me")
+                            | ("DELETE", "/me/mfa/totp")
                             | ("POST", "/password/reset")
                     );
                     let busy = (!hashing).then(|| activity.enter());
@@ -419,6 +422,19 @@ fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(users::register_anonymous),
         ))
         .service(resource("/login", web::post().to(auth::login)))
+        .service(resource("/login/mfa", web::post().to(auth::login_mfa)))
+        .service(
+            resource("/me/mfa/totp", web::post().to(mfa::enroll))
+                .route(web::delete().to(mfa::remove)),
+        )
+        .service(resource(
+            "/me/mfa/totp/confirm",
+            web::post().to(mfa::confirm),
+        ))
+        .service(resource(
+            "/admin/users/{id}/mfa",
+            web::delete().to(mfa::admin_remove),
+        ))
         .service(resource(
             "/email/verification",
             web::post().to(email::request_verification),

@@ -22,6 +22,7 @@ pub struct Cleaned {
     pub marks: u64,
     pub anonymous_users: u64,
     pub email_tokens: u64,
+    pub mfa_challenges: u64,
 }
 
 impl AuthService {
@@ -47,6 +48,8 @@ impl AuthService {
                 store.delete_old_email_tokens(c.session_retention_secs as i64, batch)
             })
             .await?,
+            mfa_challenges: in_batches(batch, || store.delete_expired_mfa_challenges(batch))
+                .await?,
             anonymous_users: self
                 .delete_idle_anonymous(batch)
                 .await

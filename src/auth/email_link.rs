@@ -386,7 +386,7 @@ impl AuthService {
     /// Uses an email change's confirmation token: the account's address becomes the
     /// new one (verified: the link reached it). Every access token of the user issued
     /// before stops working, so none goes on vouching for the old address (and `GET /me`
-    /// reads the new one: see [`AuthService::email_of`]); sessions go on.
+    /// reads the new one: see [`AuthService::profile_of`]); sessions go on.
     pub async fn confirm_email_change(
         &self,
         token: &str,

@@ -361,6 +361,11 @@ impl KeyStore {
         self.secret(OUTBOX_SECRET_FILE)
     }
 
+    /// The secret TOTP secrets are sealed under (`mfa.secret`; see [`crate::auth::mfa`]).
+    pub fn mfa_secret(&self) -> anyhow::Result<Vec<u8>> {
+        self.secret("mfa.secret")
+    }
+
     /// A secret file beside the keys (32 random bytes, base64): read, or made on first
     /// use. Made by writing a temporary file and linking it into place, which fails if
     /// another instance got there first; then that one's secret is read, so every

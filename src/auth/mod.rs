@@ -11,6 +11,7 @@ pub mod csrf;
 pub mod device;
 pub mod email_link;
 pub mod keys;
+pub mod mfa;
 pub mod notice;
 pub mod password;
 pub mod recent;

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use super::access_token::{AccessTokens, Claims};
 use super::device::DeviceToken;
+pub use super::mfa::LoginOutcome;
 use super::password::{HashError, PasswordHasherPool};
 use super::recent::Recent;
 use super::refresh_token::RefreshToken;
@@ -60,6 +61,43 @@ pub enum LogoutScope {
 /// `iat` claim drops, plus a second of clock difference between instances.
 const EMAIL_FRESH_MARGIN_SECS: i64 = 2;
 
+/// What the service seals at rest: outbox rows, and second-factor secrets (each under
+/// its own secret of `keys.dir`).
+pub struct Sealing {
+    pub outbox: Arc<Outbox>,
+    pub mfa: crate::seal::Sealer,
+}
+
+impl Sealing {
+    /// `mfa_secret`: the bytes of `keys.dir/mfa.secret`.
+    pub fn new(outbox: Arc<Outbox>, mfa_secret: &[u8]) -> Self {
+        Sealing {
+            outbox,
+            mfa: crate::seal::Sealer::new("tessera/mfa/v1", mfa_secret),
+        }
+    }
+}
+
+/// What `GET /me` shows beyond the token's claims ([`AuthService::profile_of`]).
+pub struct Profile {
+    /// `None` for an anonymous user.
+    pub email: Option<Arc<str>>,
+    pub email_verified: bool,
+    /// Whether a second factor (TOTP) is on.
+    pub mfa: bool,
+}
+
+/// What `POST /login` asks for.
+pub struct LoginRequest {
+    pub email: Email,
+    pub password: Password,
+    pub remember_me: bool,
+    /// The client's device token, if it has one.
+    pub device: Option<DeviceToken>,
+    /// Whether the tokens go in cookies (kept for the second step of an MFA login).
+    pub cookie: bool,
+}
+
 /// A session to start ([`AuthService::open_session`]).
 pub(super) struct SessionStart<'a> {
     pub user: UserId,
@@ -85,9 +123,12 @@ pub struct AuthService {
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
     pub failures: Arc<dyn FailureBudgets>,
-    /// Users' verified emails for `GET /me`, with when each was read (Unix seconds).
-    emails: Recent<UserId, (Arc<str>, i64)>,
+    /// What `GET /me` shows of users with a verified email (the email, whether a
+    /// second factor is on), with when it was read (Unix seconds).
+    emails: Recent<UserId, (Arc<str>, bool, i64)>,
     pub outbox: Arc<Outbox>,
+    /// Seals TOTP secrets and pending logins' device tokens (see [`super::mfa`]).
+    pub(super) mfa_sealer: crate::seal::Sealer,
     pub(super) mail_throttle: MailThrottle,
     settings: Settings,
 }
@@ -111,8 +152,9 @@ impl AuthService {
         failures: Arc<dyn FailureBudgets>,
         tokens: AccessTokens,
         hasher: PasswordHasherPool,
-        outbox: Arc<Outbox>,
+        sealing: Sealing,
     ) -> Self {
+        let Sealing { outbox, mfa } = sealing;
         let throttle = LoginThrottle::new(&settings.login);
         let mail_throttle = MailThrottle::new(&settings);
         let emails = Recent::new(settings.cache.user_emails);
@@ -125,6 +167,7 @@ impl AuthService {
             failures,
             emails,
             outbox,
+            mfa_sealer: mfa,
             mail_throttle,
             settings,
         }
@@ -182,13 +225,17 @@ impl AuthService {
     #[tracing::instrument(skip_all)]
     pub async fn login(
         &self,
-        email: Email,
-        password: Password,
-        remember_me: bool,
-        device: Option<DeviceToken>,
+        request: LoginRequest,
         ip: IpAddr,
         client: &ClientInfo,
-    ) -> Result<TokenGrant, ApiError> {
+    ) -> Result<LoginOutcome, ApiError> {
+        let LoginRequest {
+            email,
+            password,
+            remember_me,
+            device,
+            cookie,
+        } = request;
         let mut attempt = self
             .admit_password_attempt(&email, device, ip, client)
             .await?;
@@ -226,6 +273,14 @@ impl AuthService {
             .known_device
             .clone()
             .unwrap_or_else(DeviceToken::generate);
+        // A second factor: no session yet, only a challenge (see `super::mfa`).
+        if let Some(mfa_token) = self
+            .mfa_challenge(user.id, &password_hash, remember_me, cookie, &device)
+            .await?
+        {
+            attempt.finish(Outcome::Succeeded).await;
+            return Ok(LoginOutcome::MfaRequired { mfa_token });
+        }
         let notice = match (&attempt.known_device, &user.email) {
             (None, Some(to)) => self.new_device_notice(user.id, to, client).await,
             _ => None,
@@ -275,7 +330,7 @@ impl AuthService {
         .await;
         let mut grant = self.token_grant(&created.grant, refresh)?;
         grant.device_token = Some(device);
-        Ok(grant)
+        Ok(LoginOutcome::Tokens(grant))
     }
 
     #[tracing::instrument(skip_all)]
@@ -574,43 +629,50 @@ impl AuthService {
         }
     }
 
-    /// The email `GET /me` shows, and whether it is verified: from memory, or from the
-    /// database on a miss, which also turns away a disabled or unknown user.
+    /// What `GET /me` shows beyond the token's claims (the email, whether it is
+    /// verified, whether a second factor is on): from memory, or from the database on a
+    /// miss, which also turns away a disabled or unknown user.
     ///
-    /// A remembered email is used only for a token issued well before it was read
-    /// (`EMAIL_FRESH_MARGIN_SECS`). An email change or a deletion revokes every access
-    /// token of the user issued up to its commit, so any token still accepted was issued
-    /// after it; an entry read before the change is therefore older than the token and
-    /// is read again, on every instance, without telling them. A token's first `GET /me`
-    /// on an instance reads the database once; later ones are served from memory.
-    /// Verification revokes nothing, but it only ever turns `false` into `true` for a
-    /// given address: so an entry saying "verified" stays right, and one saying "not
-    /// verified" is never used (the database is read again until it says verified).
-    /// Whatever else decides whether the caller may see it is in the token, which the
-    /// denylist has just checked: disabling a user revokes all their tokens.
-    pub async fn email_of(
-        &self,
-        user: UserId,
-        token_iat: i64,
-    ) -> Result<(Option<Arc<str>>, bool), ApiError> {
-        if let Some((email, read_at)) = self.emails.get(&user)
+    /// A remembered entry is used only for a token issued well before it was read
+    /// (`EMAIL_FRESH_MARGIN_SECS`). An email change, a deletion, and turning a second
+    /// factor on or off revoke every access token of the user issued up to their commit,
+    /// so any token still accepted was issued after it; an entry read before the change
+    /// is therefore older than the token and is read again, on every instance, without
+    /// telling them. A token's first `GET /me` on an instance reads the database once;
+    /// later ones are served from memory. Verification revokes nothing, but it only ever
+    /// turns `false` into `true` for a given address: so an entry saying "verified"
+    /// stays right, and one saying "not verified" is never kept (the database is read
+    /// again until it says verified). Whatever else decides whether the caller may see
+    /// it is in the token, which the denylist has just checked: disabling a user
+    /// revokes all their tokens.
+    pub async fn profile_of(&self, user: UserId, token_iat: i64) -> Result<Profile, ApiError> {
+        if let Some((email, mfa, read_at)) = self.emails.get(&user)
             && read_at >= token_iat + EMAIL_FRESH_MARGIN_SECS
         {
-            return Ok((Some(email), true));
+            return Ok(Profile {
+                email: Some(email),
+                email_verified: true,
+                mfa,
+            });
         }
         let read_at = Utc::now().timestamp();
         let user = self.current_user(user).await?;
+        let mfa = self.store.totp(user.id).await?.is_some_and(|t| t.confirmed);
         let email: Option<Arc<str>> = user.email.map(Into::into);
         if let Some(email) = &email
             && user.email_verified
         {
-            self.emails.insert(user.id, (email.clone(), read_at));
+            self.emails.insert(user.id, (email.clone(), mfa, read_at));
         }
-        Ok((email, user.email_verified))
+        Ok(Profile {
+            email,
+            email_verified: user.email_verified,
+            mfa,
+        })
     }
 
     /// Drops a remembered email (this instance's; others go by the rule of
-    /// [`AuthService::email_of`]).
+    /// [`AuthService::profile_of`]).
     pub(super) fn forget_email(&self, user: UserId) {
         self.emails.remove(&user);
     }

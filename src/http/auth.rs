@@ -6,8 +6,10 @@ use serde::Deserialize;
 use super::AppState;
 use super::cookies::{Delivery, session_in};
 use super::extract::{Caller, Json, OptionalJson, bearer_token};
+use super::no_store;
 use super::{device_token, token_response};
-use crate::auth::session::LogoutScope;
+use crate::auth::mfa::SecondFactor;
+use crate::auth::session::{LoginOutcome, LogoutScope, TokenGrant};
 use crate::domain::{Email, Password};
 use crate::error::ApiError;
 
@@ -35,21 +37,75 @@ pub async fn login(
     let password =
         Password::parse_existing(body.password).map_err(|e| ApiError::InvalidRequest(e.into()))?;
     let device = device_token(&state, &req, body.device_token);
-    let grant = state
-        .auth
-        .login(
-            email,
-            password,
-            body.remember_me,
-            device,
-            caller.ip,
-            &caller.info,
-        )
-        .await?;
-    Ok(match delivery {
-        Delivery::Body => token_response(&grant),
-        Delivery::Cookie => state.browser.token_response(&grant),
+    let request = crate::auth::session::LoginRequest {
+        email,
+        password,
+        remember_me: body.remember_me,
+        device,
+        cookie: delivery == Delivery::Cookie,
+    };
+    let outcome = state.auth.login(request, caller.ip, &caller.info).await?;
+    Ok(match outcome {
+        LoginOutcome::Tokens(grant) => deliver(&state, delivery, &grant),
+        LoginOutcome::MfaRequired { mfa_token } => {
+            no_store(HttpResponse::Unauthorized()).json(serde_json::json!({
+                "error": "mfa_required",
+                "error_description": "the password is right; now a code from the \
+                                      authenticator app (POST /login/mfa)",
+                "mfa_token": mfa_token,
+                "methods": ["totp", "recovery_code"],
+            }))
+        }
     })
+}
+
+fn deliver(state: &AppState, delivery: Delivery, grant: &TokenGrant) -> HttpResponse {
+    match delivery {
+        Delivery::Body => token_response(grant),
+        Delivery::Cookie => state.browser.token_response(grant),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginMfaRequest {
+    mfa_token: String,
+    code: Option<String>,
+    recovery_code: Option<String>,
+}
+
+/// `POST /login/mfa`: the second step of a login with a second factor; tokens are
+/// delivered as the first step asked (body or cookies).
+pub async fn login_mfa(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(body): Json<LoginMfaRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let factor = second_factor(body.code, body.recovery_code)?;
+    let (grant, cookie) = state
+        .auth
+        .login_mfa(&body.mfa_token, factor, caller.ip, &caller.info)
+        .await?;
+    let delivery = if cookie {
+        Delivery::Cookie
+    } else {
+        Delivery::Body
+    };
+    Ok(deliver(&state, delivery, &grant))
+}
+
+/// Exactly one of a code and a recovery code.
+pub(crate) fn second_factor(
+    code: Option<String>,
+    recovery_code: Option<String>,
+) -> Result<SecondFactor, ApiError> {
+    match (code, recovery_code) {
+        (Some(code), None) => Ok(SecondFactor::Code(code)),
+        (None, Some(code)) => Ok(SecondFactor::RecoveryCode(code)),
+        _ => Err(ApiError::InvalidRequest(
+            "give either code or recovery_code".into(),
+        )),
+    }
 }
 
 #[derive(Deserialize)]

@@ -77,6 +77,8 @@ struct Me<'a> {
     email_verified: bool,
     roles: &'a [String],
     session_id: SessionId,
+    /// The second factors the user has on: `["totp"]` or `[]`.
+    mfa: &'static [&'static str],
 }
 
 pub async fn me(
@@ -85,15 +87,16 @@ pub async fn me(
 ) -> Result<HttpResponse, ApiError> {
     // Roles come from the token: it has just passed the denylist, and a role change
     // revokes every earlier token, so they are the user's current roles.
-    let (email, email_verified) = state.auth.email_of(claims.sub, claims.iat).await?;
+    let profile = state.auth.profile_of(claims.sub, claims.iat).await?;
     Ok(HttpResponse::Ok()
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .json(Me {
             id: claims.sub,
-            email: email.as_deref(),
-            email_verified,
+            email: profile.email.as_deref(),
+            email_verified: profile.email_verified,
             roles: &claims.roles,
             session_id: claims.sid,
+            mfa: if profile.mfa { &["totp"] } else { &[] },
         }))
 }
 

@@ -123,6 +123,32 @@ impl User {
     }
 }
 
+/// A user's TOTP enrollment (see `crate::auth::mfa`).
+#[derive(Debug, Clone)]
+pub struct TotpRow {
+    /// Sealed under the MFA key with the user id as context.
+    pub secret_sealed: Vec<u8>,
+    /// False while enrolling.
+    pub confirmed: bool,
+    /// The last time step a code was accepted for.
+    pub last_step: i64,
+}
+
+/// A login waiting for its second factor.
+#[derive(Debug, Clone)]
+pub struct MfaChallenge {
+    pub user_id: UserId,
+    /// The hash the password was checked against (the session statement checks it).
+    pub password_hash: String,
+    pub remember_me: bool,
+    /// Whether the login asked for cookie delivery.
+    pub cookie: bool,
+    /// The device token to hand back, sealed.
+    pub device_sealed: Vec<u8>,
+    /// Wrong codes so far.
+    pub failures: i32,
+}
+
 /// One operation of a user migration (see `crate::auth::user_migrations`), checked and
 /// ready for the store.
 #[derive(Debug, Clone)]
@@ -430,6 +456,12 @@ pub enum AuditKind {
     AnonymousCreated,
     AnonymousConverted,
     UserMigrationApplied,
+    MfaEnrollmentStarted,
+    MfaEnabled,
+    MfaCodeFailed,
+    MfaRecoveryCodeUsed,
+    MfaDisabled,
+    MfaResetByAdmin,
 }
 
 impl AuditKind {
@@ -461,6 +493,12 @@ impl AuditKind {
             AuditKind::AnonymousCreated => "anonymous_created",
             AuditKind::AnonymousConverted => "anonymous_converted",
             AuditKind::UserMigrationApplied => "user_migration_applied",
+            AuditKind::MfaEnrollmentStarted => "mfa_enrollment_started",
+            AuditKind::MfaEnabled => "mfa_enabled",
+            AuditKind::MfaCodeFailed => "mfa_code_failed",
+            AuditKind::MfaRecoveryCodeUsed => "mfa_recovery_code_used",
+            AuditKind::MfaDisabled => "mfa_disabled",
+            AuditKind::MfaResetByAdmin => "mfa_reset_by_admin",
         }
     }
 }
@@ -859,6 +897,46 @@ pub trait Store: Send + Sync + 'static {
         new_hash: &str,
         notice: Option<NoticeFor>,
     ) -> StoreResult<Result<PasswordReset, TokenRefusal>>;
+
+    /// The user's TOTP enrollment, if any.
+    async fn totp(&self, user: UserId) -> StoreResult<Option<TotpRow>>;
+    /// Starts (or starts again) an enrollment with a new secret; false when the user
+    /// has a confirmed one (it must be removed first).
+    async fn start_totp(&self, user: UserId, secret_sealed: &[u8]) -> StoreResult<bool>;
+    /// Confirms an enrollment with a code of `step`, replacing the user's recovery codes
+    /// by `recovery_hashes`, in one transaction; false when not enrolling.
+    async fn confirm_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_hashes: &[Vec<u8>],
+    ) -> StoreResult<bool>;
+    /// Records that a code of `step` was used; false when a code of this or a later
+    /// step was used already (a replay), or TOTP is not confirmed.
+    async fn use_totp_step(&self, user: UserId, step: i64) -> StoreResult<bool>;
+    /// Uses an unused recovery code; how many are left, or `None` if it is not one.
+    async fn use_recovery_code(&self, user: UserId, code_hash: &[u8]) -> StoreResult<Option<i64>>;
+    /// Removes the user's TOTP and recovery codes and ends every session but `keep`, in
+    /// one transaction; the sessions ended, or `None` when there was no TOTP.
+    async fn remove_totp(
+        &self,
+        user: UserId,
+        keep: Option<SessionId>,
+    ) -> StoreResult<Option<Vec<SessionId>>>;
+    async fn create_mfa_challenge(
+        &self,
+        token_hash: &[u8],
+        challenge: &MfaChallenge,
+        ttl_secs: i64,
+    ) -> StoreResult<()>;
+    /// A challenge that has not expired.
+    async fn mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<Option<MfaChallenge>>;
+    /// Counts a wrong code against a challenge; the wrong codes now (0: it is gone).
+    async fn fail_mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<i32>;
+    /// Deletes a challenge; true for the one caller that did (it then starts the session).
+    async fn take_mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<bool>;
+    /// Deletes up to `batch` expired challenges.
+    async fn delete_expired_mfa_challenges(&self, batch: i64) -> StoreResult<u64>;
 
     /// The user migrations applied so far, by version.
     async fn applied_user_migrations(&self) -> StoreResult<Vec<UserMigrationRecord>>;

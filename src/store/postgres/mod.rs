@@ -15,10 +15,10 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, EmailTokenGrant, Grant, MigrationEffects, NewSession, NoticeFor, OpFailure,
-    OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError,
-    StoreResult, TokenRefusal, User, UserChange, UserMigrationRecord, UserOp, UserUpdate, refusal,
-    session_ids,
+    Credentials, EmailTokenGrant, Grant, MfaChallenge, MigrationEffects, NewSession, NoticeFor,
+    OpFailure, OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store,
+    StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange, UserMigrationRecord, UserOp,
+    UserUpdate, refusal, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
@@ -1106,6 +1106,229 @@ impl Store for PgStore {
         let deleted = delete_user_rows(&mut tx, user.0).await?;
         tx.commit().await.map_err(classify)?;
         Ok(deleted)
+    }
+
+    async fn totp(&self, user: UserId) -> StoreResult<Option<TotpRow>> {
+        let row = sqlx::query!(
+            r#"SELECT secret_sealed, confirmed_at IS NOT NULL AS "confirmed!", last_step
+               FROM mfa_totp WHERE user_id = $1"#,
+            user.0,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| TotpRow {
+            secret_sealed: r.secret_sealed,
+            confirmed: r.confirmed,
+            last_step: r.last_step,
+        }))
+    }
+
+    async fn start_totp(&self, user: UserId, secret_sealed: &[u8]) -> StoreResult<bool> {
+        let done = sqlx::query!(
+            r#"INSERT INTO mfa_totp (user_id, secret_sealed) VALUES ($1, $2)
+               ON CONFLICT (user_id) DO UPDATE
+                   SET secret_sealed = excluded.secret_sealed, created_at = now()
+                   WHERE mfa_totp.confirmed_at IS NULL"#,
+            user.0,
+            secret_sealed,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn confirm_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_hashes: &[Vec<u8>],
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let confirmed = sqlx::query!(
+            r#"UPDATE mfa_totp SET confirmed_at = now(), last_step = $2
+               WHERE user_id = $1 AND confirmed_at IS NULL"#,
+            user.0,
+            step,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected()
+            > 0;
+        if !confirmed {
+            return Ok(false);
+        }
+        sqlx::query!("DELETE FROM mfa_recovery_codes WHERE user_id = $1", user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        sqlx::query!(
+            r#"INSERT INTO mfa_recovery_codes (user_id, code_hash)
+               SELECT $1, unnest($2::bytea[])"#,
+            user.0,
+            recovery_hashes,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+
+    async fn use_totp_step(&self, user: UserId, step: i64) -> StoreResult<bool> {
+        let done = sqlx::query!(
+            r#"UPDATE mfa_totp SET last_step = $2
+               WHERE user_id = $1 AND confirmed_at IS NOT NULL AND last_step < $2"#,
+            user.0,
+            step,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn use_recovery_code(&self, user: UserId, code_hash: &[u8]) -> StoreResult<Option<i64>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let used = sqlx::query!(
+            r#"UPDATE mfa_recovery_codes SET used_at = now()
+               WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL"#,
+            user.0,
+            code_hash,
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if used == 0 {
+            return Ok(None);
+        }
+        let left = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "left!" FROM mfa_recovery_codes
+               WHERE user_id = $1 AND used_at IS NULL"#,
+            user.0,
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Some(left))
+    }
+
+    async fn remove_totp(
+        &self,
+        user: UserId,
+        keep: Option<SessionId>,
+    ) -> StoreResult<Option<Vec<SessionId>>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let removed = sqlx::query!("DELETE FROM mfa_totp WHERE user_id = $1", user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if removed == 0 {
+            return Ok(None);
+        }
+        sqlx::query!("DELETE FROM mfa_recovery_codes WHERE user_id = $1", user.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let ended = sqlx::query_scalar!(
+            r#"UPDATE sessions SET revoked_at = now(), revoked_reason = 'mfa_removed'
+               WHERE user_id = $1 AND revoked_at IS NULL
+                 AND ($2::uuid IS NULL OR id <> $2)
+               RETURNING id"#,
+            user.0,
+            keep.map(|s| s.0),
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Some(session_ids(ended)))
+    }
+
+    async fn create_mfa_challenge(
+        &self,
+        token_hash: &[u8],
+        c: &MfaChallenge,
+        ttl_secs: i64,
+    ) -> StoreResult<()> {
+        sqlx::query!(
+            r#"INSERT INTO mfa_challenges (token_hash, user_id, password_hash, remember_me,
+                                           cookie, device_sealed, expires_at)
+               VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7::float8))"#,
+            token_hash,
+            c.user_id.0,
+            c.password_hash,
+            c.remember_me,
+            c.cookie,
+            c.device_sealed,
+            ttl_secs as f64,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<Option<MfaChallenge>> {
+        let row = sqlx::query!(
+            r#"SELECT user_id, password_hash, remember_me, cookie, device_sealed, failures
+               FROM mfa_challenges WHERE token_hash = $1 AND expires_at > now()"#,
+            token_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| MfaChallenge {
+            user_id: UserId(r.user_id),
+            password_hash: r.password_hash,
+            remember_me: r.remember_me,
+            cookie: r.cookie,
+            device_sealed: r.device_sealed,
+            failures: r.failures,
+        }))
+    }
+
+    async fn fail_mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<i32> {
+        let failures = sqlx::query_scalar!(
+            r#"UPDATE mfa_challenges SET failures = failures + 1
+               WHERE token_hash = $1 RETURNING failures"#,
+            token_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(failures.unwrap_or(0))
+    }
+
+    async fn take_mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<bool> {
+        let done = sqlx::query!(
+            "DELETE FROM mfa_challenges WHERE token_hash = $1 AND expires_at > now()",
+            token_hash,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn delete_expired_mfa_challenges(&self, batch: i64) -> StoreResult<u64> {
+        let done = sqlx::query!(
+            r#"DELETE FROM mfa_challenges WHERE token_hash IN (
+                   SELECT token_hash FROM mfa_challenges WHERE expires_at < now()
+                   LIMIT $1
+                   FOR UPDATE SKIP LOCKED
+               )"#,
+            batch,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(done.rows_affected())
     }
 
     async fn applied_user_migrations(&self) -> StoreResult<Vec<UserMigrationRecord>> {

@@ -58,9 +58,10 @@ use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
-    Credentials, EmailTokenGrant, Grant, MigrationEffects, NewSession, NoticeFor, OpFailure,
-    OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store, StoreError,
-    StoreResult, TokenRefusal, User, UserChange, UserMigrationRecord, UserOp, UserUpdate, refusal,
+    Credentials, EmailTokenGrant, Grant, MfaChallenge, MigrationEffects, NewSession, NoticeFor,
+    OpFailure, OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store,
+    StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange, UserMigrationRecord, UserOp,
+    UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
@@ -1592,6 +1593,263 @@ impl Store for SqliteStore {
                 })
             }))
             .await?
+    }
+
+    async fn totp(&self, user: UserId) -> StoreResult<Option<TotpRow>> {
+        let user = user.0.to_string();
+        let row = sqlx::query!(
+            r#"SELECT secret_sealed, confirmed_at IS NOT NULL AS "confirmed!: bool", last_step
+               FROM mfa_totp WHERE user_id = ?1"#,
+            user,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| TotpRow {
+            secret_sealed: r.secret_sealed,
+            confirmed: r.confirmed,
+            last_step: r.last_step,
+        }))
+    }
+
+    async fn start_totp(&self, user: UserId, secret_sealed: &[u8]) -> StoreResult<bool> {
+        let (user, sealed) = (user.0.to_string(), secret_sealed.to_vec());
+        let now = now_us();
+        let done = self
+            .write_one(sqlx::query!(
+                r#"INSERT INTO mfa_totp (user_id, secret_sealed, created_at) VALUES (?1, ?2, ?3)
+                   ON CONFLICT (user_id) DO UPDATE
+                       SET secret_sealed = excluded.secret_sealed, created_at = excluded.created_at
+                       WHERE mfa_totp.confirmed_at IS NULL"#,
+                user,
+                sealed,
+                now,
+            ))
+            .await?;
+        Ok(done > 0)
+    }
+
+    async fn confirm_totp(
+        &self,
+        user: UserId,
+        step: i64,
+        recovery_hashes: &[Vec<u8>],
+    ) -> StoreResult<bool> {
+        let (user, hashes) = (user.0.to_string(), recovery_hashes.to_vec());
+        self.writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let confirmed = sqlx::query!(
+                        r#"UPDATE mfa_totp SET confirmed_at = ?2, last_step = ?3
+                           WHERE user_id = ?1 AND confirmed_at IS NULL"#,
+                        user,
+                        now,
+                        step,
+                    )
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                        > 0;
+                    if !confirmed {
+                        return Ok(false);
+                    }
+                    sqlx::query!("DELETE FROM mfa_recovery_codes WHERE user_id = ?1", user)
+                        .execute(&mut *conn)
+                        .await?;
+                    for hash in &hashes {
+                        sqlx::query!(
+                            "INSERT INTO mfa_recovery_codes (user_id, code_hash) VALUES (?1, ?2)",
+                            user,
+                            hash,
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                    Ok(true)
+                })
+            }))
+            .await
+    }
+
+    async fn use_totp_step(&self, user: UserId, step: i64) -> StoreResult<bool> {
+        let user = user.0.to_string();
+        let done = self
+            .write_one(sqlx::query!(
+                r#"UPDATE mfa_totp SET last_step = ?2
+                   WHERE user_id = ?1 AND confirmed_at IS NOT NULL AND last_step < ?2"#,
+                user,
+                step,
+            ))
+            .await?;
+        Ok(done > 0)
+    }
+
+    async fn use_recovery_code(&self, user: UserId, code_hash: &[u8]) -> StoreResult<Option<i64>> {
+        let (user, hash) = (user.0.to_string(), code_hash.to_vec());
+        self.writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let used = sqlx::query!(
+                        r#"UPDATE mfa_recovery_codes SET used_at = ?3
+                           WHERE user_id = ?1 AND code_hash = ?2 AND used_at IS NULL"#,
+                        user,
+                        hash,
+                        now,
+                    )
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if used == 0 {
+                        return Ok(None);
+                    }
+                    let left = sqlx::query_scalar!(
+                        r#"SELECT count(*) AS "left!: i64" FROM mfa_recovery_codes
+                           WHERE user_id = ?1 AND used_at IS NULL"#,
+                        user,
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    Ok(Some(left))
+                })
+            }))
+            .await
+    }
+
+    async fn remove_totp(
+        &self,
+        user: UserId,
+        keep: Option<SessionId>,
+    ) -> StoreResult<Option<Vec<SessionId>>> {
+        let user = user.0.to_string();
+        let keep = keep.map(|s| s.0.to_string());
+        let ended = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let removed = sqlx::query!("DELETE FROM mfa_totp WHERE user_id = ?1", user)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    if removed == 0 {
+                        return Ok(None);
+                    }
+                    sqlx::query!("DELETE FROM mfa_recovery_codes WHERE user_id = ?1", user)
+                        .execute(&mut *conn)
+                        .await?;
+                    let ended = sqlx::query_scalar!(
+                        r#"UPDATE sessions SET revoked_at = ?3, revoked_reason = 'mfa_removed'
+                           WHERE user_id = ?1 AND revoked_at IS NULL
+                             AND (?2 IS NULL OR id <> ?2)
+                           RETURNING id"#,
+                        user,
+                        keep,
+                        now,
+                    )
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    Ok(Some(ended))
+                })
+            }))
+            .await?;
+        ended.map(ids).transpose()
+    }
+
+    async fn create_mfa_challenge(
+        &self,
+        token_hash: &[u8],
+        c: &MfaChallenge,
+        ttl_secs: i64,
+    ) -> StoreResult<()> {
+        let expires_at = now_us() + secs_us(ttl_secs);
+        let (hash, user) = (token_hash.to_vec(), c.user_id.0.to_string());
+        let (password_hash, device) = (c.password_hash.clone(), c.device_sealed.clone());
+        let (remember_me, cookie) = (c.remember_me, c.cookie);
+        self.write_one(sqlx::query!(
+            r#"INSERT INTO mfa_challenges (token_hash, user_id, password_hash, remember_me,
+                                           cookie, device_sealed, expires_at)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
+            hash,
+            user,
+            password_hash,
+            remember_me,
+            cookie,
+            device,
+            expires_at,
+        ))
+        .await?;
+        Ok(())
+    }
+
+    async fn mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<Option<MfaChallenge>> {
+        let now = now_us();
+        let row = sqlx::query!(
+            r#"SELECT user_id, password_hash, remember_me, cookie, device_sealed,
+                      failures AS "failures!: i32"
+               FROM mfa_challenges WHERE token_hash = ?1 AND expires_at > ?2"#,
+            token_hash,
+            now,
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok(MfaChallenge {
+                user_id: UserId(uuid(&r.user_id)?),
+                password_hash: r.password_hash,
+                remember_me: r.remember_me,
+                cookie: r.cookie,
+                device_sealed: r.device_sealed,
+                failures: r.failures,
+            })
+        })
+        .transpose()
+    }
+
+    async fn fail_mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<i32> {
+        let hash = token_hash.to_vec();
+        let failures = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    sqlx::query_scalar!(
+                        r#"UPDATE mfa_challenges SET failures = failures + 1
+                           WHERE token_hash = ?1 RETURNING failures AS "failures!: i32""#,
+                        hash,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
+            }))
+            .await?;
+        Ok(failures.unwrap_or(0))
+    }
+
+    async fn take_mfa_challenge(&self, token_hash: &[u8]) -> StoreResult<bool> {
+        let hash = token_hash.to_vec();
+        let now = now_us();
+        let done = self
+            .write_one(sqlx::query!(
+                "DELETE FROM mfa_challenges WHERE token_hash = ?1 AND expires_at > ?2",
+                hash,
+                now,
+            ))
+            .await?;
+        Ok(done > 0)
+    }
+
+    async fn delete_expired_mfa_challenges(&self, batch: i64) -> StoreResult<u64> {
+        let now = now_us();
+        self.write_one(sqlx::query!(
+            r#"DELETE FROM mfa_challenges WHERE token_hash IN (
+                   SELECT token_hash FROM mfa_challenges WHERE expires_at < ?1 LIMIT ?2
+               )"#,
+            now,
+            batch,
+        ))
+        .await
     }
 
     async fn applied_user_migrations(&self) -> StoreResult<Vec<UserMigrationRecord>> {
