@@ -493,7 +493,7 @@ async fn copy(settings: &Settings, to: String, redis: Option<String>) -> anyhow:
     eprintln!(
         "copied {} users, {} sessions, {} refresh tokens, {} devices, {} audit events, {} \
          emailed tokens, {} outbox messages, {} saved revocation marks, {} applied user \
-         migrations",
+         migrations, {} second factors with {} recovery codes",
         copied.users,
         copied.sessions,
         copied.refresh_tokens,
@@ -502,7 +502,9 @@ async fn copy(settings: &Settings, to: String, redis: Option<String>) -> anyhow:
         copied.email_tokens,
         copied.outbox,
         copied.revocation_marks,
-        copied.user_migrations
+        copied.user_migrations,
+        copied.mfa_totp,
+        copied.mfa_recovery_codes
     );
     let redis = redis.or_else(|| {
         let url = settings.redis.url.expose_secret().trim().to_owned();

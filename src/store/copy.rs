@@ -107,6 +107,21 @@ pub struct UserMigrationRow {
     pub applied_at: DateTime<Utc>,
 }
 
+/// A user's TOTP (its secret as sealed: the new deployment keeps `keys.dir`).
+pub struct TotpCopyRow {
+    pub user_id: Uuid,
+    pub secret_sealed: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub confirmed_at: Option<DateTime<Utc>>,
+    pub last_step: i64,
+}
+
+pub struct RecoveryCodeRow {
+    pub user_id: Uuid,
+    pub code_hash: Vec<u8>,
+    pub used_at: Option<DateTime<Utc>>,
+}
+
 /// What was copied, table by table.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Copied {
@@ -119,6 +134,8 @@ pub struct Copied {
     pub outbox: u64,
     pub revocation_marks: u64,
     pub user_migrations: u64,
+    pub mfa_totp: u64,
+    pub mfa_recovery_codes: u64,
 }
 
 /// Copies everything `from` holds into `to`, which must hold no user yet. `progress`
@@ -238,6 +255,26 @@ pub async fn sqlite_to_postgres(
         "revocation_marks",
         &mut copied.revocation_marks,
         marks.len(),
+        total,
+    );
+
+    // Second factors, with their secrets as sealed (pending logins are not carried:
+    // they live five minutes, and their users simply log in again).
+    let totp = export::mfa_totp(&mut src).await?;
+    import::mfa_totp(&mut dst, &totp)
+        .await
+        .context("writing second factors")?;
+    let total = totp.len() as u64;
+    report("mfa_totp", &mut copied.mfa_totp, totp.len(), total);
+    let codes = export::mfa_recovery_codes(&mut src).await?;
+    import::mfa_recovery_codes(&mut dst, &codes)
+        .await
+        .context("writing recovery codes")?;
+    let total = codes.len() as u64;
+    report(
+        "mfa_recovery_codes",
+        &mut copied.mfa_recovery_codes,
+        codes.len(),
         total,
     );
 

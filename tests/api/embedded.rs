@@ -354,6 +354,8 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
         let said = migrate(settings.database.url.expose_secret());
         assert!(said.contains("1 user migration(s) applied"), "{said}");
     }
+    // A user with a second factor keeps it (the secret sealed, the recovery codes).
+    let (guarded, secret, recovery, _) = crate::mfa::with_totp(&app).await;
     let audited = app.audit_kinds().await.len();
 
     let run = std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into());
@@ -395,8 +397,13 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     };
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("users: 3/3"), "progress: {said}");
-    assert!(said.contains("sessions: 4/4"), "progress: {said}");
+    assert!(said.contains("users: 4/4"), "progress: {said}");
+    assert!(said.contains("mfa_totp: 1/1"), "progress: {said}");
+    assert!(
+        said.contains("mfa_recovery_codes: 10/10"),
+        "progress: {said}"
+    );
+    assert!(said.contains("sessions: 6/6"), "progress: {said}");
     assert!(said.contains("email_tokens: 1/1"), "progress: {said}");
     assert!(said.contains("outbox: 1/1"), "progress: {said}");
     assert!(said.contains("user_migrations: 1/1"), "progress: {said}");
@@ -454,6 +461,16 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
         audited,
         kinds.len()
     );
+
+    // The second factor came along: a code from the same secret, and a recovery code.
+    let mfa_token = crate::mfa::login_step_one(&app, &guarded).await;
+    let code = crate::mfa::totp(&secret, crate::mfa::fresh_step());
+    let res = crate::mfa::login_mfa(&app, &mfa_token, json!({ "code": code })).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mfa_token = crate::mfa::login_step_one(&app, &guarded).await;
+    let res =
+        crate::mfa::login_mfa(&app, &mfa_token, json!({ "recovery_code": recovery[0] })).await;
+    assert_eq!(res.status(), StatusCode::OK);
 
     // The migration is known as applied there: nothing to do.
     let said = migrate(&target);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 /// RFC 4648 base32 (no padding), as authenticator apps read the secret.
-fn base32_decode(text: &str) -> Vec<u8> {
+pub fn base32_decode(text: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let (mut buffer, mut bits) = (0u64, 0);
     for c in text.trim_end_matches('=').bytes() {
@@ -31,7 +31,7 @@ fn base32_decode(text: &str) -> Vec<u8> {
 }
 
 /// RFC 6238 with HMAC-SHA-1, 6 digits, 30 s steps (RFC 4226 dynamic truncation).
-fn totp(secret: &[u8], step: u64) -> String {
+pub fn totp(secret: &[u8], step: u64) -> String {
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret).unwrap();
     mac.update(&step.to_be_bytes());
     let digest = mac.finalize().into_bytes();
@@ -45,7 +45,7 @@ fn step_now() -> u64 {
 }
 
 /// A user with TOTP on: (email, the secret, the recovery codes, a session's tokens).
-async fn with_totp(app: &TestApp) -> (String, Vec<u8>, Vec<String>, Tokens) {
+pub async fn with_totp(app: &TestApp) -> (String, Vec<u8>, Vec<String>, Tokens) {
     let email = app.new_user().await;
     let tokens = app.login_ok(&email).await;
     let res = app
@@ -80,7 +80,7 @@ async fn with_totp(app: &TestApp) -> (String, Vec<u8>, Vec<String>, Tokens) {
     (email, secret, codes, tokens)
 }
 
-async fn login_step_one(app: &TestApp, email: &str) -> String {
+pub async fn login_step_one(app: &TestApp, email: &str) -> String {
     let res = app.login(email, PASSWORD).await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     let body: Value = res.json().await.unwrap();
@@ -89,7 +89,7 @@ async fn login_step_one(app: &TestApp, email: &str) -> String {
     body["mfa_token"].as_str().unwrap().to_owned()
 }
 
-async fn login_mfa(app: &TestApp, mfa_token: &str, factor: Value) -> reqwest::Response {
+pub async fn login_mfa(app: &TestApp, mfa_token: &str, factor: Value) -> reqwest::Response {
     let mut body = json!({ "mfa_token": mfa_token });
     body.as_object_mut()
         .unwrap()
@@ -100,7 +100,7 @@ async fn login_mfa(app: &TestApp, mfa_token: &str, factor: Value) -> reqwest::Re
 /// A step whose code the server takes now without waiting: the confirmation used the
 /// current one, and one step of skew either side is allowed, so the next one passes
 /// (once).
-fn fresh_step() -> u64 {
+pub fn fresh_step() -> u64 {
     step_now() + 1
 }
 
@@ -308,7 +308,12 @@ async fn wrong_codes_count_against_the_accounts_failure_budget_like_passwords() 
         assert_error(res, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
     }
     // The free failures are spent: even the right code waits now.
-    let res = login_mfa(&app, &mfa_token, json!({ "code": totp(&secret, fresh_step()) })).await;
+    let res = login_mfa(
+        &app,
+        &mfa_token,
+        json!({ "code": totp(&secret, fresh_step()) }),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(res.headers().contains_key("retry-after"));
     // And so does the password.

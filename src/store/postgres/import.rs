@@ -8,7 +8,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::store::copy::{
-    DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserMigrationRow, UserRow,
+    DeviceRow, EmailTokenRow, OutboxCopyRow, RecoveryCodeRow, SessionRow, TokenRow, TotpCopyRow,
+    UserMigrationRow, UserRow,
 };
 use crate::store::{AuditRecord, SavedMark};
 
@@ -210,6 +211,40 @@ pub async fn outbox(conn: &mut PgConnection, rows: &[OutboxCopyRow]) -> anyhow::
            AS "next!""#
     )
     .fetch_one(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn mfa_totp(conn: &mut PgConnection, rows: &[TotpCopyRow]) -> anyhow::Result<()> {
+    let confirmed: Vec<Option<DateTime<Utc>>> = col(rows, |r| r.confirmed_at);
+    sqlx::query!(
+        r#"INSERT INTO mfa_totp (user_id, secret_sealed, created_at, confirmed_at, last_step)
+           SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::timestamptz[], $4::timestamptz[],
+                                $5::int8[])"#,
+        &col(rows, |r| r.user_id),
+        &col(rows, |r| r.secret_sealed.clone()),
+        &col(rows, |r| r.created_at),
+        &confirmed as _,
+        &col(rows, |r| r.last_step),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn mfa_recovery_codes(
+    conn: &mut PgConnection,
+    rows: &[RecoveryCodeRow],
+) -> anyhow::Result<()> {
+    let used: Vec<Option<DateTime<Utc>>> = col(rows, |r| r.used_at);
+    sqlx::query!(
+        r#"INSERT INTO mfa_recovery_codes (user_id, code_hash, used_at)
+           SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::timestamptz[])"#,
+        &col(rows, |r| r.user_id),
+        &col(rows, |r| r.code_hash.clone()),
+        &used as _,
+    )
+    .execute(conn)
     .await?;
     Ok(())
 }

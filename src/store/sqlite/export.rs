@@ -6,7 +6,8 @@ use sqlx::SqliteConnection;
 
 use super::{opt_uuid, roles_from, time, uuid};
 use crate::store::copy::{
-    DeviceRow, EmailTokenRow, OutboxCopyRow, SessionRow, TokenRow, UserMigrationRow, UserRow,
+    DeviceRow, EmailTokenRow, OutboxCopyRow, RecoveryCodeRow, SessionRow, TokenRow, TotpCopyRow,
+    UserMigrationRow, UserRow,
 };
 use crate::store::{AuditRecord, SavedMark, StoreError};
 
@@ -207,6 +208,47 @@ pub async fn outbox(
                 created_at: time(r.created_at),
                 attempts: r.attempts,
                 next_attempt_at: time(r.next_attempt_at),
+            })
+        })
+        .collect()
+}
+
+/// Every user's TOTP.
+pub async fn mfa_totp(conn: &mut SqliteConnection) -> anyhow::Result<Vec<TotpCopyRow>> {
+    let rows = sqlx::query!(
+        r#"SELECT user_id, secret_sealed, created_at, confirmed_at, last_step
+           FROM mfa_totp ORDER BY user_id"#
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(TotpCopyRow {
+                user_id: uuid(&r.user_id)?,
+                secret_sealed: r.secret_sealed,
+                created_at: time(r.created_at),
+                confirmed_at: r.confirmed_at.map(time),
+                last_step: r.last_step,
+            })
+        })
+        .collect()
+}
+
+/// Every recovery code (hashed), used or not.
+pub async fn mfa_recovery_codes(
+    conn: &mut SqliteConnection,
+) -> anyhow::Result<Vec<RecoveryCodeRow>> {
+    let rows = sqlx::query!(
+        "SELECT user_id, code_hash, used_at FROM mfa_recovery_codes ORDER BY user_id, code_hash"
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(RecoveryCodeRow {
+                user_id: uuid(&r.user_id)?,
+                code_hash: r.code_hash,
+                used_at: r.used_at.map(time),
             })
         })
         .collect()
