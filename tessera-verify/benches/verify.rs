@@ -50,6 +50,10 @@ fn fixture() -> Fixture {
         jti: Uuid::now_v7().to_string(),
         sid: Uuid::new_v4(),
         roles: vec!["user".into()],
+        email_verified: true,
+        is_anonymous: false,
+        amr: vec!["pwd".into()],
+        auth_time: now,
     };
     let mut header = Header::new(Algorithm::ES256);
     header.kid = Some("k1".into());
