@@ -182,6 +182,8 @@ pub struct IntrospectionSettings {
 #[serde(deny_unknown_fields)]
 pub struct SessionSettings {
     pub max_per_user: u32,
+    /// End a session whose refresh comes with another User-Agent than its login.
+    pub bind_user_agent: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

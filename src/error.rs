@@ -19,6 +19,8 @@ pub enum GrantFailure {
     Expired,
     IdleExpired,
     Unknown,
+    /// `sessions.bind_user_agent`: the refresh came from another client than the login.
+    ClientChanged,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,9 @@ impl ApiError {
                 "session expired after a period of inactivity"
             }
             ApiError::InvalidGrant(GrantFailure::Unknown) => "refresh token is not valid",
+            ApiError::InvalidGrant(GrantFailure::ClientChanged) => {
+                "the refresh came from another client than the login; the session has ended"
+            }
             ApiError::InvalidEmailToken(TokenRefusal::Unknown) => {
                 "this link is not valid (a newer one may have been sent); ask for a new one"
             }
@@ -196,6 +201,7 @@ impl ResponseError for ApiError {
                 GrantFailure::Expired => "expired",
                 GrantFailure::IdleExpired => "idle_expired",
                 GrantFailure::Unknown => "unknown",
+                GrantFailure::ClientChanged => "client_changed",
             }),
             ApiError::InvalidEmailToken(refusal) => Some(match refusal {
                 TokenRefusal::Unknown => "unknown",

@@ -351,6 +351,7 @@ impl AuthService {
             idle_ttl_secs: self.settings.tokens.refresh_idle_ttl_secs as i64,
             grace_secs: self.settings.tokens.refresh_reuse_grace_secs as i64,
             audit: self.settings.audit.refresh,
+            bind_user_agent: self.settings.sessions.bind_user_agent,
             client,
         };
         if let Some(grant) = self.store.rotate_refresh(rotation).await? {
@@ -374,6 +375,23 @@ impl AuthService {
         }
         if let Some(reason) = self.ended(&state) {
             return Err(ApiError::InvalidGrant(reason));
+        }
+        if self.settings.sessions.bind_user_agent && state.login_user_agent != client.user_agent {
+            // Another client than the login's: possible theft, so the session ends.
+            let sid = state.grant.session_id;
+            self.store
+                .revoke_session(sid, "client_changed", None)
+                .await?;
+            self.deny_sessions(&[sid]).await?;
+            self.audit(
+                AuditKind::SessionClientChanged,
+                Some(state.grant.user_id),
+                Some(sid),
+                client,
+                json!({}),
+            )
+            .await;
+            return Err(ApiError::InvalidGrant(GrantFailure::ClientChanged));
         }
         let rotated_at = match (state.rotated_at, superseded) {
             (Some(at), _) => Some(at),

@@ -357,6 +357,9 @@ pub struct Rotation<'a> {
     pub grace_secs: i64,
     /// Whether to write the `refresh` audit row (`audit.refresh`).
     pub audit: bool,
+    /// Rotate only if the client's User-Agent is the session's login's
+    /// (`sessions.bind_user_agent`).
+    pub bind_user_agent: bool,
     pub client: &'a ClientInfo,
 }
 
@@ -393,6 +396,8 @@ pub struct RefreshState {
     pub disabled: bool,
     /// The database's clock, so every instance judges lifetimes by one clock.
     pub now: DateTime<Utc>,
+    /// The User-Agent of the session's login (`sessions.bind_user_agent`).
+    pub login_user_agent: Option<String>,
 }
 
 /// A live session as its owner (or an admin) sees it.
@@ -462,6 +467,7 @@ pub enum AuditKind {
     MfaRecoveryCodeUsed,
     MfaDisabled,
     MfaResetByAdmin,
+    SessionClientChanged,
 }
 
 impl AuditKind {
@@ -499,6 +505,7 @@ impl AuditKind {
             AuditKind::MfaRecoveryCodeUsed => "mfa_recovery_code_used",
             AuditKind::MfaDisabled => "mfa_disabled",
             AuditKind::MfaResetByAdmin => "mfa_reset_by_admin",
+            AuditKind::SessionClientChanged => "session_client_changed",
         }
     }
 }

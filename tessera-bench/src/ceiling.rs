@@ -137,6 +137,7 @@ pub async fn bare_refresh(
                     idle_ttl_secs,
                     grace_secs,
                     audit,
+                    bind_user_agent: false,
                     client: &client,
                 };
                 let rotated = store.rotate_refresh(rotation).await;

@@ -206,3 +206,65 @@ async fn amr_and_auth_time_come_from_the_login_and_survive_refreshes() {
     );
     assert_eq!(next["amr"], serde_json::json!(["pwd"]));
 }
+
+async fn refresh_as(app: &TestApp, refresh: &str, user_agent: &str) -> reqwest::Response {
+    app.client
+        .post(app.url("/refresh"))
+        .header(reqwest::header::USER_AGENT, user_agent)
+        .json(&serde_json::json!({ "refresh_token": refresh }))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn login_as(app: &TestApp, email: &str, user_agent: &str) -> Tokens {
+    let res = app
+        .client
+        .post(app.url("/login"))
+        .header(reqwest::header::USER_AGENT, user_agent)
+        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    Tokens::from_body(res.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn with_user_agent_binding_a_refresh_from_another_client_ends_the_session() {
+    let mut settings = test_settings();
+    settings.sessions.bind_user_agent = true;
+    let app = spawn_app_with(settings).await;
+    let email = app.new_user().await;
+    let tokens = login_as(&app, &email, "phone-app/1.0").await;
+    // The same client refreshes as usual.
+    let res = refresh_as(&app, &tokens.refresh, "phone-app/1.0").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let tokens = Tokens::from_body(res.json().await.unwrap());
+    // Another one ends the session, for everyone.
+    assert_invalid_grant(
+        refresh_as(&app, &tokens.refresh, "curl/8.5.0").await,
+        "client_changed",
+    )
+    .await;
+    assert_invalid_grant(
+        refresh_as(&app, &tokens.refresh, "phone-app/1.0").await,
+        "revoked",
+    )
+    .await;
+    assert_invalid_token(app.me(&tokens.access).await).await;
+    assert!(
+        app.audit_kinds()
+            .await
+            .contains(&"session_client_changed".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn without_user_agent_binding_a_new_user_agent_refreshes_as_usual() {
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let tokens = login_as(&app, &email, "phone-app/1.0").await;
+    let res = refresh_as(&app, &tokens.refresh, "phone-app/2.0").await;
+    assert_eq!(res.status(), StatusCode::OK);
+}

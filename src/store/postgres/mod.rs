@@ -568,6 +568,7 @@ impl Store for PgStore {
                      AND s.expires_at > now()
                      AND s.last_used_at > now() - make_interval(secs => $4::float8)
                      AND NOT u.disabled
+                     AND (NOT $10::bool OR s.login_user_agent IS NOT DISTINCT FROM $6)
                    RETURNING rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
                              u.email_verified,
                              coalesce(s.auth_time, s.created_at) AS auth_time,
@@ -603,6 +604,7 @@ impl Store for PgStore {
             AuditKind::Refresh.as_str(),
             r.grace_secs as f64,
             r.audit,
+            r.bind_user_agent,
         )
         .fetch_optional(&self.pool)
         .await
@@ -624,7 +626,7 @@ impl Store for PgStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at,
-                      s.revoked_at, s.remember_me,
+                      s.revoked_at, s.remember_me, s.login_user_agent,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!",
                       coalesce(s.amr, '{pwd}') AS "amr!",
                       u.roles, u.email_verified, u.disabled, now() AS "now!"
@@ -655,6 +657,7 @@ impl Store for PgStore {
             revoked_at: r.revoked_at,
             disabled: r.disabled,
             now: r.now,
+            login_user_agent: r.login_user_agent,
         }))
     }
 
@@ -665,7 +668,8 @@ impl Store for PgStore {
     ) -> StoreResult<Option<(RefreshState, i64)>> {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.generation, s.remember_me, u.roles, u.email_verified, u.disabled,
+                      s.generation, s.remember_me, s.login_user_agent, u.roles, u.email_verified,
+                      u.disabled,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!",
                       coalesce(s.amr, '{pwd}') AS "amr!",
                       now() AS "now!"
@@ -696,6 +700,7 @@ impl Store for PgStore {
                 revoked_at: r.revoked_at,
                 disabled: r.disabled,
                 now: r.now,
+                login_user_agent: r.login_user_agent,
             };
             (state, r.generation)
         }))

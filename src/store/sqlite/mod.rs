@@ -870,6 +870,7 @@ impl Store for SqliteStore {
         let sealed = r.successor_sealed.to_vec();
         let (ip, user_agent) = (r.client.ip.clone(), r.client.user_agent.clone());
         let (idle_ttl_secs, grace_secs, audit) = (r.idle_ttl_secs, r.grace_secs, r.audit);
+        let (bind, bound_agent) = (r.bind_user_agent, r.client.user_agent.clone());
         let (row, now) = self
             .writer
             .write(Box::new(move |conn| {
@@ -885,7 +886,8 @@ impl Store for SqliteStore {
                          AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
                                      WHERE s.id = refresh_tokens.session_id
                                        AND s.revoked_at IS NULL AND s.expires_at > ?
-                                       AND s.last_used_at > ? AND NOT u.disabled);
+                                       AND s.last_used_at > ? AND NOT u.disabled
+                                       AND (NOT ? OR s.login_user_agent IS ?));
                        UPDATE sessions SET last_used_at = ?, last_ip = ?, last_user_agent = ?,
                                            generation = generation + 1
                        WHERE id = (SELECT session_id FROM refresh_tokens
@@ -917,6 +919,8 @@ impl Store for SqliteStore {
                         &token,
                         now,
                         idle_since,
+                        bind,
+                        bound_agent,
                         // the session's use
                         now,
                         ip,
@@ -971,7 +975,7 @@ impl Store for SqliteStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.remember_me, u.roles, u.email_verified, u.disabled,
+                      s.remember_me, u.roles, u.email_verified, u.disabled, s.login_user_agent,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
                       coalesce(s.amr, '["pwd"]') AS "amr!: String"
                FROM refresh_tokens rt
@@ -1003,6 +1007,7 @@ impl Store for SqliteStore {
                 revoked_at: r.revoked_at.map(time),
                 disabled: r.disabled,
                 now,
+                login_user_agent: r.login_user_agent,
             })
         })
         .transpose()
@@ -1017,6 +1022,7 @@ impl Store for SqliteStore {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
                       s.generation, s.remember_me, u.roles, u.email_verified, u.disabled,
+                      s.login_user_agent,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
                       coalesce(s.amr, '["pwd"]') AS "amr!: String"
                FROM sessions s JOIN users u ON u.id = s.user_id
@@ -1047,6 +1053,7 @@ impl Store for SqliteStore {
                 revoked_at: r.revoked_at.map(time),
                 disabled: r.disabled,
                 now,
+                login_user_agent: r.login_user_agent,
             };
             Ok((state, r.generation))
         })
