@@ -161,6 +161,11 @@ pub struct RegistrationSettings {
 pub struct MfaSettings {
     /// The issuer authenticator apps show beside the account (no `:`).
     pub issuer_name: String,
+    /// How recent a login (or `POST /me/reauthenticate`) must be for a password change or
+    /// removing the second factor (RFC 9470 `max_age`).
+    pub recent_auth_secs: u64,
+    /// Roles whose routes refuse an access token without `otp` in its `amr`.
+    pub required_for_roles: Vec<String>,
 }
 
 /// Users managed through files (`[users]`).
@@ -380,6 +385,9 @@ impl Settings {
         if !(1..=128).contains(&l.ipv6_prefix_len) || l.max_tracked_keys == 0 {
             bail!("login.ipv6_prefix_len must be 1 to 128 and login.max_tracked_keys positive");
         }
+        if self.mfa.recent_auth_secs == 0 {
+            bail!("mfa.recent_auth_secs must be positive");
+        }
         let c = &self.cleanup;
         if c.interval_secs == 0 || c.batch_size == 0 {
             bail!("cleanup.interval_secs and cleanup.batch_size must be positive");
@@ -524,6 +532,7 @@ mod tests {
             ("email", "link_base") => "https://app.example.com/auth".into(),
             ("email", "verification") => "optional".into(),
             ("email", "notify") => "new_device,password_changed".into(),
+            ("mfa", "required_for_roles") => "admin,auditor".into(),
             ("log", "format") => "json".into(),
             ("log", "level") => "debug".into(),
             _ => match default {

@@ -23,6 +23,15 @@ pub enum GrantFailure {
     ClientChanged,
 }
 
+/// What a step-up (RFC 9470) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepUp {
+    /// An authentication at most this many seconds old (`max_age`).
+    MaxAge(u64),
+    /// An authentication with a second factor (`acr_values="mfa"`).
+    Mfa,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("invalid request: {0}")]
@@ -44,6 +53,9 @@ pub enum ApiError {
     InvalidClient,
     #[error("insufficient scope")]
     InsufficientScope,
+    /// RFC 9470: the token is valid, but its authentication is too old or too weak.
+    #[error("insufficient user authentication: {0:?}")]
+    InsufficientUserAuthentication(StepUp),
     /// The correct password of an account whose address is not verified, when
     /// `email.verification = required`.
     #[error("email not verified")]
@@ -91,6 +103,7 @@ impl ApiError {
             ApiError::InvalidToken => "invalid_token",
             ApiError::InvalidClient => "invalid_client",
             ApiError::InsufficientScope => "insufficient_scope",
+            ApiError::InsufficientUserAuthentication(_) => "insufficient_user_authentication",
             ApiError::EmailNotVerified => "email_not_verified",
             ApiError::AccessDenied => "access_denied",
             ApiError::NotFound => "not_found",
@@ -130,6 +143,14 @@ impl ApiError {
             ApiError::InvalidToken => "access token is missing, invalid, expired or revoked",
             ApiError::InvalidClient => "client authentication failed",
             ApiError::InsufficientScope => "not allowed for this token",
+            ApiError::InsufficientUserAuthentication(StepUp::MaxAge(_)) => {
+                "this needs a recent authentication: POST /me/reauthenticate, then retry with \
+                 the new access token"
+            }
+            ApiError::InsufficientUserAuthentication(StepUp::Mfa) => {
+                "this needs an authentication with a second factor: log in (or POST \
+                 /me/reauthenticate) with a code"
+            }
             ApiError::EmailNotVerified => {
                 "this account's email address is not verified yet; open the link sent to it, \
                  or ask for a new one"
@@ -157,9 +178,10 @@ impl ResponseError for ApiError {
             | ApiError::InvalidEmailToken(_)
             | ApiError::UnsupportedGrantType => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::InvalidCredentials | ApiError::InvalidToken | ApiError::InvalidClient => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::InvalidCredentials
+            | ApiError::InvalidToken
+            | ApiError::InvalidClient
+            | ApiError::InsufficientUserAuthentication(_) => StatusCode::UNAUTHORIZED,
             ApiError::InsufficientScope | ApiError::AccessDenied | ApiError::EmailNotVerified => {
                 StatusCode::FORBIDDEN
             }
@@ -188,6 +210,16 @@ impl ResponseError for ApiError {
             }
             ApiError::InvalidClient => {
                 res.insert_header((header::WWW_AUTHENTICATE, r#"Basic realm="tessera""#));
+            }
+            ApiError::InsufficientUserAuthentication(step_up) => {
+                let wanted = match step_up {
+                    StepUp::MaxAge(secs) => format!("max_age={secs}"),
+                    StepUp::Mfa => r#"acr_values="mfa""#.to_owned(),
+                };
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    format!(r#"Bearer error="insufficient_user_authentication", {wanted}"#),
+                ));
             }
             ApiError::RateLimited(secs) | ApiError::Unavailable(_, secs) => {
                 res.insert_header((header::RETRY_AFTER, secs.to_string()));

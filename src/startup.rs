@@ -280,6 +280,7 @@ impl Application {
                             | ("PUT", "/me/email")
                             | ("DELETE", "/me")
                             | ("DELETE", "/me/mfa/totp")
+                            | ("POST", "/me/reauthenticate")
                             | ("POST", "/password/reset")
                     );
                     let busy = (!hashing).then(|| activity.enter());
@@ -427,6 +428,10 @@ fn routes(cfg: &mut web::ServiceConfig) {
             resource("/me/mfa/totp", web::post().to(mfa::enroll))
                 .route(web::delete().to(mfa::remove)),
         )
+        .service(resource(
+            "/me/reauthenticate",
+            web::post().to(mfa::reauthenticate),
+        ))
         .service(resource(
             "/me/mfa/totp/confirm",
             web::post().to(mfa::confirm),

@@ -71,6 +71,7 @@ impl AuthService {
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
+        self.require_recent_auth(claims)?;
         let credentials = self
             .check_own_password(
                 claims,

@@ -308,6 +308,7 @@ impl AuthService {
         ip: IpAddr,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
+        self.require_recent_auth(claims)?;
         self.check_own_password(
             claims,
             password,

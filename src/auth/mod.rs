@@ -17,6 +17,7 @@ pub mod password;
 pub mod recent;
 pub mod refresh_token;
 pub mod session;
+pub mod step_up;
 pub mod throttle;
 pub mod user_migrations;
 

@@ -81,6 +81,16 @@ impl RefreshToken {
         Self::chain_token(session, 0, random::<16>())
     }
 
+    /// [`RefreshToken::start_chain`], with what the session stores of the chain secret.
+    pub fn start_chain_hashed(session: SessionId) -> (Self, [u8; 32]) {
+        let token = Self::start_chain(session);
+        let hash = token
+            .chain()
+            .map(|c| c.secret_hash())
+            .expect("a new chain token has a chain");
+        (token, hash)
+    }
+
     fn chain_token(session: SessionId, generation: u64, secret: [u8; 16]) -> Self {
         let mut raw = Vec::with_capacity(CHAIN_BYTES);
         raw.extend_from_slice(session.0.as_bytes());

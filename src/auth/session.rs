@@ -745,11 +745,7 @@ impl AuthService {
         };
         let session_id = SessionId(uuid::Uuid::new_v4());
         let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
-        let refresh = RefreshToken::start_chain(session_id);
-        let chain_hash = refresh
-            .chain()
-            .map(|c| c.secret_hash())
-            .expect("a new chain token has a chain");
+        let (refresh, chain_hash) = RefreshToken::start_chain_hashed(session_id);
         let created = self
             .store
             .create_session(NewSession {

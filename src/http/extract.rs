@@ -235,7 +235,8 @@ impl FromRequest for MaybeAuthenticated {
 }
 
 /// An authenticated caller holding the `admin` role: 401 without a valid token, 403
-/// `insufficient_scope` without the role. Roles come from the token; a role change
+/// `insufficient_scope` without the role, 401 `insufficient_user_authentication` when
+/// `mfa.required_for_roles` lists `admin` and the token's `amr` lacks `otp`. Roles come from the token; a role change
 /// revokes the user's earlier tokens at once, so they cannot be stale.
 pub struct Admin(pub Claims);
 
@@ -246,14 +247,13 @@ impl FromRequest for Admin {
     type Future = Boxed<Self>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
         let authenticated = Authenticated::from_request(req, payload);
         Box::pin(async move {
             let Authenticated(claims) = authenticated.await?;
-            if claims.roles.iter().any(|r| r == ADMIN_ROLE) {
-                Ok(Admin(claims))
-            } else {
-                Err(ApiError::InsufficientScope)
-            }
+            let state = state.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("no app state")))?;
+            state.auth.require_role(&claims, ADMIN_ROLE)?;
+            Ok(Admin(claims))
         })
     }
 }

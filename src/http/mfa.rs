@@ -1,14 +1,16 @@
 //! The second factor: `POST /me/mfa/totp` (enroll), `POST /me/mfa/totp/confirm`,
-//! `DELETE /me/mfa/totp`, and `DELETE /admin/users/{id}/mfa` (see [`crate::auth::mfa`]).
+//! `DELETE /me/mfa/totp`, and `DELETE /admin/users/{id}/mfa` (see [`crate::auth::mfa`]);
+//! and step-up, `POST /me/reauthenticate` (see [`crate::auth::step_up`]).
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::second_factor;
+use super::cookies::session_in;
 use super::extract::{Admin, Authenticated, Caller, Json};
 use super::sessions::path_uuid;
-use super::{AppState, device_token, no_store};
+use super::{AppState, device_token, no_store, token_response};
 use crate::domain::{Password, UserId};
 use crate::error::ApiError;
 
@@ -75,6 +77,55 @@ pub async fn remove(
         )
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reauthenticate {
+    password: String,
+    code: Option<String>,
+    recovery_code: Option<String>,
+    /// The client's device token, counted like a login's (see `POST /login`).
+    device_token: Option<String>,
+}
+
+/// `POST /me/reauthenticate`: a fresh token response for the caller's session, with a
+/// new `auth_time`. A browser whose refresh cookie is this session's gets it by cookie
+/// delivery (the new refresh token replaces the cookie); any other client in the body.
+pub async fn reauthenticate(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    caller: Caller,
+    Authenticated(claims): Authenticated,
+    Json(body): Json<Reauthenticate>,
+) -> Result<HttpResponse, ApiError> {
+    let password = Password::parse_existing(body.password)
+        .map_err(|e| ApiError::InvalidRequest(format!("password: {e}")))?;
+    let factor = match (body.code, body.recovery_code) {
+        (None, None) => None,
+        (code, recovery_code) => Some(second_factor(code, recovery_code)?),
+    };
+    let cookie_session = state
+        .browser
+        .refresh_cookie(&req)
+        .as_deref()
+        .and_then(session_in);
+    let grant = state
+        .auth
+        .reauthenticate(
+            &claims,
+            password,
+            factor,
+            device_token(&state, &req, body.device_token),
+            caller.ip,
+            &caller.info,
+        )
+        .await?;
+    Ok(if cookie_session == Some(claims.sid) {
+        state.browser.token_response(&grant)
+    } else {
+        token_response(&grant)
+    })
 }
 
 pub async fn admin_remove(

@@ -308,6 +308,17 @@ pub struct ClientInfo {
     pub user_agent: Option<String>,
 }
 
+/// `POST /me/reauthenticate` ([`Store::reauthenticate_session`]).
+pub struct Reauthentication<'a> {
+    pub session: SessionId,
+    pub user: UserId,
+    /// How the user authenticated this time (RFC 8176).
+    pub amr: &'a [String],
+    /// The session's new refresh token (generation 0 of a new chain) and chain secret.
+    pub refresh_hash: &'a [u8],
+    pub chain_hash: &'a [u8],
+}
+
 pub struct NewSession<'a> {
     pub id: SessionId,
     pub user_id: UserId,
@@ -468,6 +479,8 @@ pub enum AuditKind {
     MfaDisabled,
     MfaResetByAdmin,
     SessionClientChanged,
+    StepUpPassed,
+    StepUpFailed,
 }
 
 impl AuditKind {
@@ -506,6 +519,8 @@ impl AuditKind {
             AuditKind::MfaDisabled => "mfa_disabled",
             AuditKind::MfaResetByAdmin => "mfa_reset_by_admin",
             AuditKind::SessionClientChanged => "session_client_changed",
+            AuditKind::StepUpPassed => "step_up_passed",
+            AuditKind::StepUpFailed => "step_up_failed",
         }
     }
 }
@@ -810,6 +825,11 @@ pub trait Store: Send + Sync + 'static {
     /// `refresh` audit row). `None` when the token is unknown, already rotated, or its
     /// session is not live: see [`Store::refresh_state`].
     async fn rotate_refresh(&self, rotation: Rotation<'_>) -> StoreResult<Option<Grant>>;
+    /// A live session of an enabled user gets a new authentication (`amr`, `auth_time`
+    /// now) and a new chain: its refresh tokens are replaced by the new one, so a token
+    /// from before is unknown from then on (not reuse: the owner just proved who they
+    /// are). `None` if the session has ended or the user is disabled.
+    async fn reauthenticate_session(&self, r: Reauthentication<'_>) -> StoreResult<Option<Grant>>;
     async fn refresh_state(&self, token_hash: &[u8]) -> StoreResult<Option<RefreshState>>;
     /// The state of session `session` if its chain secret hashes to `secret_hash`, with
     /// the session's current generation: for a chain token whose row is gone.

@@ -795,3 +795,36 @@ async fn an_admin_ends_a_users_cookie_sessions_like_any_other() {
     assert_cleared(res.headers());
     assert_invalid_grant(res, "revoked").await;
 }
+
+#[tokio::test]
+async fn a_browser_reauthenticates_into_a_new_refresh_cookie() {
+    let app = spawn_app_with(browser_settings()).await;
+    let email = app.new_user().await;
+    let s = browser_login(&app, &email).await;
+    // Authenticated by the Bearer token; the refresh cookie says how to deliver.
+    let res = app
+        .client
+        .post(app.url("/me/reauthenticate"))
+        .bearer_auth(&s.access)
+        .header("cookie", format!("__Host-tessera_refresh={}", s.refresh))
+        .json(&json!({"password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let cookies = set_cookies(res.headers());
+    let refresh = &cookies["__Host-tessera_refresh"];
+    assert_ne!(refresh.value, s.refresh);
+    assert!(refresh.has("httponly"));
+    let body: Value = res.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    assert_eq!(body["session_id"], s.session_id.as_str());
+    let fresh = BrowserSession {
+        refresh: refresh.value.clone(),
+        csrf: body["csrf_token"].as_str().unwrap().into(),
+        ..s.clone()
+    };
+    // The cookie from before is replaced; the new one refreshes.
+    assert_invalid_grant(cookie_refresh(&app, &s).await, "unknown").await;
+    cookie_refresh_ok(&app, &fresh).await;
+}

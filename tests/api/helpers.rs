@@ -318,16 +318,22 @@ impl TestApp {
     /// is tested on its own) and logs in.
     pub async fn admin(&self) -> Tokens {
         let email = self.new_user().await;
+        self.make_admin(&email).await;
+        self.login_ok(&email).await
+    }
+
+    /// Gives the user `email` the roles `user` and `admin` in the database (a role change
+    /// made there revokes nothing: the next refresh carries the roles).
+    pub async fn make_admin(&self, email: &str) {
         let mut db = self.db().await;
         sqlx::query(self.pick(
             "UPDATE users SET roles = '{user,admin}' WHERE email = $1",
             r#"UPDATE users SET roles = '["user","admin"]' WHERE email = $1"#,
         ))
-        .bind(&email)
+        .bind(email)
         .execute(&mut db)
         .await
         .unwrap();
-        self.login_ok(&email).await
     }
 
     /// The id of the user `email`.

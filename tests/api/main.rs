@@ -42,6 +42,7 @@ mod scripts;
 mod sessions;
 mod shared_throttle;
 mod smtp;
+mod step_up;
 mod storage;
 mod timing;
 mod user_migrations;

@@ -16,9 +16,9 @@ use uuid::Uuid;
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
     Credentials, EmailTokenGrant, Grant, MfaChallenge, MigrationEffects, NewSession, NoticeFor,
-    OpFailure, OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store,
-    StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange, UserMigrationRecord, UserOp,
-    UserUpdate, refusal, session_ids,
+    OpFailure, OutboxRow, PasswordReset, Reauthentication, RefreshState, Rotation, SavedMark,
+    SessionInfo, Store, StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange,
+    UserMigrationRecord, UserOp, UserUpdate, refusal, session_ids,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
@@ -611,6 +611,53 @@ impl Store for PgStore {
         .map_err(classify)?;
         Ok(row.map(|r| Grant {
             session_id: SessionId(r.session_id),
+            user_id: UserId(r.user_id),
+            roles: r.roles,
+            email_verified: r.email_verified,
+            amr: r.amr,
+            auth_time: r.auth_time,
+            expires_at: r.expires_at,
+            remember_me: r.remember_me,
+            issued_at: r.issued_at,
+        }))
+    }
+
+    async fn reauthenticate_session(&self, r: Reauthentication<'_>) -> StoreResult<Option<Grant>> {
+        // The statement's snapshot does not see the row it inserts, so the DELETE takes
+        // only the tokens from before.
+        let row = sqlx::query!(
+            r#"WITH reauthenticated AS (
+                   UPDATE sessions s
+                   SET auth_time = now(), amr = $3, chain_hash = $4, generation = 0,
+                       last_used_at = now()
+                   FROM users u
+                   WHERE s.id = $1 AND s.user_id = $2 AND u.id = s.user_id
+                     AND s.revoked_at IS NULL AND s.expires_at > now() AND NOT u.disabled
+                   RETURNING s.id, s.user_id, s.expires_at, s.remember_me, s.auth_time,
+                             s.amr, u.roles, u.email_verified
+               ), replaced AS (
+                   DELETE FROM refresh_tokens
+                   WHERE session_id IN (SELECT id FROM reauthenticated)
+               ), inserted AS (
+                   INSERT INTO refresh_tokens (token_hash, session_id)
+                   SELECT $5, id FROM reauthenticated
+               )
+               SELECT id AS "id!", user_id AS "user_id!", expires_at AS "expires_at!",
+                      remember_me AS "remember_me!", auth_time AS "auth_time!",
+                      amr AS "amr!", roles AS "roles!", email_verified AS "email_verified!",
+                      now() AS "issued_at!"
+               FROM reauthenticated"#,
+            r.session.0,
+            r.user.0,
+            r.amr,
+            r.chain_hash,
+            r.refresh_hash,
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|r| Grant {
+            session_id: SessionId(r.id),
             user_id: UserId(r.user_id),
             roles: r.roles,
             email_verified: r.email_verified,

@@ -59,9 +59,9 @@ use uuid::Uuid;
 use super::{
     AuditCursor, AuditEvent, AuditKind, AuditQuery, AuditRecord, ClientInfo, CreatedSession,
     Credentials, EmailTokenGrant, Grant, MfaChallenge, MigrationEffects, NewSession, NoticeFor,
-    OpFailure, OutboxRow, PasswordReset, RefreshState, Rotation, SavedMark, SessionInfo, Store,
-    StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange, UserMigrationRecord, UserOp,
-    UserUpdate, refusal,
+    OpFailure, OutboxRow, PasswordReset, Reauthentication, RefreshState, Rotation, SavedMark,
+    SessionInfo, Store, StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange,
+    UserMigrationRecord, UserOp, UserUpdate, refusal,
 };
 use crate::config::DatabaseSettings;
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
@@ -965,6 +965,72 @@ impl Store for SqliteStore {
                 auth_time: time(row.auth_time),
                 expires_at: time(row.expires_at),
                 remember_me: row.remember_me,
+                issued_at: time(now),
+            })
+        })
+        .transpose()
+    }
+
+    async fn reauthenticate_session(&self, r: Reauthentication<'_>) -> StoreResult<Option<Grant>> {
+        let (session, user) = (r.session.0.to_string(), r.user.0.to_string());
+        let amr = roles_json(r.amr);
+        let (refresh_hash, chain_hash) = (r.refresh_hash.to_vec(), r.chain_hash.to_vec());
+        let row = self
+            .writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    let now = now_us();
+                    let Some(kept) = sqlx::query!(
+                        r#"UPDATE sessions
+                           SET auth_time = ?3, amr = ?4, chain_hash = ?5, generation = 0,
+                               last_used_at = ?3
+                           WHERE id = ?1 AND user_id = ?2 AND revoked_at IS NULL
+                             AND expires_at > ?3
+                             AND EXISTS (SELECT 1 FROM users WHERE id = ?2 AND NOT disabled)
+                           RETURNING expires_at, remember_me"#,
+                        session,
+                        user,
+                        now,
+                        amr,
+                        chain_hash,
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    else {
+                        return Ok(None);
+                    };
+                    sqlx::query!("DELETE FROM refresh_tokens WHERE session_id = ?1", session)
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query!(
+                        r#"INSERT INTO refresh_tokens (token_hash, session_id, created_at)
+                           VALUES (?1, ?2, ?3)"#,
+                        refresh_hash,
+                        session,
+                        now,
+                    )
+                    .execute(&mut *conn)
+                    .await?;
+                    let user = sqlx::query!(
+                        "SELECT roles, email_verified FROM users WHERE id = ?1",
+                        user
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    Ok(Some((kept, user, amr, now)))
+                })
+            }))
+            .await?;
+        row.map(|(kept, user, amr, now)| {
+            Ok(Grant {
+                session_id: r.session,
+                user_id: r.user,
+                roles: roles_from(&user.roles)?,
+                email_verified: user.email_verified,
+                amr: roles_from(&amr)?,
+                auth_time: time(now),
+                expires_at: time(kept.expires_at),
+                remember_me: kept.remember_me,
                 issued_at: time(now),
             })
         })
