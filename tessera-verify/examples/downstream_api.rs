@@ -11,7 +11,7 @@
 //! token keeps working until it expires); with it, revocations reach the API at once.
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use tessera_verify::actix::Authenticated;
+use tessera_verify::actix::{Authenticated, WithMfa};
 use tessera_verify::{Config, RevocationConfig, Verifier};
 
 /// Any route with `Authenticated` in its arguments needs a valid, unrevoked token.
@@ -23,11 +23,18 @@ async fn hello(Authenticated(claims): Authenticated) -> HttpResponse {
     }))
 }
 
+/// `WithMfa` also needs a second factor: a token from a password-only login gets 401
+/// `insufficient_user_authentication` (RFC 9470), and the client steps up at Tessera.
+async fn payouts(WithMfa(claims): WithMfa) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"payouts_of": claims.sub}))
+}
+
 /// The API's routes, with the verifier as app data.
 pub fn configure(verifier: Verifier) -> impl Fn(&mut web::ServiceConfig) + Clone {
     move |cfg| {
         cfg.app_data(web::Data::new(verifier.clone()))
-            .route("/hello", web::get().to(hello));
+            .route("/hello", web::get().to(hello))
+            .route("/payouts", web::get().to(payouts));
     }
 }
 

@@ -1,9 +1,12 @@
-//! An actix-web extractor: `Authenticated(claims)` in a handler's arguments protects
-//! the route. Register the verifier with `App::new().app_data(web::Data::new(verifier))`.
+//! actix-web extractors: `Authenticated(claims)` in a handler's arguments protects
+//! the route; `WithMfa(claims)` also needs a second factor. Register the verifier with
+//! `App::new().app_data(web::Data::new(verifier))`.
 //!
 //! Refusals follow RFC 6750: 401 with `WWW-Authenticate: Bearer error="invalid_token"`
 //! and a JSON body `{"error","error_description"}`; 503 when keys or the revocation
-//! state are unavailable. The reason is logged at debug level, never sent.
+//! state are unavailable. The reason is logged at debug level, never sent. A
+//! [`StepUpRequired`] (from `WithMfa`, or `claims.require_recent_auth(..)?` in a handler)
+//! answers RFC 9470's 401 `insufficient_user_authentication`, as Tessera does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +15,7 @@ use actix_web::dev::Payload;
 use actix_web::http::{StatusCode, header};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 
-use crate::{Claims, Verifier, VerifyError};
+use crate::{Claims, StepUpRequired, Verifier, VerifyError};
 
 /// The claims of the request's verified Bearer token.
 pub struct Authenticated(pub Claims);
@@ -80,6 +83,44 @@ impl FromRequest for Authenticated {
                     Err(Rejection(e))
                 }
             }
+        })
+    }
+}
+
+impl ResponseError for StepUpRequired {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::UNAUTHORIZED
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let description = match self {
+            StepUpRequired::MaxAge(_) => "this needs a recent authentication",
+            StepUpRequired::Mfa => "this needs an authentication with a second factor",
+        };
+        HttpResponse::Unauthorized()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .insert_header((header::WWW_AUTHENTICATE, self.www_authenticate()))
+            .json(serde_json::json!({
+                "error": "insufficient_user_authentication",
+                "error_description": description,
+            }))
+    }
+}
+
+/// The claims of a verified Bearer token whose user authenticated with a second factor
+/// (`otp` in `amr`); a token without it gets RFC 9470's 401 with `acr_values="mfa"`.
+pub struct WithMfa(pub Claims);
+
+impl FromRequest for WithMfa {
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, actix_web::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let authenticated = Authenticated::from_request(req, payload);
+        Box::pin(async move {
+            let Authenticated(claims) = authenticated.await?;
+            claims.require_mfa()?;
+            Ok(WithMfa(claims))
         })
     }
 }

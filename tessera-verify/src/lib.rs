@@ -80,6 +80,31 @@ impl Claims {
         self.roles.iter().any(|r| r == role)
     }
 
+    /// Whether the user authenticated with `method` (RFC 8176: `pwd`, `otp`).
+    pub fn has_factor(&self, method: &str) -> bool {
+        self.amr.iter().any(|m| m == method)
+    }
+
+    /// RFC 9470: `Err` unless the user authenticated with a second factor (`otp`).
+    pub fn require_mfa(&self) -> Result<(), StepUpRequired> {
+        if self.has_factor("otp") {
+            Ok(())
+        } else {
+            Err(StepUpRequired::Mfa)
+        }
+    }
+
+    /// RFC 9470: `Err` unless the user authenticated at most `max_age` ago (a refresh
+    /// keeps the login's `auth_time`; only a login or a reauthentication renews it).
+    pub fn require_recent_auth(&self, max_age: Duration) -> Result<(), StepUpRequired> {
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        if now - self.auth_time <= max_age.as_secs() as i64 {
+            Ok(())
+        } else {
+            Err(StepUpRequired::MaxAge(max_age.as_secs()))
+        }
+    }
+
     /// Issue time in Unix milliseconds: Tessera's `jti` is a UUIDv7 carrying it. Any
     /// other `jti` counts as issued at the start of its `iat` second.
     pub fn issued_at_ms(&self) -> i64 {
@@ -92,6 +117,30 @@ impl Claims {
                 secs as i64 * 1000 + i64::from(nanos / 1_000_000)
             })
             .unwrap_or(self.iat * 1000)
+    }
+}
+
+/// What a route wanted beyond a valid token (RFC 9470 step-up): answer 401 with
+/// [`StepUpRequired::www_authenticate`] (the `actix` feature's `ResponseError` does),
+/// so the client reauthenticates at Tessera (`POST /me/reauthenticate`) and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StepUpRequired {
+    /// The user authenticated longer ago than this many seconds.
+    #[error("the authentication is older than {0} seconds")]
+    MaxAge(u64),
+    /// The user did not authenticate with a second factor (`otp` in `amr`).
+    #[error("the authentication lacks a second factor")]
+    Mfa,
+}
+
+impl StepUpRequired {
+    /// The `WWW-Authenticate` value of the 401, as Tessera itself sends it.
+    pub fn www_authenticate(&self) -> String {
+        let wanted = match self {
+            StepUpRequired::MaxAge(secs) => format!("max_age={secs}"),
+            StepUpRequired::Mfa => r#"acr_values="mfa""#.to_owned(),
+        };
+        format!(r#"Bearer error="insufficient_user_authentication", {wanted}"#)
     }
 }
 
@@ -322,9 +371,8 @@ mod tests {
         assert_eq!(parse_header(&at).unwrap().kid.as_deref(), Some("k"));
     }
 
-    #[test]
-    fn issue_time_comes_from_a_v7_jti() {
-        let mut c = Claims {
+    fn claims() -> Claims {
+        Claims {
             iss: String::new(),
             sub: Uuid::nil(),
             aud: String::new(),
@@ -338,9 +386,41 @@ mod tests {
             is_anonymous: false,
             amr: vec![],
             auth_time: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn issue_time_comes_from_a_v7_jti() {
+        let mut c = claims();
         assert_eq!(c.issued_at_ms(), 7000);
         c.jti = Uuid::now_v7().to_string();
         assert!(c.issued_at_ms() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn step_up_needs_otp_or_a_recent_authentication() {
+        let mut c = claims();
+        c.amr = vec!["pwd".into()];
+        assert_eq!(c.require_mfa(), Err(StepUpRequired::Mfa));
+        assert_eq!(
+            StepUpRequired::Mfa.www_authenticate(),
+            r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#
+        );
+        c.amr.push("otp".into());
+        assert_eq!(c.require_mfa(), Ok(()));
+
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        let ten_minutes = Duration::from_secs(600);
+        c.auth_time = now - 601;
+        assert_eq!(
+            c.require_recent_auth(ten_minutes),
+            Err(StepUpRequired::MaxAge(600))
+        );
+        assert_eq!(
+            StepUpRequired::MaxAge(600).www_authenticate(),
+            r#"Bearer error="insufficient_user_authentication", max_age=600"#
+        );
+        c.auth_time = now - 5;
+        assert_eq!(c.require_recent_auth(ten_minutes), Ok(()));
     }
 }

@@ -533,3 +533,41 @@ async fn the_example_api_answers_503_while_revocations_cannot_be_known() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"], "temporarily_unavailable", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_needs_a_second_factor_steps_up_like_tessera() {
+    let app = spawn_app().await;
+    // Signature and claims only, so this runs on the embedded backend too.
+    let mut config = config_for(&app);
+    config.revocation = None;
+    let api = spawn_example(Verifier::new(config).unwrap());
+    let payouts = |token: String| {
+        let req = app.client.get(format!("{api}/payouts")).bearer_auth(token);
+        async move { req.send().await.unwrap() }
+    };
+    let (_, secret, _, tokens) = crate::mfa::with_totp(&app).await;
+    let res = payouts(tokens.access.clone()).await;
+    assert_eq!(
+        res.headers()["www-authenticate"],
+        r#"Bearer error="insufficient_user_authentication", acr_values="mfa""#
+    );
+    assert_error(
+        res,
+        StatusCode::UNAUTHORIZED,
+        "insufficient_user_authentication",
+    )
+    .await;
+    let code = crate::mfa::totp(&secret, crate::mfa::fresh_step());
+    let res = app
+        .call(
+            reqwest::Method::POST,
+            "/me/reauthenticate",
+            &tokens.access,
+            Some(&json!({"password": PASSWORD, "code": code})),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let stepped_up = Tokens::from_body(res.json().await.unwrap());
+    let res = payouts(stepped_up.access).await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
