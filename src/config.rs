@@ -6,6 +6,7 @@
 //! that default (lists are comma-separated). Unknown keys anywhere are an error, so a
 //! typo fails at start rather than silently leaving a default in force.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -102,13 +103,76 @@ pub struct TokenSettings {
     pub refresh_absolute_ttl_secs: u64,
     pub refresh_short_absolute_ttl_secs: u64,
     pub refresh_reuse_grace_secs: u64,
+    /// Per-role lifetimes (`[tokens.roles.<role>]`), by role name.
+    pub roles: BTreeMap<String, RoleLifetimes>,
+}
+
+/// A role's own lifetimes (`[tokens.roles.<role>]`); each replaces the global one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleLifetimes {
+    pub access_ttl_secs: Option<u64>,
+    pub refresh_idle_ttl_secs: Option<u64>,
+    pub refresh_absolute_ttl_secs: Option<u64>,
+}
+
+/// The lifetimes that apply to a user's sessions (see [`TokenSettings::lifetimes_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub access_ttl_secs: u64,
+    pub refresh_idle_ttl_secs: u64,
+    /// From the login; `remember_me` decides between the two global ones.
+    pub refresh_absolute_ttl_secs: u64,
 }
 
 impl TokenSettings {
     /// How long a revocation mark must live: until every access token issued before it
-    /// has expired, leeway included.
+    /// has expired, leeway included (the longest access lifetime of any role).
     pub fn access_token_horizon(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.access_ttl_secs + self.leeway_secs + 1)
+        let longest = self
+            .roles
+            .values()
+            .filter_map(|r| r.access_ttl_secs)
+            .fold(self.access_ttl_secs, u64::max);
+        std::time::Duration::from_secs(longest + self.leeway_secs + 1)
+    }
+
+    /// The lifetimes of a session of a user holding `roles`: for each, the shortest of
+    /// the values the user's roles set, or else the global one. A session without
+    /// `remember_me` never outlives `refresh_short_absolute_ttl_secs`.
+    pub fn lifetimes_for(&self, roles: &[String], remember_me: bool) -> Lifetimes {
+        let shortest = |pick: fn(&RoleLifetimes) -> Option<u64>, global: u64| {
+            roles
+                .iter()
+                .filter_map(|r| self.roles.get(r).and_then(pick))
+                .min()
+                .unwrap_or(global)
+        };
+        let mut absolute = shortest(
+            |r| r.refresh_absolute_ttl_secs,
+            self.refresh_absolute_ttl_secs,
+        );
+        if !remember_me {
+            absolute = absolute.min(self.refresh_short_absolute_ttl_secs);
+        }
+        Lifetimes {
+            access_ttl_secs: shortest(|r| r.access_ttl_secs, self.access_ttl_secs),
+            refresh_idle_ttl_secs: shortest(
+                |r| r.refresh_idle_ttl_secs,
+                self.refresh_idle_ttl_secs,
+            ),
+            refresh_absolute_ttl_secs: absolute,
+        }
+    }
+
+    /// `{"role": seconds}` of the roles that set `pick`, for the stores' SQL (JSON).
+    pub fn by_role(&self, pick: fn(&RoleLifetimes) -> Option<u64>) -> String {
+        let map: BTreeMap<&str, u64> = self
+            .roles
+            .iter()
+            .filter_map(|(role, l)| pick(l).map(|secs| (role.as_str(), secs)))
+            .collect();
+        serde_json::to_string(&map).expect("a map of numbers serializes")
     }
 }
 
@@ -385,6 +449,16 @@ impl Settings {
         if !(1..=128).contains(&l.ipv6_prefix_len) || l.max_tracked_keys == 0 {
             bail!("login.ipv6_prefix_len must be 1 to 128 and login.max_tracked_keys positive");
         }
+        for (role, l) in &t.roles {
+            let values = [
+                l.access_ttl_secs,
+                l.refresh_idle_ttl_secs,
+                l.refresh_absolute_ttl_secs,
+            ];
+            if values.contains(&Some(0)) {
+                bail!("tokens.roles.{role}: lifetimes must be positive");
+            }
+        }
         if self.mfa.recent_auth_secs == 0 {
             bail!("mfa.recent_auth_secs must be positive");
         }
@@ -392,7 +466,7 @@ impl Settings {
         if c.interval_secs == 0 || c.batch_size == 0 {
             bail!("cleanup.interval_secs and cleanup.batch_size must be positive");
         }
-        if c.session_retention_secs < t.access_ttl_secs + t.leeway_secs {
+        if c.session_retention_secs < t.access_token_horizon().as_secs() {
             bail!(
                 "cleanup.session_retention_secs must be at least tokens.access_ttl_secs + \
                  tokens.leeway_secs, so ended sessions outlive their access tokens"
@@ -428,6 +502,10 @@ fn merge(base: &mut toml::Table, overlay: toml::Table, path: &str) -> anyhow::Re
             format!("{path}.{key}")
         };
         match (base.get_mut(&key), value) {
+            // Role names are the operator's: any table goes, checked when deserialized.
+            (None, v @ toml::Value::Table(_)) if path == "tokens.roles" => {
+                base.insert(key, v);
+            }
             (None, _) => bail!("unknown configuration key `{full}`"),
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o, &full)?,
             (Some(toml::Value::Table(_)), _) => bail!("`{full}` must be a table"),
@@ -440,6 +518,26 @@ fn merge(base: &mut toml::Table, overlay: toml::Table, path: &str) -> anyhow::Re
 /// Applies `SECTION__KEY=value`, typed after the existing value.
 fn apply_env(table: &mut toml::Table, name: &str, raw: &str) -> anyhow::Result<()> {
     let parts: Vec<String> = name.split("__").map(str::to_ascii_lowercase).collect();
+    if let [tokens, roles, role, key] = parts.as_slice()
+        && tokens == "tokens"
+        && roles == "roles"
+    {
+        // TOKENS__ROLES__<ROLE>__<KEY>: a per-role lifetime (role names in lower case).
+        let lifetimes = table
+            .get_mut("tokens")
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|t| t.get_mut("roles"))
+            .and_then(toml::Value::as_table_mut)
+            .context("no tokens.roles table")?
+            .entry(role.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let seconds = raw.trim().parse().context("expected an integer")?;
+        lifetimes
+            .as_table_mut()
+            .context("tokens.roles entries are tables")?
+            .insert(key.clone(), toml::Value::Integer(seconds));
+        return Ok(());
+    }
     let [section, key] = parts.as_slice() else {
         bail!("expected TESSERA__<SECTION>__<KEY>");
     };
@@ -566,6 +664,9 @@ mod tests {
         let mut count = 0;
         for (section, keys) in &defaults {
             for (key, value) in keys.as_table().unwrap() {
+                if (section.as_str(), key.as_str()) == ("tokens", "roles") {
+                    continue; // a table of roles: see per_role_lifetimes_…
+                }
                 let raw = another_value(section, key, value);
                 let name = format!(
                     "TESSERA__{}__{}",
@@ -587,6 +688,63 @@ mod tests {
             }
         }
         assert!(count >= 30, "only {count} keys found");
+    }
+
+    #[test]
+    fn per_role_lifetimes_come_from_a_file_or_the_environment_and_the_shortest_wins() {
+        let dir = std::env::temp_dir().join(format!("tessera-roles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roles.toml");
+        std::fs::write(
+            &file,
+            "[tokens.roles.admin]\naccess_ttl_secs = 300\nrefresh_idle_ttl_secs = 900\n\
+             [tokens.roles.support]\nrefresh_idle_ttl_secs = 600\n",
+        )
+        .unwrap();
+        let vars = env(&[
+            (
+                "TESSERA__TOKENS__ROLES__ADMIN__REFRESH_ABSOLUTE_TTL_SECS",
+                "28800",
+            ),
+            ("TESSERA__TOKENS__ROLES__AUDITOR__ACCESS_TTL_SECS", "1800"),
+        ]);
+        let s = Settings::load_from(Some(&file), vars).unwrap();
+        let roles = |names: &[&str]| names.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        let t = &s.tokens;
+        let user = t.lifetimes_for(&roles(&["user"]), true);
+        assert_eq!(
+            user,
+            Lifetimes {
+                access_ttl_secs: 900,
+                refresh_idle_ttl_secs: 604_800,
+                refresh_absolute_ttl_secs: 2_592_000
+            }
+        );
+        let admin = t.lifetimes_for(&roles(&["user", "admin", "support"]), true);
+        assert_eq!(
+            admin,
+            Lifetimes {
+                access_ttl_secs: 300,
+                refresh_idle_ttl_secs: 600,
+                refresh_absolute_ttl_secs: 28_800
+            }
+        );
+        // A longer access lifetime replaces the global one, and revocation marks must
+        // outlive it; a session without remember_me stays within its 12 hours.
+        let auditor = t.lifetimes_for(&roles(&["auditor"]), false);
+        assert_eq!(auditor.access_ttl_secs, 1800);
+        assert_eq!(auditor.refresh_absolute_ttl_secs, 43_200);
+        assert_eq!(t.access_token_horizon().as_secs(), 1800 + 30 + 1);
+        assert_eq!(
+            t.by_role(|r| r.refresh_idle_ttl_secs),
+            r#"{"admin":900,"support":600}"#
+        );
+        // Typos and zeroes are refused.
+        std::fs::write(&file, "[tokens.roles.admin]\nidle_secs = 900\n").unwrap();
+        assert!(Settings::load_from(Some(&file), env(&[])).is_err());
+        let zero = env(&[("TESSERA__TOKENS__ROLES__ADMIN__ACCESS_TTL_SECS", "0")]);
+        assert!(Settings::load_from(None, zero).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

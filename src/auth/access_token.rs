@@ -86,7 +86,8 @@ pub struct AccessTokens {
     keys: Arc<SharedKeyring>,
     issuer: String,
     audience: String,
-    ttl_secs: i64,
+    /// The lifetimes, per role too.
+    lifetimes: TokenSettings,
     leeway_secs: u64,
     verified: Recent<[u8; 32], Verified>,
 }
@@ -117,7 +118,7 @@ impl AccessTokens {
             keys,
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
-            ttl_secs: settings.access_ttl_secs as i64,
+            lifetimes: settings.clone(),
             leeway_secs: settings.leeway_secs,
             verified: Recent::new(0),
         }
@@ -130,8 +131,9 @@ impl AccessTokens {
         self
     }
 
-    pub fn ttl_secs(&self) -> i64 {
-        self.ttl_secs
+    /// The lifetime of an access token for a user holding `roles` (`[tokens.roles]`).
+    pub fn ttl_secs(&self, roles: &[String]) -> i64 {
+        self.lifetimes.lifetimes_for(roles, true).access_ttl_secs as i64
     }
 
     pub fn keyring(&self) -> &SharedKeyring {
@@ -153,7 +155,7 @@ impl AccessTokens {
             iss: self.issuer.clone(),
             sub: grant.user_id,
             aud: self.audience.clone(),
-            exp: now + self.ttl_secs,
+            exp: now + self.ttl_secs(&grant.roles),
             iat: now,
             nbf: now,
             jti: Uuid::new_v7(ts).to_string(),

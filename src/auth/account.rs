@@ -19,7 +19,34 @@ impl AuthService {
     /// The caller's live sessions, most recently used first.
     pub async fn sessions(&self, claims: &Claims) -> Result<Vec<SessionInfo>, ApiError> {
         let idle = self.settings().tokens.refresh_idle_ttl_secs as i64;
-        Ok(self.store.list_sessions(claims.sub, idle).await?)
+        let sessions = self.store.list_sessions(claims.sub, idle).await?;
+        Ok(self.under_role_lifetimes(sessions, &claims.roles))
+    }
+
+    /// Sessions as the lifetimes of a user holding `roles` see them (`[tokens.roles]`):
+    /// those that have ended by them left out, the others' `expires_at` brought in.
+    pub(super) fn under_role_lifetimes(
+        &self,
+        sessions: Vec<SessionInfo>,
+        roles: &[String],
+    ) -> Vec<SessionInfo> {
+        let tokens = &self.settings().tokens;
+        if tokens.roles.is_empty() {
+            return sessions;
+        }
+        let now = chrono::Utc::now();
+        sessions
+            .into_iter()
+            .filter_map(|mut s| {
+                let l = tokens.lifetimes_for(roles, s.remember_me);
+                let secs = |n: u64| chrono::Duration::seconds(n as i64);
+                s.expires_at = s
+                    .expires_at
+                    .min(s.last_used_at + secs(l.refresh_idle_ttl_secs))
+                    .min(s.created_at + secs(l.refresh_absolute_ttl_secs));
+                (s.expires_at > now).then_some(s)
+            })
+            .collect()
     }
 
     /// Ends one of the caller's own sessions: its refresh token at once and its access

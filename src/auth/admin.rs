@@ -57,9 +57,10 @@ pub fn parse_roles(raw: Vec<String>) -> Result<Vec<String>, &'static str> {
 
 impl AuthService {
     pub async fn admin_user_sessions(&self, user: UserId) -> Result<Vec<SessionInfo>, ApiError> {
-        self.existing_user(user).await?;
+        let user = self.existing_user(user).await?;
         let idle = self.settings().tokens.refresh_idle_ttl_secs as i64;
-        Ok(self.store.list_sessions(user, idle).await?)
+        let sessions = self.store.list_sessions(user.id, idle).await?;
+        Ok(self.under_role_lifetimes(sessions, &user.roles))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %user))]

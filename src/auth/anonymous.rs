@@ -55,6 +55,7 @@ impl AuthService {
                     notice: None,
                     // No authentication method at all.
                     amr: &[],
+                    roles: &user.roles,
                 },
                 client,
             )

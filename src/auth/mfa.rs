@@ -457,6 +457,7 @@ impl AuthService {
                     device: &device,
                     notice: None,
                     amr: &[PASSWORD_AMR.to_owned(), OTP_AMR.to_owned()],
+                    roles: &user.roles,
                 },
                 client,
             )

@@ -111,6 +111,8 @@ pub(super) struct SessionStart<'a> {
     pub notice: Option<&'a [u8]>,
     /// How the user authenticated (RFC 8176).
     pub amr: &'a [String],
+    /// The user's roles, for their lifetimes (`[tokens.roles]`).
+    pub roles: &'a [String],
 }
 
 /// The `amr` value (RFC 8176) of a password.
@@ -130,6 +132,9 @@ pub struct AuthService {
     /// Seals TOTP secrets and pending logins' device tokens (see [`super::mfa`]).
     pub(super) mfa_sealer: crate::seal::Sealer,
     pub(super) mail_throttle: MailThrottle,
+    /// `{"role": seconds}` of `[tokens.roles]`, for the rotation's SQL.
+    idle_by_role: String,
+    absolute_by_role: String,
     settings: Settings,
 }
 
@@ -169,6 +174,8 @@ impl AuthService {
             outbox,
             mfa_sealer: mfa,
             mail_throttle,
+            idle_by_role: settings.tokens.by_role(|r| r.refresh_idle_ttl_secs),
+            absolute_by_role: settings.tokens.by_role(|r| r.refresh_absolute_ttl_secs),
             settings,
         }
     }
@@ -294,6 +301,7 @@ impl AuthService {
                     device: &device,
                     notice: notice.as_deref(),
                     amr: &[PASSWORD_AMR.to_owned()],
+                    roles: &user.roles,
                 },
                 client,
             )
@@ -352,6 +360,8 @@ impl AuthService {
             grace_secs: self.settings.tokens.refresh_reuse_grace_secs as i64,
             audit: self.settings.audit.refresh,
             bind_user_agent: self.settings.sessions.bind_user_agent,
+            idle_by_role: &self.idle_by_role,
+            absolute_by_role: &self.absolute_by_role,
             client,
         };
         if let Some(grant) = self.store.rotate_refresh(rotation).await? {
@@ -553,11 +563,16 @@ impl AuthService {
 
     /// Why a session is over, if it is: revoked (or its user disabled), past its
     /// absolute end, or idle too long.
+    /// The lifetimes are the user's roles' now (`[tokens.roles]`), so a role change
+    /// applies at the next refresh.
     fn ended(&self, state: &RefreshState) -> Option<GrantFailure> {
-        let idle = chrono::Duration::seconds(self.settings.tokens.refresh_idle_ttl_secs as i64);
+        let g = &state.grant;
+        let lifetimes = self.settings.tokens.lifetimes_for(&g.roles, g.remember_me);
+        let idle = chrono::Duration::seconds(lifetimes.refresh_idle_ttl_secs as i64);
+        let absolute = chrono::Duration::seconds(lifetimes.refresh_absolute_ttl_secs as i64);
         if state.revoked_at.is_some() || state.disabled {
             Some(GrantFailure::Revoked)
-        } else if state.now >= state.grant.expires_at {
+        } else if state.now >= g.expires_at || state.now >= state.created_at + absolute {
             Some(GrantFailure::Expired)
         } else if state.now >= state.last_used_at + idle {
             Some(GrantFailure::IdleExpired)
@@ -709,10 +724,14 @@ impl AuthService {
     ) -> Result<TokenGrant, ApiError> {
         let access_token = self.tokens.issue(grant).map_err(ApiError::Internal)?;
         let remaining = (grant.expires_at - Utc::now()).num_seconds().max(0);
-        let idle = self.settings.tokens.refresh_idle_ttl_secs as i64;
+        let lifetimes = self
+            .settings
+            .tokens
+            .lifetimes_for(&grant.roles, grant.remember_me);
+        let idle = lifetimes.refresh_idle_ttl_secs as i64;
         Ok(TokenGrant {
             access_token,
-            expires_in: self.tokens.ttl_secs(),
+            expires_in: lifetimes.access_ttl_secs as i64,
             refresh_token: refresh,
             refresh_token_expires_in: remaining.min(idle),
             session_id: grant.session_id,
@@ -736,13 +755,13 @@ impl AuthService {
             device,
             notice,
             amr,
+            roles,
         } = start;
-        let t = &self.settings.tokens;
-        let lifetime = if remember_me {
-            t.refresh_absolute_ttl_secs
-        } else {
-            t.refresh_short_absolute_ttl_secs
-        };
+        let lifetime = self
+            .settings
+            .tokens
+            .lifetimes_for(roles, remember_me)
+            .refresh_absolute_ttl_secs;
         let session_id = SessionId(uuid::Uuid::new_v4());
         let expires_at = Utc::now() + chrono::Duration::seconds(lifetime as i64);
         let (refresh, chain_hash) = RefreshToken::start_chain_hashed(session_id);

@@ -371,6 +371,11 @@ pub struct Rotation<'a> {
     /// Rotate only if the client's User-Agent is the session's login's
     /// (`sessions.bind_user_agent`).
     pub bind_user_agent: bool,
+    /// `[tokens.roles]` as JSON objects `{"role": seconds}`: a user holding a listed
+    /// role idles out after the shortest of its roles' idle lifetimes (instead of
+    /// `idle_ttl_secs`), and the session ends that long after its login.
+    pub idle_by_role: &'a str,
+    pub absolute_by_role: &'a str,
     pub client: &'a ClientInfo,
 }
 
@@ -409,6 +414,8 @@ pub struct RefreshState {
     pub now: DateTime<Utc>,
     /// The User-Agent of the session's login (`sessions.bind_user_agent`).
     pub login_user_agent: Option<String>,
+    /// When the session started (per-role absolute lifetimes count from it).
+    pub created_at: DateTime<Utc>,
 }
 
 /// A live session as its owner (or an admin) sees it.

@@ -138,6 +138,8 @@ pub async fn bare_refresh(
                     grace_secs,
                     audit,
                     bind_user_agent: false,
+                    idle_by_role: "{}",
+                    absolute_by_role: "{}",
                     client: &client,
                 };
                 let rotated = store.rotate_refresh(rotation).await;

@@ -38,6 +38,7 @@ mod races;
 mod recovery;
 mod refresh;
 mod revoke;
+mod role_lifetimes;
 mod scripts;
 mod sessions;
 mod shared_throttle;

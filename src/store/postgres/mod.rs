@@ -566,7 +566,14 @@ impl Store for PgStore {
                      AND s.id = locked.session_id
                      AND s.revoked_at IS NULL
                      AND s.expires_at > now()
-                     AND s.last_used_at > now() - make_interval(secs => $4::float8)
+                     AND s.last_used_at > now() - make_interval(secs => coalesce(
+                             (SELECT min(value::float8) FROM jsonb_each_text($11::text::jsonb)
+                              WHERE key = ANY(u.roles)),
+                             $4::float8))
+                     AND NOT EXISTS (
+                             SELECT 1 FROM jsonb_each_text($12::text::jsonb)
+                             WHERE key = ANY(u.roles)
+                               AND s.created_at <= now() - make_interval(secs => value::float8))
                      AND NOT u.disabled
                      AND (NOT $10::bool OR s.login_user_agent IS NOT DISTINCT FROM $6)
                    RETURNING rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
@@ -605,6 +612,8 @@ impl Store for PgStore {
             r.grace_secs as f64,
             r.audit,
             r.bind_user_agent,
+            r.idle_by_role,
+            r.absolute_by_role,
         )
         .fetch_optional(&self.pool)
         .await
@@ -673,7 +682,7 @@ impl Store for PgStore {
         let row = sqlx::query!(
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at,
-                      s.revoked_at, s.remember_me, s.login_user_agent,
+                      s.revoked_at, s.remember_me, s.login_user_agent, s.created_at,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!",
                       coalesce(s.amr, '{pwd}') AS "amr!",
                       u.roles, u.email_verified, u.disabled, now() AS "now!"
@@ -705,6 +714,7 @@ impl Store for PgStore {
             disabled: r.disabled,
             now: r.now,
             login_user_agent: r.login_user_agent,
+            created_at: r.created_at,
         }))
     }
 
@@ -715,7 +725,8 @@ impl Store for PgStore {
     ) -> StoreResult<Option<(RefreshState, i64)>> {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
-                      s.generation, s.remember_me, s.login_user_agent, u.roles, u.email_verified,
+                      s.generation, s.remember_me, s.login_user_agent, s.created_at, u.roles,
+                      u.email_verified,
                       u.disabled,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!",
                       coalesce(s.amr, '{pwd}') AS "amr!",
@@ -748,6 +759,7 @@ impl Store for PgStore {
                 disabled: r.disabled,
                 now: r.now,
                 login_user_agent: r.login_user_agent,
+                created_at: r.created_at,
             };
             (state, r.generation)
         }))

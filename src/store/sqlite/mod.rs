@@ -871,12 +871,13 @@ impl Store for SqliteStore {
         let (ip, user_agent) = (r.client.ip.clone(), r.client.user_agent.clone());
         let (idle_ttl_secs, grace_secs, audit) = (r.idle_ttl_secs, r.grace_secs, r.audit);
         let (bind, bound_agent) = (r.bind_user_agent, r.client.user_agent.clone());
+        let (idle_by_role, absolute_by_role) =
+            (r.idle_by_role.to_owned(), r.absolute_by_role.to_owned());
         let (row, now) = self
             .writer
             .write(Box::new(move |conn| {
                 Box::pin(async move {
                     let now = now_us();
-                    let idle_since = now - secs_us(idle_ttl_secs);
                     let grace_since = now - secs_us(grace_secs);
                     let kind = AuditKind::Refresh.as_str();
                     let row = sqlx::query!(
@@ -886,7 +887,15 @@ impl Store for SqliteStore {
                          AND EXISTS (SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id
                                      WHERE s.id = refresh_tokens.session_id
                                        AND s.revoked_at IS NULL AND s.expires_at > ?
-                                       AND s.last_used_at > ? AND NOT u.disabled
+                                       AND s.last_used_at > ? - coalesce(
+                                           (SELECT min(p.value) FROM json_each(?) p
+                                            JOIN json_each(u.roles) j ON p.key = j.value),
+                                           ?) * 1000000
+                                       AND NOT EXISTS (
+                                           SELECT 1 FROM json_each(?) p
+                                           JOIN json_each(u.roles) j ON p.key = j.value
+                                           WHERE s.created_at <= ? - p.value * 1000000)
+                                       AND NOT u.disabled
                                        AND (NOT ? OR s.login_user_agent IS ?));
                        UPDATE sessions SET last_used_at = ?, last_ip = ?, last_user_agent = ?,
                                            generation = generation + 1
@@ -918,7 +927,11 @@ impl Store for SqliteStore {
                         sealed,
                         &token,
                         now,
-                        idle_since,
+                        now,
+                        idle_by_role,
+                        idle_ttl_secs,
+                        absolute_by_role,
+                        now,
                         bind,
                         bound_agent,
                         // the session's use
@@ -1042,6 +1055,7 @@ impl Store for SqliteStore {
             r#"SELECT rt.session_id, rt.rotated_at, rt.successor_sealed,
                       s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
                       s.remember_me, u.roles, u.email_verified, u.disabled, s.login_user_agent,
+                      s.created_at,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
                       coalesce(s.amr, '["pwd"]') AS "amr!: String"
                FROM refresh_tokens rt
@@ -1074,6 +1088,7 @@ impl Store for SqliteStore {
                 disabled: r.disabled,
                 now,
                 login_user_agent: r.login_user_agent,
+                created_at: time(r.created_at),
             })
         })
         .transpose()
@@ -1088,7 +1103,7 @@ impl Store for SqliteStore {
         let row = sqlx::query!(
             r#"SELECT s.id, s.user_id, s.expires_at, s.last_used_at, s.revoked_at,
                       s.generation, s.remember_me, u.roles, u.email_verified, u.disabled,
-                      s.login_user_agent,
+                      s.login_user_agent, s.created_at,
                       coalesce(s.auth_time, s.created_at) AS "auth_time!: i64",
                       coalesce(s.amr, '["pwd"]') AS "amr!: String"
                FROM sessions s JOIN users u ON u.id = s.user_id
@@ -1120,6 +1135,7 @@ impl Store for SqliteStore {
                 disabled: r.disabled,
                 now,
                 login_user_agent: r.login_user_agent,
+                created_at: time(r.created_at),
             };
             Ok((state, r.generation))
         })
