@@ -322,3 +322,89 @@ async fn wrong_codes_count_against_the_accounts_failure_budget_like_passwords() 
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+/// The dark modules of the enrollment SVG (`M{x} {y}h{w}v{h}H{x}V{y}` rectangles on a
+/// white background), as a bitmap `size` pixels wide and high.
+fn svg_bitmap(svg: &str) -> (usize, Vec<bool>) {
+    let attr = |name: &str| -> usize {
+        let start = svg.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        svg[start..].split('"').next().unwrap().parse().unwrap()
+    };
+    let (width, height) = (attr("width"), attr("height"));
+    assert_eq!(width, height);
+    let path = svg
+        .split(" d=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let mut dark = vec![false; width * width];
+    for rect in path.split('M').filter(|r| !r.is_empty()) {
+        let numbers: Vec<usize> = rect
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|n| !n.is_empty())
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let [x, y, w, h, ..] = numbers[..] else {
+            panic!("not a rectangle: {rect}");
+        };
+        for row in y..y + h {
+            for col in x..x + w {
+                dark[row * width + col] = true;
+            }
+        }
+    }
+    (width, dark)
+}
+
+#[tokio::test]
+async fn an_authenticator_app_enrolls_from_the_qr_code() {
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let tokens = app.login_ok(&email).await;
+    let res = app
+        .call(Method::POST, "/me/mfa/totp", &tokens.access, None)
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.unwrap();
+    // What a camera sees: decoded by a QR reader of the test's own.
+    let (size, dark) = svg_bitmap(body["qr_svg"].as_str().unwrap());
+    let mut image = rqrr::PreparedImage::prepare_from_bitmap(size, size, |x, y| dark[y * size + x]);
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1);
+    let (_, content) = grids[0].decode().unwrap();
+    assert_eq!(content, body["otpauth_uri"].as_str().unwrap());
+    // The URI says what an app needs (RFC 6238 defaults spelled out), and its secret
+    // gives codes the server takes.
+    let (label, query) = content
+        .strip_prefix("otpauth://totp/")
+        .unwrap()
+        .split_once('?')
+        .unwrap();
+    assert!(label.starts_with("Tessera:"), "{label}");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    assert_eq!(param("issuer").as_deref(), Some("Tessera"));
+    for (name, value) in [("algorithm", "SHA1"), ("digits", "6"), ("period", "30")] {
+        assert!(
+            param(name).is_none_or(|v| v == value),
+            "{name}={:?}",
+            param(name)
+        );
+    }
+    let secret = base32_decode(&param("secret").unwrap());
+    let res = app
+        .call(
+            Method::POST,
+            "/me/mfa/totp/confirm",
+            &tokens.access,
+            Some(&json!({ "code": totp(&secret, step_now()) })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+}

@@ -75,3 +75,24 @@ async fn a_dormant_account_answers_like_an_unknown_email_after_the_cost_is_raise
         "lowered: ratio {lowered:.2}"
     );
 }
+
+/// A wrong password for an account with a second factor answers as for an unknown
+/// email: the same body (never `mfa_required`) and, by the ratio of medians, time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_for_an_account_with_totp_answers_like_an_unknown_email() {
+    let _quiet = HEAVY.lock().await;
+    let mut settings = test_settings();
+    settings.password.memory_kib = 8192;
+    settings.password.iterations = 3;
+    let app = spawn_app_with(settings).await;
+    let (email, ..) = crate::mfa::with_totp(&app).await;
+    let known = app.login(&email, "wrong password").await;
+    let ghost = app.login("ghost@example.com", "wrong password").await;
+    let (known, ghost) = (known.text().await.unwrap(), ghost.text().await.unwrap());
+    assert_eq!(known, ghost);
+    assert!(!known.contains("mfa"), "{known}");
+    let (known, unknown) = medians(&app, &email, 81).await;
+    let ratio = known.as_secs_f64() / unknown.as_secs_f64();
+    eprintln!("with TOTP {known:?} vs unknown {unknown:?}: ratio {ratio:.2}");
+    assert!((0.8..=1.25).contains(&ratio), "ratio {ratio:.2}");
+}
