@@ -408,3 +408,105 @@ async fn an_authenticator_app_enrolls_from_the_qr_code() {
         .await;
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+/// RFC 4648 base32 without padding, as the server hands the secret out.
+fn base32_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut out, mut buffer, mut bits) = (String::new(), 0u64, 0);
+    for &b in bytes {
+        buffer = (buffer << 8) | u64::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_mfa_event_is_audited_without_a_secret_or_a_code() {
+    let app = spawn_app().await;
+    let admin = app.admin().await;
+    let (email, secret, codes, tokens) = with_totp(&app).await;
+    let mut never = vec![base32_encode(&secret), codes[0].clone(), codes[1].clone()];
+
+    // A wrong code, then a recovery code, at a login.
+    let mfa_token = login_step_one(&app, &email).await;
+    let wrong = totp(&secret, step_now() - 20);
+    let res = login_mfa(&app, &mfa_token, json!({ "code": wrong })).await;
+    assert_error(res, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    let res = login_mfa(&app, &mfa_token, json!({ "recovery_code": codes[0] })).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    never.extend([wrong, mfa_token]);
+
+    // Step-up, failed and passed, then removal with a recovery code.
+    let reauthenticate = |body: Value| {
+        let (app, access) = (&app, tokens.access.clone());
+        async move {
+            app.call(Method::POST, "/me/reauthenticate", &access, Some(&body))
+                .await
+        }
+    };
+    let res = reauthenticate(json!({"password": "not the password", "code": "123456"})).await;
+    assert_error(res, StatusCode::UNAUTHORIZED, "invalid_credentials").await;
+    let code = totp(&secret, fresh_step());
+    let res = reauthenticate(json!({"password": PASSWORD, "code": code})).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    never.push(code);
+    let fresh = Tokens::from_body(res.json().await.unwrap());
+    let removal = json!({"password": PASSWORD, "recovery_code": codes[1]});
+    let res = app
+        .call(
+            Method::DELETE,
+            "/me/mfa/totp",
+            &fresh.access,
+            Some(&removal),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+
+    // An admin's reset of another user's.
+    let (other, other_secret, ..) = with_totp(&app).await;
+    never.push(base32_encode(&other_secret));
+    let path = format!("/admin/users/{}/mfa", app.user_id(&other).await);
+    let res = app.call(Method::DELETE, &path, &admin.access, None).await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+
+    let mut db = app.db().await;
+    let rows: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT kind, CAST(detail AS TEXT) FROM audit_events ORDER BY id")
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+    for kind in [
+        "mfa_enrollment_started",
+        "mfa_enabled",
+        "mfa_code_failed",
+        "mfa_recovery_code_used",
+        "step_up_failed",
+        "step_up_passed",
+        "mfa_disabled",
+        "mfa_reset_by_admin",
+    ] {
+        assert!(rows.iter().any(|(k, _)| k == kind), "{kind} in {rows:?}");
+    }
+    let used: Value = rows
+        .iter()
+        .find(|(k, _)| k == "mfa_recovery_code_used")
+        .and_then(|(_, d)| serde_json::from_str(d.as_deref()?).ok())
+        .unwrap();
+    assert_eq!(used["remaining"], 9, "{used}");
+    for (kind, detail) in &rows {
+        let detail = detail.as_deref().unwrap_or_default().to_ascii_uppercase();
+        for secret in &never {
+            assert!(
+                !detail.contains(&secret.to_ascii_uppercase()),
+                "{kind} row holds a secret or a code: {detail}"
+            );
+        }
+    }
+}
