@@ -138,7 +138,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let app = Application::build(settings.clone()).await?;
             tracing::info!(address = %format!("{}:{}", settings.server.host, app.port()), "tessera listening");
-            app.run_until_stopped().await?;
+            app.run_until_signalled().await?;
         }
         Command::Migrate { dry_run } => migrate(settings, dry_run).await?,
         Command::User {

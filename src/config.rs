@@ -48,6 +48,10 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<String>,
     pub workers: usize,
     pub cors_allowed_origins: Vec<String>,
+    /// After SIGTERM: how long readiness answers 503 while requests are still served.
+    pub shutdown_delay_secs: u64,
+    /// Then: how long in-flight requests get to finish once the listener is closed.
+    pub shutdown_timeout_secs: u64,
 }
 
 /// Browser sessions (`[cookies]`).

@@ -10,7 +10,7 @@ use actix_cors::Cors;
 use actix_web::dev::{Server, Service, ServiceResponse};
 use actix_web::http::{StatusCode, header};
 use actix_web::middleware::{DefaultHeaders, ErrorHandlerResponse, ErrorHandlers};
-use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
+use actix_web::{App, HttpMessage, HttpResponse, HttpServer, ResponseError, web};
 use anyhow::Context;
 use tracing::Instrument;
 
@@ -23,7 +23,7 @@ use crate::email::Mailer;
 use crate::email::templates::Templates;
 use crate::error::ApiError;
 use crate::http::cookies::BrowserSessions;
-use crate::http::extract::IpRange;
+use crate::http::extract::{IpRange, RequestId};
 use crate::http::token::IntrospectionClients;
 use crate::http::{admin, auth, email, health, mfa, sessions, token, users, well_known};
 use crate::outbox::Outbox;
@@ -180,6 +180,7 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    shutdown_delay: Duration,
 }
 
 impl Application {
@@ -234,6 +235,8 @@ impl Application {
         let reload_every = Duration::from_secs(settings.keys.reload_secs.max(1));
         let cors_origins = settings.server.cors_allowed_origins.clone();
         let cleanup_every = Duration::from_secs(settings.cleanup.interval_secs);
+        let shutdown_timeout_secs = settings.server.shutdown_timeout_secs;
+        let shutdown_delay = Duration::from_secs(settings.server.shutdown_delay_secs);
 
         let sender = Sender::new(
             &store,
@@ -257,11 +260,14 @@ impl Application {
             trusted_proxies,
             introspection_clients,
             browser,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let app_state = state.clone();
         let activity = state.auth.hasher.activity();
+        let proxies = state.trusted_proxies.clone();
         let server = HttpServer::new(move || {
             let activity = activity.clone();
+            let proxies = proxies.clone();
             App::new()
                 .app_data(app_state.clone())
                 .configure(routes)
@@ -284,7 +290,13 @@ impl Application {
                             | ("POST", "/password/reset")
                     );
                     let busy = (!hashing).then(|| activity.enter());
-                    let request_id = uuid::Uuid::new_v4();
+                    let request_id = RequestId::of(
+                        req.peer_addr().map(|a| a.ip()),
+                        req.headers().get("x-request-id"),
+                        &proxies,
+                    );
+                    req.extensions_mut().insert(request_id.clone());
+                    let request_id = request_id.0;
                     let path: String = req.path().chars().take(200).collect();
                     let span =
                         tracing::info_span!("request", %request_id, method = %req.method(), %path);
@@ -299,7 +311,7 @@ impl Application {
                             elapsed_us = started.elapsed().as_micros() as u64,
                             "request"
                         );
-                        if let Ok(v) = header::HeaderValue::from_str(&request_id.to_string()) {
+                        if let Ok(v) = header::HeaderValue::from_str(&request_id) {
                             res.headers_mut()
                                 .insert(header::HeaderName::from_static("x-request-id"), v);
                         }
@@ -309,7 +321,9 @@ impl Application {
                 })
         })
         .workers(workers)
-        .shutdown_timeout(10)
+        // SIGTERM and Ctrl-C are ours (see `run_until_stopped`): readiness first.
+        .disable_signals()
+        .shutdown_timeout(shutdown_timeout_secs)
         .listen(listener)?
         .run();
 
@@ -325,6 +339,7 @@ impl Application {
             port,
             server,
             state,
+            shutdown_delay,
         })
     }
 
@@ -341,8 +356,60 @@ impl Application {
         self.server.handle()
     }
 
+    /// Serves until stopped through [`Application::handle`] (tests).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
+    }
+
+    /// `tessera serve`: serves until SIGTERM or Ctrl-C, then readiness turns 503 at
+    /// once, requests are still served for `server.shutdown_delay_secs` (a load balancer
+    /// notices and sends no more), the listener closes, and requests in flight get
+    /// `server.shutdown_timeout_secs` to finish.
+    pub async fn run_until_signalled(self) -> std::io::Result<()> {
+        let Application {
+            server,
+            state,
+            shutdown_delay,
+            ..
+        } = self;
+        let handle = server.handle();
+        tokio::pin!(server);
+        tokio::select! {
+            stopped = &mut server => return stopped,
+            signal = shutdown_signal() => signal?,
+        }
+        state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            delay_secs = shutdown_delay.as_secs(),
+            "shutting down: readiness is 503; still serving for the delay"
+        );
+        tokio::select! {
+            stopped = &mut server => return stopped,
+            () = tokio::time::sleep(shutdown_delay) => {}
+        }
+        tracing::info!("shutting down: listener closed, finishing requests in flight");
+        // The server future handles the stop command: poll both.
+        let ((), stopped) = tokio::join!(handle.stop(true), server);
+        tracing::info!("stopped");
+        stopped
+    }
+}
+
+/// SIGTERM (what orchestrators send) or Ctrl-C.
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => Ok(()),
+            ctrl_c = tokio::signal::ctrl_c() => ctrl_c,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
     }
 }
 

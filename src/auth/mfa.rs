@@ -166,7 +166,11 @@ impl AuthService {
 
     /// `POST /me/mfa/totp`: a new secret for the caller, not enforced until confirmed.
     /// 409 when TOTP is already on (remove it first).
-    pub async fn start_totp(&self, claims: &Claims) -> Result<Enrollment, ApiError> {
+    pub async fn start_totp(
+        &self,
+        claims: &Claims,
+        client: &ClientInfo,
+    ) -> Result<Enrollment, ApiError> {
         let user = self.current_user(claims.sub).await?;
         let account = user.email.clone().ok_or(ApiError::Conflict)?;
         let secret: [u8; 20] = rand_bytes();
@@ -185,7 +189,7 @@ impl AuthService {
             AuditKind::MfaEnrollmentStarted,
             Some(user.id),
             Some(claims.sid),
-            &ClientInfo::default(),
+            client,
             json!({}),
         )
         .await;

@@ -182,6 +182,7 @@ mod tests {
         ClientInfo {
             ip: Some(ip.into()),
             user_agent: Some(ua.into()),
+            request_id: None,
         }
     }
 

@@ -265,8 +265,39 @@ pub(crate) fn bearer_token(req: &HttpRequest) -> Option<String> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
 }
 
-/// Who is calling: client IP (trusting `X-Forwarded-For` only from configured proxies)
-/// and User-Agent.
+/// The request's id: a well-formed `X-Request-Id` from a trusted proxy, else a new
+/// UUID. Echoed in the response, in the request's log span and in the audit rows it
+/// writes.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Longest `X-Request-Id` taken from a proxy.
+const REQUEST_ID_MAX: usize = 128;
+
+impl RequestId {
+    /// `header` is taken only from a peer in `trusted`, and only if it is 1 to 128
+    /// characters of letters, digits and `-_.:/+=@` (so it cannot forge log lines or
+    /// carry anything large); otherwise a new UUID.
+    pub fn of(
+        peer: Option<IpAddr>,
+        header: Option<&header::HeaderValue>,
+        trusted: &[IpRange],
+    ) -> Self {
+        let from_proxy = peer.is_some_and(|ip| trusted.iter().any(|r| r.contains(&ip)));
+        let given = header
+            .filter(|_| from_proxy)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                (1..=REQUEST_ID_MAX).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+            });
+        RequestId(given.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned))
+    }
+}
+
+/// Who is calling: client IP (trusting `X-Forwarded-For` only from configured proxies),
+/// User-Agent, and the request's id.
 pub struct Caller {
     pub ip: IpAddr,
     pub info: ClientInfo,
@@ -295,6 +326,7 @@ impl FromRequest for Caller {
             info: ClientInfo {
                 ip: Some(ip.to_string()),
                 user_agent,
+                request_id: req.extensions().get::<RequestId>().map(|r| r.0.clone()),
             },
         }))
     }

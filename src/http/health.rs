@@ -14,6 +14,16 @@ pub async fn live() -> HttpResponse {
 }
 
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        // Shutting down: requests are still served, but send no new ones here.
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header((actix_web::http::header::RETRY_AFTER, "30"))
+            .json(json!({
+                "error": "temporarily_unavailable",
+                "error_description": "this instance is shutting down",
+                "status": "draining",
+            })));
+    }
     let (db, marks) = tokio::join!(state.auth.store.ping(), state.auth.revocations.health());
     db?;
     let database = state.auth.store.name();

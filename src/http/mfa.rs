@@ -16,9 +16,10 @@ use crate::error::ApiError;
 
 pub async fn enroll(
     state: web::Data<AppState>,
+    caller: Caller,
     Authenticated(claims): Authenticated,
 ) -> Result<HttpResponse, ApiError> {
-    let enrollment = state.auth.start_totp(&claims).await?;
+    let enrollment = state.auth.start_totp(&claims, &caller.info).await?;
     Ok(no_store(HttpResponse::Ok()).json(json!({
         "secret": enrollment.secret,
         "otpauth_uri": enrollment.otpauth_uri,

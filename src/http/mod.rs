@@ -27,6 +27,8 @@ pub struct AppState {
     pub introspection_clients: token::IntrospectionClients,
     /// Cookie delivery for browsers: cookie policy and CSRF key.
     pub browser: cookies::BrowserSessions,
+    /// Set on SIGTERM: readiness answers 503 while the server drains.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// The contract's user object.

@@ -306,6 +306,8 @@ pub struct Credentials {
 pub struct ClientInfo {
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    /// The request's id (`X-Request-Id`), stored with the audit rows it writes.
+    pub request_id: Option<String>,
 }
 
 /// `POST /me/reauthenticate` ([`Store::reauthenticate_session`]).
@@ -556,6 +558,8 @@ pub struct AuditRecord {
     pub ip: Option<String>,
     pub user_agent: Option<String>,
     pub detail: serde_json::Value,
+    /// The `X-Request-Id` of the request that wrote it.
+    pub request_id: Option<String>,
 }
 
 /// A page of the audit trail, newest first.

@@ -117,6 +117,7 @@ pub async fn bare_refresh(
     let client = Arc::new(ClientInfo {
         ip: Some("127.0.0.1".to_owned()),
         user_agent: Some("tessera-bench".to_owned()),
+        request_id: None,
     });
     let start = Instant::now();
     let mut tasks = Vec::new();

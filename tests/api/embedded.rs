@@ -37,16 +37,7 @@ fn zero_config(dir: &Path) -> (Child, PathBuf) {
 }
 
 async fn address(log: &Path) -> String {
-    let mut address = None;
-    eventually("the server logs its address", || {
-        address = json_log(log)
-            .into_iter()
-            .find(|l| l["message"] == "tessera listening")
-            .and_then(|l| l["address"].as_str().map(String::from));
-        std::future::ready(address.is_some())
-    })
-    .await;
-    format!("http://{}", address.unwrap())
+    listening_at(log).await
 }
 
 async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
@@ -175,6 +166,15 @@ async fn with_no_configuration_the_server_runs_embedded_in_data_alone_and_loses_
 }
 
 /// Settings for a server on SQLite (whatever this run's backend), in a fresh directory.
+/// The request ids of the audit rows, oldest first.
+async fn audit_request_ids(app: &TestApp) -> Vec<Option<String>> {
+    let mut db = app.db().await;
+    sqlx::query_scalar("SELECT request_id FROM audit_events ORDER BY id")
+        .fetch_all(&mut db)
+        .await
+        .unwrap()
+}
+
 fn on_sqlite() -> tessera::config::Settings {
     let mut settings = test_settings();
     let dir = scratch_dir("backup");
@@ -357,6 +357,12 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
     // A user with a second factor keeps it (the secret sealed, the recovery codes).
     let (guarded, secret, recovery, _) = crate::mfa::with_totp(&app).await;
     let audited = app.audit_kinds().await.len();
+    // Every row a request wrote has its id (the user migration's, by the CLI, has none).
+    let request_ids = audit_request_ids(&app).await;
+    assert!(
+        request_ids.iter().filter(|id| id.is_none()).count() <= 1,
+        "{request_ids:?}"
+    );
 
     let run = std::env::var("TESSERA_TEST_RUN").unwrap_or_else(|_| "r0".into());
     let target = format!(
@@ -461,6 +467,7 @@ async fn tessera_copy_moves_everything_to_postgres_and_redis_with_every_user_sti
         audited,
         kinds.len()
     );
+    assert_eq!(audit_request_ids(&app).await[..audited], request_ids[..]);
 
     // The second factor came along: a code from the same secret, and a recovery code.
     let mfa_token = crate::mfa::login_step_one(&app, &guarded).await;

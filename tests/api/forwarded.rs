@@ -110,3 +110,94 @@ async fn a_flood_of_distinct_addresses_and_emails_keeps_the_throttle_tables_boun
     );
     assert!(largest.0 <= 300 && largest.1 <= 300, "bounded: {largest:?}");
 }
+
+/// A login and a refresh sent with `X-Request-Id: id`: the id each answer echoes.
+async fn login_and_refresh_as(app: &TestApp, email: &str, id: &str) -> (String, String) {
+    let echoed =
+        |res: &reqwest::Response| res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let res = app
+        .client
+        .post(app.url("/login"))
+        .header("x-request-id", id)
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let login = echoed(&res);
+    let tokens = Tokens::from_body(res.json().await.unwrap());
+    let res = app
+        .client
+        .post(app.url("/refresh"))
+        .header("x-request-id", id)
+        .json(&json!({"refresh_token": tokens.refresh}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    (login, echoed(&res))
+}
+
+/// The request ids of the audit rows of `kind`, oldest first.
+async fn audited_ids(app: &TestApp, kind: &str) -> Vec<Option<String>> {
+    let mut db = app.db().await;
+    sqlx::query_scalar("SELECT request_id FROM audit_events WHERE kind = $1 ORDER BY id")
+        .bind(kind)
+        .fetch_all(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_request_id_links_the_answer_and_the_audit_rows() {
+    let app = spawn_app_with(behind_proxy()).await;
+    let email = app.new_user().await;
+    let (login, refresh) = login_and_refresh_as(&app, &email, "lb-7f3a.42:edge/1").await;
+    assert_eq!(
+        (login.as_str(), refresh.as_str()),
+        ("lb-7f3a.42:edge/1", "lb-7f3a.42:edge/1")
+    );
+    assert_eq!(
+        audited_ids(&app, "login_succeeded").await,
+        [Some("lb-7f3a.42:edge/1".to_owned())]
+    );
+    // The refresh row is written by the rotation's own statement.
+    assert_eq!(
+        audited_ids(&app, "refresh").await,
+        [Some("lb-7f3a.42:edge/1".to_owned())]
+    );
+    // Malformed ids (spaces, too long) are replaced by new ones.
+    for bad in ["two words", &"x".repeat(129)] {
+        let (login, _) = login_and_refresh_as(&app, &email, bad).await;
+        assert!(uuid::Uuid::parse_str(&login).is_ok(), "{login}");
+        let ids = audited_ids(&app, "login_succeeded").await;
+        assert_eq!(ids.last().unwrap().as_deref(), Some(login.as_str()));
+    }
+    // GET /admin/audit shows them.
+    let admin = app.admin().await;
+    let events: serde_json::Value = app
+        .call(reqwest::Method::GET, "/admin/audit", &admin.access, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["request_id"] == "lb-7f3a.42:edge/1"),
+        "{events}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_id_from_a_peer_that_is_not_a_trusted_proxy_is_not_taken() {
+    let app = spawn_app().await;
+    let email = app.new_user().await;
+    let (login, refresh) = login_and_refresh_as(&app, &email, "forged-id").await;
+    assert!(uuid::Uuid::parse_str(&login).is_ok(), "{login}");
+    assert_ne!(login, refresh, "each request its own id");
+    assert_eq!(audited_ids(&app, "login_succeeded").await, [Some(login)]);
+    assert_eq!(audited_ids(&app, "refresh").await, [Some(refresh)]);
+}

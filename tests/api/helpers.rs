@@ -715,6 +715,20 @@ pub fn server_binary(settings: &Settings) -> (std::process::Command, PathBuf) {
     (cmd, log_path)
 }
 
+/// The base URL a server started with [`server_binary`] logs that it listens on.
+pub async fn listening_at(log_path: &std::path::Path) -> String {
+    let mut address = None;
+    eventually("the server logs its address", || {
+        address = json_log(log_path)
+            .into_iter()
+            .find(|l| l["message"] == "tessera listening")
+            .and_then(|l| l["address"].as_str().map(String::from));
+        std::future::ready(address.is_some())
+    })
+    .await;
+    format!("http://{}", address.unwrap())
+}
+
 /// The JSON lines of a log written by [`server_binary`] so far.
 pub fn json_log(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)

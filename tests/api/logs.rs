@@ -22,16 +22,7 @@ async fn nothing_sensitive_is_logged_even_at_debug_level() {
         .spawn()
         .unwrap();
 
-    let mut address = None;
-    eventually("the server logs its address", || {
-        address = json_log(&log_path)
-            .into_iter()
-            .find(|l| l["message"] == "tessera listening")
-            .and_then(|l| l["address"].as_str().map(String::from));
-        std::future::ready(address.is_some())
-    })
-    .await;
-    let base = format!("http://{}", address.unwrap());
+    let base = listening_at(&log_path).await;
     let client = reqwest::Client::new();
     let post = |path: &str, body: Value| client.post(format!("{base}{path}")).json(&body).send();
 

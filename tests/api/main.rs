@@ -42,6 +42,7 @@ mod role_lifetimes;
 mod scripts;
 mod sessions;
 mod shared_throttle;
+mod shutdown;
 mod smtp;
 mod step_up;
 mod storage;

@@ -137,13 +137,14 @@ pub async fn audit_events(conn: &mut PgConnection, rows: &[AuditRecord]) -> anyh
     let text = |f: fn(&AuditRecord) -> &Option<String>| col(rows, |r| f(r).clone());
     sqlx::query!(
         r#"INSERT INTO audit_events (id, occurred_at, kind, user_id, session_id, actor_id,
-                                     ip, user_agent, detail)
+                                     ip, user_agent, detail, request_id)
            SELECT t.id, t.occurred_at, t.kind, t.user_id, t.session_id, t.actor_id, t.ip,
-                  t.user_agent, t.detail::jsonb
+                  t.user_agent, t.detail::jsonb, t.request_id
            FROM UNNEST($1::int8[], $2::timestamptz[], $3::text[], $4::uuid[],
-                       $5::uuid[], $6::uuid[], $7::text[], $8::text[], $9::text[])
+                       $5::uuid[], $6::uuid[], $7::text[], $8::text[], $9::text[],
+                       $10::text[])
                 AS t(id, occurred_at, kind, user_id, session_id, actor_id, ip,
-                     user_agent, detail)"#,
+                     user_agent, detail, request_id)"#,
         &col(rows, |r| r.id),
         &col(rows, |r| r.occurred_at),
         &col(rows, |r| r.kind.clone()),
@@ -153,6 +154,7 @@ pub async fn audit_events(conn: &mut PgConnection, rows: &[AuditRecord]) -> anyh
         &text(|r| &r.ip) as _,
         &text(|r| &r.user_agent) as _,
         &col(rows, |r| r.detail.to_string()),
+        &text(|r| &r.request_id) as _,
     )
     .execute(&mut *conn)
     .await?;

@@ -593,8 +593,9 @@ impl Store for PgStore {
                      AND old.token_hash <> $1
                      AND old.rotated_at < now() - make_interval(secs => $8::float8)
                ), audited AS (
-                   INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent)
-                   SELECT $7, user_id, session_id, $5, $6 FROM rotated WHERE $9::bool
+                   INSERT INTO audit_events (kind, user_id, session_id, ip, user_agent,
+                                             request_id)
+                   SELECT $7, user_id, session_id, $5, $6, $13 FROM rotated WHERE $9::bool
                )
                SELECT session_id AS "session_id!", user_id AS "user_id!",
                       expires_at AS "expires_at!", roles AS "roles!",
@@ -614,6 +615,7 @@ impl Store for PgStore {
             r.bind_user_agent,
             r.idle_by_role,
             r.absolute_by_role,
+            r.client.request_id.as_deref(),
         )
         .fetch_optional(&self.pool)
         .await
@@ -1547,6 +1549,7 @@ impl Store for PgStore {
             .map(|r| ClientInfo {
                 ip: r.ip,
                 user_agent: r.user_agent,
+                request_id: None,
             })
             .collect())
     }
@@ -1560,7 +1563,7 @@ impl Store for PgStore {
         let rows = sqlx::query_as!(
             AuditRecord,
             r#"SELECT id, occurred_at, kind, user_id, session_id, actor_id, ip, user_agent,
-                      detail
+                      detail, request_id
                FROM audit_events
                WHERE ($1::uuid IS NULL OR user_id = $1 OR actor_id = $1)
                  AND ($2::int8 IS NULL OR id < $2)
@@ -1737,11 +1740,15 @@ impl Store for PgStore {
 }
 
 async fn insert_audit(conn: &mut sqlx::PgConnection, e: &AuditEvent<'_>) -> StoreResult<()> {
-    let ClientInfo { ip, user_agent } = e.client;
+    let ClientInfo {
+        ip,
+        user_agent,
+        request_id,
+    } = e.client;
     sqlx::query!(
         r#"INSERT INTO audit_events (kind, user_id, session_id, actor_id, ip, user_agent,
-                                     detail)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
+                                     detail, request_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#,
         e.kind.as_str(),
         e.user_id.map(|u| u.0),
         e.session_id.map(|s| s.0),
@@ -1749,6 +1756,7 @@ async fn insert_audit(conn: &mut sqlx::PgConnection, e: &AuditEvent<'_>) -> Stor
         ip.as_deref(),
         user_agent.as_deref(),
         &e.detail,
+        request_id.as_deref(),
     )
     .execute(conn)
     .await

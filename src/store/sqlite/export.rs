@@ -141,7 +141,7 @@ pub async fn audit_events(
 ) -> anyhow::Result<Vec<AuditRecord>> {
     let rows = sqlx::query!(
         r#"SELECT id AS "id!", occurred_at, kind, user_id, session_id, actor_id, ip,
-                  user_agent, detail
+                  user_agent, detail, request_id
            FROM audit_events WHERE id > ?1 ORDER BY id LIMIT ?2"#,
         after,
         limit,

@@ -35,6 +35,7 @@ macro_rules! audit_record {
             ip: r.ip,
             user_agent: r.user_agent,
             detail: serde_json::from_str(&r.detail).unwrap_or_default(),
+            request_id: r.request_id,
         })
     }};
 }
@@ -873,6 +874,7 @@ impl Store for SqliteStore {
         let (bind, bound_agent) = (r.bind_user_agent, r.client.user_agent.clone());
         let (idle_by_role, absolute_by_role) =
             (r.idle_by_role.to_owned(), r.absolute_by_role.to_owned());
+        let request_id = r.client.request_id.clone();
         let (row, now) = self
             .writer
             .write(Box::new(move |conn| {
@@ -909,8 +911,8 @@ impl Store for SqliteStore {
                                            WHERE token_hash = ? AND successor_hash = ?)
                          AND token_hash <> ? AND rotated_at < ?;
                        INSERT INTO audit_events (occurred_at, kind, user_id, session_id, ip,
-                                                 user_agent)
-                       SELECT ?, ?, s.user_id, s.id, ?, ?
+                                                 user_agent, request_id)
+                       SELECT ?, ?, s.user_id, s.id, ?, ?, ?
                        FROM refresh_tokens rt JOIN sessions s ON s.id = rt.session_id
                        WHERE ? AND rt.token_hash = ? AND rt.successor_hash = ?;
                        SELECT rt.session_id, s.user_id, s.expires_at, s.remember_me, u.roles,
@@ -955,6 +957,7 @@ impl Store for SqliteStore {
                         kind,
                         ip,
                         user_agent,
+                        request_id,
                         audit,
                         &token,
                         &successor,
@@ -2137,6 +2140,7 @@ impl Store for SqliteStore {
             .map(|r| ClientInfo {
                 ip: r.ip,
                 user_agent: r.user_agent,
+                request_id: None,
             })
             .collect())
     }
@@ -2150,7 +2154,7 @@ impl Store for SqliteStore {
         let user = q.user.map(|u| u.0.to_string());
         let rows = sqlx::query!(
             r#"SELECT id AS "id!", occurred_at, kind, user_id, session_id, actor_id, ip,
-                      user_agent, detail
+                      user_agent, detail, request_id
                FROM audit_events
                WHERE (?1 IS NULL OR user_id = ?1 OR actor_id = ?1)
                  AND (?2 IS NULL OR id < ?2)
@@ -2269,6 +2273,7 @@ struct OwnedAudit {
     ip: Option<String>,
     user_agent: Option<String>,
     detail: String,
+    request_id: Option<String>,
 }
 
 impl OwnedAudit {
@@ -2281,6 +2286,7 @@ impl OwnedAudit {
             ip: e.client.ip.clone(),
             user_agent: e.client.user_agent.clone(),
             detail: e.detail.to_string(),
+            request_id: e.client.request_id.clone(),
         }
     }
 
@@ -2288,8 +2294,8 @@ impl OwnedAudit {
         let now = now_us();
         sqlx::query!(
             r#"INSERT INTO audit_events (occurred_at, kind, user_id, session_id, actor_id, ip,
-                                         user_agent, detail)
-               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"#,
+                                         user_agent, detail, request_id)
+               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"#,
             now,
             self.kind,
             self.user,
@@ -2298,6 +2304,7 @@ impl OwnedAudit {
             self.ip,
             self.user_agent,
             self.detail,
+            self.request_id,
         )
         .execute(conn)
         .await?;
