@@ -125,8 +125,14 @@ pub enum UserCommand {
 pub enum KeysCommand {
     /// Create a signing key if there is no active one for tokens.algorithm.
     Generate,
-    /// Create a new signing key; the old one keeps verifying until its tokens expire.
-    Rotate,
+    /// Publish a new signing key; it signs from keys.publish_ahead_secs from now, when
+    /// the old one retires (it keeps verifying until its tokens expire).
+    Rotate {
+        /// Sign with the new key at once (a leaked key): verifiers refetch the JWKS on
+        /// the unknown kid.
+        #[arg(long)]
+        now: bool,
+    },
     /// List keys and their status.
     List,
 }
@@ -200,18 +206,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         settings.tokens.algorithm
                     ),
                 },
-                KeysCommand::Rotate => {
-                    let kid = store.rotate()?;
+                KeysCommand::Rotate { now } => {
+                    let kid = if now {
+                        store.rotate_now()?
+                    } else {
+                        store.rotate()?
+                    };
+                    let from = store
+                        .list()?
+                        .into_iter()
+                        .find(|k| k.kid == kid)
+                        .map(|k| k.active_from.to_rfc3339())
+                        .unwrap_or_default();
                     println!(
-                        "new signing key {kid} in {dir}; running servers whose keys.dir is \
-                         {dir} pick it up within keys.reload_secs"
+                        "new signing key {kid} in {dir}, published now, signing from {from}; \
+                         running servers whose keys.dir is {dir} pick it up within \
+                         keys.reload_secs"
                     );
                 }
                 KeysCommand::List => {
                     println!("keys.dir: {dir}");
                     println!(
-                        "{:<32} {:<6} {:<12} {:<25} retired",
-                        "kid", "alg", "status", "created"
+                        "{:<32} {:<6} {:<9} {:<32} {:<32} retires",
+                        "kid", "alg", "status", "created", "signs from"
                     );
                     for k in store.list()? {
                         let retired = k
@@ -219,11 +236,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             .map(|t| t.to_rfc3339())
                             .unwrap_or_else(|| "-".into());
                         println!(
-                            "{:<32} {:<6} {:<12} {:<25} {retired}",
+                            "{:<32} {:<6} {:<9} {:<32} {:<32} {retired}",
                             k.kid,
                             k.alg,
                             k.status,
-                            k.created_at.to_rfc3339()
+                            k.created_at.to_rfc3339(),
+                            k.active_from.to_rfc3339()
                         );
                     }
                 }

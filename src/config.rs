@@ -186,6 +186,10 @@ pub struct KeySettings {
     pub dir: PathBuf,
     pub reload_secs: u64,
     pub jwks_max_age_secs: u64,
+    /// How long a rotated-in key is published before it signs.
+    pub publish_ahead_secs: u64,
+    /// Scheduled rotation (0: off).
+    pub rotate_every_days: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

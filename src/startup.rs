@@ -192,6 +192,17 @@ impl Application {
         let store = backend.connect_lazy(&settings.database)?;
         let (revocations, failures) = revocations_and_budgets(&settings, &store).await?;
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
+        let k = &settings.keys;
+        if k.publish_ahead_secs < k.jwks_max_age_secs + k.reload_secs {
+            tracing::warn!(
+                publish_ahead_secs = k.publish_ahead_secs,
+                "keys.publish_ahead_secs is below keys.jwks_max_age_secs + keys.reload_secs: \
+                 after a rotation a verifier with a cached JWKS may meet the new kid before \
+                 it refetches"
+            );
+        }
+        let rotate_every =
+            (k.rotate_every_days > 0).then(|| Duration::from_secs(k.rotate_every_days * 86_400));
         let tokens = AccessTokens::new(keys.clone(), &settings.tokens)
             .remembering(settings.cache.verified_tokens);
         let hasher = PasswordHasherPool::new(&settings.password)?;
@@ -327,7 +338,12 @@ impl Application {
         .listen(listener)?
         .run();
 
-        spawn_periodic(Arc::downgrade(&keys), reload_every, |k| k.reload());
+        spawn_periodic(Arc::downgrade(&keys), reload_every, move |k| {
+            if let Some(every) = rotate_every {
+                k.rotate_if_due(every);
+            }
+            k.reload()
+        });
         let shared = state.clone().into_inner();
         spawn_periodic(Arc::downgrade(&shared), Duration::from_secs(60), |s| {
             s.auth.throttle.purge()

@@ -2,10 +2,16 @@
 //!
 //! Each key is one JSON file (`<kid>.json`, mode 0600) holding its algorithm, creation
 //! and retirement times and the private key (PKCS#8 / PKCS#1 DER, or the HMAC secret).
-//! The active key is the newest unretired key of the configured algorithm. `rotate`
-//! adds a key and retires the old one; a retired key keeps verifying, and stays in the
-//! JWKS, until every token it can have signed has expired (`retention`), so a rotation
-//! never logs anyone out. Files are only ever added or rewritten whole (write to a
+//! The active key is the newest key of the configured algorithm that is active by now
+//! (`active_from`) and not retired by now. `rotate` publishes a new key ahead
+//! (`keys.publish_ahead_secs`): it is in the JWKS at once but signs only from
+//! `active_from`, the moment the old one retires, so a verifier that cached the JWKS
+//! just before the rotation has it too before it meets its first token (the timeline:
+//! next → active → retiring → gone). Every instance switches by the clock at its next
+//! reload, with no coordination. A retired key keeps verifying, and stays in the JWKS,
+//! until every token it can have signed has expired (`retention`), so a rotation never
+//! logs anyone out. `rotate_now` (`tessera keys rotate --now`, for a leaked key) skips
+//! the wait. Files are only ever added or rewritten whole (write to a
 //! temporary file, then rename), so a server rereading the directory never sees half a key.
 
 use std::collections::HashMap;
@@ -51,6 +57,9 @@ struct KeyFile {
     alg: String,
     created_at: DateTime<Utc>,
     retired_at: Option<DateTime<Utc>>,
+    /// When it starts signing (`None`: from `created_at`; keys from before publish-ahead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    active_from: Option<DateTime<Utc>>,
     /// Base64 of the private key DER (or the HMAC secret).
     private_key: String,
 }
@@ -162,8 +171,17 @@ pub struct KeyInfo {
     pub kid: String,
     pub alg: String,
     pub created_at: DateTime<Utc>,
+    pub active_from: DateTime<Utc>,
     pub retired_at: Option<DateTime<Utc>>,
+    /// `next` (published, not signing yet), `active`, `retiring` (verifying only) or
+    /// `gone` (past retention: out of the JWKS, deleted at the next rotation).
     pub status: &'static str,
+}
+
+impl KeyFile {
+    fn activation(&self) -> DateTime<Utc> {
+        self.active_from.unwrap_or(self.created_at)
+    }
 }
 
 /// The key directory.
@@ -174,6 +192,8 @@ pub struct KeyStore {
     /// How long a retired key keeps verifying: access token lifetime, clock leeway and
     /// the servers' reload interval (a server may sign with the old key until it rereads).
     retention: Duration,
+    /// How long before it signs a rotated-in key is published (`keys.publish_ahead_secs`).
+    publish_ahead: Duration,
 }
 
 impl KeyStore {
@@ -182,7 +202,14 @@ impl KeyStore {
             dir: dir.to_owned(),
             alg,
             retention,
+            publish_ahead: Duration::ZERO,
         }
+    }
+
+    /// Rotations publish the new key `ahead` before it signs.
+    pub fn publishing_ahead(mut self, ahead: Duration) -> Self {
+        self.publish_ahead = ahead;
+        self
     }
 
     pub fn from_settings(settings: &crate::config::Settings) -> anyhow::Result<Self> {
@@ -192,24 +219,40 @@ impl KeyStore {
             &settings.keys.dir,
             KeyAlgorithm::parse(&t.algorithm)?,
             Duration::from_secs(retention),
-        ))
+        )
+        .publishing_ahead(Duration::from_secs(settings.keys.publish_ahead_secs)))
     }
 
     /// Makes sure an active key of the configured algorithm exists; creates one (and
     /// retires keys of other algorithms) if not. Returns the new kid, if one was made.
     pub fn ensure_active(&self) -> anyhow::Result<Option<String>> {
         let files = self.read_files()?;
-        if self.active_of(&files).is_some() {
+        if self.active_of(&files, Utc::now()).is_some() {
             return Ok(None);
         }
-        self.rotate().map(Some)
+        // Nothing signs now (a first start, or another algorithm): no verifier can
+        // have cached anything to wait for.
+        self.rotate_now().map(Some)
     }
 
-    /// Adds a new signing key and retires every other unretired key.
+    /// Publishes a new signing key that signs from `keys.publish_ahead_secs` from now,
+    /// when the keys signing until then retire. Returns its kid.
     pub fn rotate(&self) -> anyhow::Result<String> {
+        self.rotate_at(Utc::now() + chrono::Duration::from_std(self.publish_ahead)?)
+    }
+
+    /// A new signing key that signs at once (a leaked key must stop signing now; a
+    /// verifier with a cached JWKS refetches on the unknown kid).
+    pub fn rotate_now(&self) -> anyhow::Result<String> {
+        self.rotate_at(Utc::now())
+    }
+
+    /// The new key signs from `activation`; every key not retired yet retires then.
+    fn rotate_at(&self, activation: DateTime<Utc>) -> anyhow::Result<String> {
         self.create_dir()?;
         let now = Utc::now();
-        let new = generate(self.alg, now)?;
+        let mut new = generate(self.alg, now)?;
+        new.active_from = (activation > now).then_some(activation);
         // The new key is written before the old ones are retired, so a reader never
         // finds no active key.
         self.write_file(&new)?;
@@ -217,8 +260,8 @@ impl KeyStore {
             if file.kid == new.kid {
                 continue;
             }
-            if file.retired_at.is_none() {
-                file.retired_at = Some(now);
+            if file.retired_at.is_none_or(|at| at > activation) {
+                file.retired_at = Some(activation);
                 self.write_file(&file)?;
             } else if self.expired(&file, now) {
                 fs::remove_file(&path)
@@ -231,20 +274,23 @@ impl KeyStore {
     pub fn list(&self) -> anyhow::Result<Vec<KeyInfo>> {
         let now = Utc::now();
         let files = self.read_files()?;
-        let active = self.active_of(&files).map(|f| f.kid.clone());
+        let active = self.active_of(&files, now).map(|f| f.kid.clone());
         let mut out: Vec<KeyInfo> = files
             .iter()
             .map(|f| KeyInfo {
                 kid: f.kid.clone(),
                 alg: f.alg.clone(),
                 created_at: f.created_at,
+                active_from: f.activation(),
                 retired_at: f.retired_at,
                 status: if Some(&f.kid) == active.as_ref() {
                     "active"
                 } else if self.expired(f, now) {
-                    "expired"
+                    "gone"
+                } else if f.activation() > now && f.retired_at.is_none_or(|at| at > now) {
+                    "next"
                 } else {
-                    "verify-only"
+                    "retiring"
                 },
             })
             .collect();
@@ -257,7 +303,7 @@ impl KeyStore {
         let now = Utc::now();
         let files = self.read_files()?;
         let active_kid = self
-            .active_of(&files)
+            .active_of(&files, now)
             .map(|f| f.kid.clone())
             .with_context(|| {
                 format!(
@@ -289,11 +335,34 @@ impl KeyStore {
         })
     }
 
-    fn active_of<'a>(&self, files: &'a [KeyFile]) -> Option<&'a KeyFile> {
+    /// The key that signs at `now`: of the configured algorithm, active by then and not
+    /// retired by then; the newest such.
+    fn active_of<'a>(&self, files: &'a [KeyFile], now: DateTime<Utc>) -> Option<&'a KeyFile> {
         files
             .iter()
-            .filter(|f| f.retired_at.is_none() && f.alg == self.alg.as_str())
-            .max_by_key(|f| f.created_at)
+            .filter(|f| f.alg == self.alg.as_str())
+            .filter(|f| f.activation() <= now && f.retired_at.is_none_or(|at| at > now))
+            .max_by_key(|f| (f.activation(), f.created_at))
+    }
+
+    /// `keys.rotate_every_days`: rotates (publishing ahead) when the newest key began
+    /// signing longer than `every` ago and no key is waiting to. Instances sharing
+    /// `keys.dir` see the new key at their next check, so at most one rotation runs unless
+    /// two instances check in the same instant (then one of the two new keys retires
+    /// unused at the other's activation).
+    pub fn rotate_if_due(&self, every: Duration) -> anyhow::Result<Option<String>> {
+        let now = Utc::now();
+        let files = self.read_files()?;
+        let newest = files
+            .iter()
+            .filter(|f| f.alg == self.alg.as_str())
+            .map(KeyFile::activation)
+            .max();
+        let every = chrono::Duration::from_std(every)?;
+        match newest {
+            Some(at) if at > now || now - at < every => Ok(None),
+            _ => self.rotate().map(Some),
+        }
     }
 
     fn expired(&self, file: &KeyFile, now: DateTime<Utc>) -> bool {
@@ -501,6 +570,7 @@ fn generate(alg: KeyAlgorithm, now: DateTime<Utc>) -> anyhow::Result<KeyFile> {
         alg: alg.as_str().to_owned(),
         created_at: now,
         retired_at: None,
+        active_from: None,
         private_key: STANDARD.encode(der),
     })
 }
@@ -603,6 +673,15 @@ impl SharedKeyring {
     }
 
     /// Rereads the key directory; on failure keeps the keys it has.
+    /// [`KeyStore::rotate_if_due`], logged.
+    pub fn rotate_if_due(&self, every: Duration) {
+        match self.store.rotate_if_due(every) {
+            Ok(Some(kid)) => tracing::info!(%kid, "scheduled key rotation: new key published"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed"),
+        }
+    }
+
     pub fn reload(&self) {
         match self.store.load() {
             Ok(ring) => {
@@ -713,6 +792,46 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
             0o600
         );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rotation_publishes_ahead_and_switches_by_the_clock() {
+        let (store, dir) = temp_store(KeyAlgorithm::Es256, Duration::from_secs(3600));
+        let store = store.publishing_ahead(Duration::from_millis(400));
+        let first = store.ensure_active().unwrap().unwrap();
+        assert_eq!(
+            store.load().unwrap().signing.kid,
+            first,
+            "a first key signs at once"
+        );
+        let hour = Duration::from_secs(3600);
+        assert_eq!(store.rotate_if_due(hour).unwrap(), None, "not due yet");
+        let second = store.rotate_if_due(Duration::ZERO).unwrap().unwrap();
+        assert_eq!(
+            store.rotate_if_due(Duration::ZERO).unwrap(),
+            None,
+            "a key is already waiting"
+        );
+        let ring = store.load().unwrap();
+        assert_eq!(ring.signing.kid, first, "not before its time");
+        assert!(ring.jwks.contains(&second) && ring.verifying.contains_key(&second));
+        let status = |kid: &str| {
+            store
+                .list()
+                .unwrap()
+                .into_iter()
+                .find(|k| k.kid == kid)
+                .unwrap()
+                .status
+        };
+        assert_eq!((status(&first), status(&second)), ("active", "next"));
+        std::thread::sleep(Duration::from_millis(450));
+        assert_eq!(store.load().unwrap().signing.kid, second);
+        assert_eq!((status(&first), status(&second)), ("retiring", "active"));
+        // A leaked key: --now signs at once.
+        let third = store.rotate_now().unwrap();
+        assert_eq!(store.load().unwrap().signing.kid, third);
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -267,7 +267,7 @@ async fn after_a_key_rotation_new_tokens_verify_without_a_restart() {
     let before = app.login_ok(&email).await;
     assert!(verifier.verify(&before.access).await.is_ok());
 
-    tessera(&app, &["keys", "rotate"]);
+    tessera(&app, &["keys", "rotate", "--now"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
         let fresh = app.login_ok(&email).await;

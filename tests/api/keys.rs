@@ -1,4 +1,5 @@
 use std::process::Command;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -55,7 +56,7 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_new_tokens_verify() {
     let before = app.login_ok(&email).await;
     let old_kid = kid_of(&before.access);
 
-    let out = tessera(&app, &["keys", "rotate"]);
+    let out = tessera(&app, &["keys", "rotate", "--now"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("new signing key"));
     eventually("the server publishes the new key", || async {
         jwks_kids(&app).await.len() == 2
@@ -79,7 +80,7 @@ async fn a_key_rotation_keeps_old_tokens_valid_and_new_tokens_verify() {
         listing.contains(&new_kid) && listing.contains("active"),
         "{listing}"
     );
-    assert!(listing.contains("verify-only"), "{listing}");
+    assert!(listing.contains("retiring"), "{listing}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +93,7 @@ async fn removing_a_key_file_ends_its_tokens_even_those_already_accepted() {
     assert_eq!(app.me(&before.access).await.status(), StatusCode::OK);
     let old_kid = kid_of(&before.access);
 
-    tessera(&app, &["keys", "rotate"]);
+    tessera(&app, &["keys", "rotate", "--now"]);
     eventually("the server publishes the new key", || async {
         jwks_kids(&app).await.len() == 2
     })
@@ -345,4 +346,78 @@ async fn the_server_refuses_to_start_on_a_key_directory_open_to_others() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("chmod 700"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_is_published_ahead_so_a_cached_jwks_never_meets_an_unknown_kid() {
+    crate::shared_backend_only!(); // two instances sharing keys.dir
+    let mut settings = test_settings();
+    settings.keys.reload_secs = 1;
+    settings.keys.jwks_max_age_secs = 1;
+    settings.keys.publish_ahead_secs = 6;
+    let first = spawn_app_with(settings.clone()).await;
+    let second = spawn_app_with(settings.clone()).await;
+    let email = first.new_user().await;
+    let old_kid = kid_of(&first.login_ok(&email).await.access);
+
+    let rotated = std::time::Instant::now();
+    let out = cli(&first)
+        .env("TESSERA__KEYS__PUBLISH_AHEAD_SECS", "6")
+        .args(["keys", "rotate"])
+        .output()
+        .unwrap();
+    let said = out_text(&out);
+    assert!(out.status.success(), "{said}");
+    let new_kid = said
+        .split("new signing key ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_owned();
+    // Both instances publish it within a reload, and still sign with the old key.
+    for app in [&first, &second] {
+        eventually("the new key is published", || async {
+            jwks_kids(app).await.contains(&new_kid)
+        })
+        .await;
+    }
+    // A verifier that cached the JWKS now, and never refetches.
+    let jwks: tessera_verify::JwkSet = serde_json::from_value(first.jwks().await).unwrap();
+    let config = tessera_verify::Config::new(
+        &first.settings.tokens.issuer,
+        &first.settings.tokens.audience,
+    );
+    let verifier = tessera_verify::Verifier::with_keys(config, &jwks).unwrap();
+    let listing = out_text(&tessera(&first, &["keys", "list"]));
+    assert!(
+        rotated.elapsed() < Duration::from_secs(6),
+        "the test ran too slowly"
+    );
+    for app in [&first, &second] {
+        assert_eq!(kid_of(&app.login_ok(&email).await.access), old_kid);
+    }
+    assert!(
+        listing.contains("next") && listing.contains("active"),
+        "{listing}"
+    );
+
+    // Then both switch by the clock, and the cached JWKS verifies every token.
+    for app in [&first, &second] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let token = app.login_ok(&email).await.access;
+            verifier.verify_local(&token).unwrap();
+            if kid_of(&token) == new_kid {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never switched");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        rotated.elapsed() >= Duration::from_secs(6),
+        "switched before its time"
+    );
+    let listing = out_text(&tessera(&first, &["keys", "list"]));
+    assert!(listing.contains("retiring"), "{listing}");
 }
