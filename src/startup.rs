@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::http::cookies::BrowserSessions;
 use crate::http::extract::{IpRange, RequestId};
 use crate::http::token::IntrospectionClients;
-use crate::http::{admin, auth, email, health, mfa, sessions, token, users, well_known};
+use crate::http::{admin, auth, email, health, mfa, openapi, sessions, token, users, well_known};
 use crate::outbox::Outbox;
 use crate::outbox::sender::Sender;
 use crate::store::memory::{MemoryBudgets, MemoryMarks};
@@ -585,7 +585,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(well_known::metadata),
         ))
         .service(resource("/health/live", web::get().to(health::live)))
-        .service(resource("/health/ready", web::get().to(health::ready)));
+        .service(resource("/health/ready", web::get().to(health::ready)))
+        .service(resource("/openapi.json", web::get().to(openapi::document)));
 }
 
 /// CORS for SPAs on other origins: only the configured origins, with credentials (the
@@ -610,12 +611,19 @@ fn cors(origins: &[String]) -> Cors {
 }
 
 /// A path with one method; any other method gets 405 in the contract's error shape.
+/// A route whose other methods get 405 with the contract's body and the `Allow` header
+/// of its documented methods (see [`crate::http::openapi`]).
 fn resource(path: &str, route: actix_web::Route) -> actix_web::Resource {
-    web::resource(path)
-        .route(route)
-        .default_service(web::to(|| async {
-            ApiError::MethodNotAllowed.error_response()
-        }))
+    web::resource(path).route(route).default_service(web::to(
+        |req: actix_web::HttpRequest| async move {
+            let mut res = ApiError::MethodNotAllowed.error_response();
+            let allow = req.match_pattern().and_then(|p| openapi::allowed(&p));
+            if let Some(value) = allow.and_then(|a| header::HeaderValue::from_str(a).ok()) {
+                res.headers_mut().insert(header::ALLOW, value);
+            }
+            res
+        },
+    ))
 }
 
 /// Errors produced outside our handlers (405 from the router, 431, actix internals)

@@ -8,6 +8,7 @@ pub mod email;
 pub mod extract;
 pub mod health;
 pub mod mfa;
+pub mod openapi;
 pub mod sessions;
 pub mod token;
 pub mod users;

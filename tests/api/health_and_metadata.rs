@@ -137,3 +137,87 @@ async fn without_configured_origins_no_cors_headers_are_sent() {
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
+
+/// The route patterns `src/startup.rs` registers (each `resource("/…"` call).
+fn registered_routes() -> Vec<String> {
+    let source = include_str!("../../src/startup.rs");
+    let routes = &source[source.find("fn routes(").unwrap()..];
+    routes
+        .split("resource(")
+        .skip(1)
+        .filter_map(|call| {
+            let start = call.find('"')? + 1;
+            let end = start + call[start..].find('"')?;
+            Some(call[start..end].to_owned())
+        })
+        .filter(|p| p.starts_with('/'))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_agrees_with_the_routes_both_ways() {
+    let app = spawn_app().await;
+    let res = app.get("/openapi.json").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let served: Value = res.json().await.unwrap();
+    let file: Value = serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap();
+    assert_eq!(served, file);
+    let paths = served["paths"].as_object().unwrap();
+
+    // Every registered route is documented, and every documented path is routed.
+    let mut routes = registered_routes();
+    routes.sort();
+    let mut documented: Vec<String> = paths.keys().cloned().collect();
+    documented.sort();
+    assert_eq!(routes, documented);
+
+    // Each documented method is served (never 405); any other gets 405 with an Allow
+    // header naming exactly the documented ones (RFC 9110).
+    let all = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+    for (path, operations) in paths {
+        let url = app.url(&path.replace("{id}", &uuid::Uuid::new_v4().to_string()));
+        let methods: Vec<String> = operations
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_ascii_uppercase())
+            .filter(|m| all.contains(&m.as_str()))
+            .collect();
+        for method in &methods {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let res = app
+                .client
+                .request(method.clone(), &url)
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(
+                res.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+        }
+        let other = all
+            .iter()
+            .find(|m| !methods.iter().any(|d| d == *m))
+            .unwrap();
+        let method = reqwest::Method::from_bytes(other.as_bytes()).unwrap();
+        let res = app.client.request(method, &url).send().await.unwrap();
+        assert_eq!(
+            res.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{other} {path}"
+        );
+        let mut allowed: Vec<String> = res.headers()["allow"]
+            .to_str()
+            .unwrap()
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
+        allowed.sort();
+        let mut expected = methods.clone();
+        expected.sort();
+        assert_eq!(allowed, expected, "Allow of {path}");
+        assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
+    }
+}
