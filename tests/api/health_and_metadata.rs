@@ -221,3 +221,37 @@ async fn the_openapi_document_is_served_and_agrees_with_the_routes_both_ways() {
         assert_error(res, StatusCode::METHOD_NOT_ALLOWED, "invalid_request").await;
     }
 }
+
+/// A clone of the repository has everything its docs point at: no link or path leads
+/// outside it (`../`), and the relative links that stay inside it resolve.
+#[test]
+fn the_readme_and_docs_point_at_nothing_outside_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("../"),
+            "{} points outside the repository",
+            file.display()
+        );
+        for link in text.split("](").skip(1) {
+            let target = link.split([')', '#']).next().unwrap();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let base = file.parent().unwrap();
+            assert!(
+                base.join(target).exists(),
+                "{}: broken link {target}",
+                file.display()
+            );
+        }
+    }
+}
