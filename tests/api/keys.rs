@@ -354,7 +354,7 @@ async fn a_rotation_is_published_ahead_so_a_cached_jwks_never_meets_an_unknown_k
     let mut settings = test_settings();
     settings.keys.reload_secs = 1;
     settings.keys.jwks_max_age_secs = 1;
-    settings.keys.publish_ahead_secs = 6;
+    settings.keys.publish_ahead_secs = 8;
     let first = spawn_app_with(settings.clone()).await;
     let second = spawn_app_with(settings.clone()).await;
     let email = first.new_user().await;
@@ -362,7 +362,7 @@ async fn a_rotation_is_published_ahead_so_a_cached_jwks_never_meets_an_unknown_k
 
     let rotated = std::time::Instant::now();
     let out = cli(&first)
-        .env("TESSERA__KEYS__PUBLISH_AHEAD_SECS", "6")
+        .env("TESSERA__KEYS__PUBLISH_AHEAD_SECS", "8")
         .args(["keys", "rotate"])
         .output()
         .unwrap();

@@ -20,10 +20,12 @@ impl Drop for Running {
     }
 }
 
-/// One chain of refreshes, each on a new connection, until the server stops accepting
-/// them. A request the server accepted must be answered 200; one it no longer accepts
-/// (connection refused) ends the chain. Returns the chain's last token and the times
-/// its refreshes were answered.
+/// One chain of refreshes, each on a new connection, until the server stops taking
+/// them. An answer must be 200; a request that gets none (refused, or reset from the
+/// listen backlog when the listener closes) ends the chain. Returns the chain's last
+/// token and the times its refreshes were answered. Whether a request that got no
+/// answer was nonetheless processed is decided at the end: with no reuse grace window,
+/// a token rotated without its answer would count as reuse on the second instance.
 async fn refresh_until_refused(base: String, mut token: String) -> (String, Vec<Instant>) {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
@@ -42,8 +44,7 @@ async fn refresh_until_refused(base: String, mut token: String) -> (String, Vec<
                 token = Tokens::from_body(res.json().await.unwrap()).refresh;
                 answered.push(Instant::now());
             }
-            Err(e) if e.is_connect() => return (token, answered),
-            Err(e) => panic!("an accepted refresh got no answer: {e}"),
+            Err(_) => return (token, answered),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -51,7 +52,8 @@ async fn refresh_until_refused(base: String, mut token: String) -> (String, Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_without_failing_an_accepted_request_or_losing_a_rotation() {
-    let settings = test_settings();
+    let mut settings = test_settings();
+    settings.tokens.refresh_reuse_grace_secs = 0;
     let (mut cmd, log_path) = server_binary(&settings);
     let mut child = Running(
         cmd.env("TESSERA__PASSWORD__MEMORY_KIB", "256")
@@ -59,6 +61,7 @@ async fn sigterm_drains_without_failing_an_accepted_request_or_losing_a_rotation
             .env("TESSERA__PASSWORD__ALLOW_WEAK", "true")
             .env("TESSERA__SERVER__SHUTDOWN_DELAY_SECS", "2")
             .env("TESSERA__SERVER__SHUTDOWN_TIMEOUT_SECS", "10")
+            .env("TESSERA__TOKENS__REFRESH_REUSE_GRACE_SECS", "0")
             .spawn()
             .unwrap(),
     );
@@ -95,14 +98,14 @@ async fn sigterm_drains_without_failing_an_accepted_request_or_losing_a_rotation
         .status()
         .unwrap();
     assert!(killed.success());
-    // Readiness turns at once; requests are still served meanwhile.
+    // Readiness turns first; requests are still served after it has.
     eventually("readiness answers 503", || async {
         ready()
             .await
             .is_ok_and(|r| r.status() == StatusCode::SERVICE_UNAVAILABLE)
     })
     .await;
-    assert!(signalled.elapsed() < Duration::from_secs(1));
+    let draining = Instant::now();
 
     let status = loop {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -118,16 +121,20 @@ async fn sigterm_drains_without_failing_an_accepted_request_or_losing_a_rotation
     let mut last = Vec::new();
     for chain in chains {
         let (token, answered) = chain.await.unwrap();
-        let during_delay = answered.iter().filter(|t| **t > signalled).count();
-        assert!(during_delay > 0, "no refresh was served after SIGTERM");
+        let during_delay = answered.iter().filter(|t| **t > draining).count();
+        assert!(
+            during_delay > 0,
+            "no refresh was served once readiness was 503"
+        );
         last.push(token);
     }
     let log = json_log(&log_path);
     assert!(log.iter().any(|l| l["message"] == "stopped"), "{log:?}");
     std::fs::remove_file(&log_path).ok();
 
-    // Every chain goes on at another instance: no rotation was lost (nor answered
-    // without being committed, which would make the client's token stale).
+    // Every chain goes on at another instance with the last token it was answered: no
+    // rotation was lost, none was committed without its answer (that token would then
+    // be reuse, with no grace window), and none was answered without being committed.
     let second = loop {
         match Application::build(settings.clone()).await {
             Ok(app) => break serve(app, settings.clone()),
