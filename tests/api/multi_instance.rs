@@ -40,7 +40,7 @@ async fn a_token_with_a_new_kid_makes_another_instance_reload_at_once() {
     let email = a.new_user().await;
     let before = a.login_ok(&email).await;
     assert_eq!(b.me(&before.access).await.status(), StatusCode::OK);
-    crate::keys::tessera(&a, &["keys", "rotate"]);
+    crate::keys::tessera(&a, &["keys", "rotate", "--now"]);
     let mut after = a.login_ok(&email).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while crate::keys::kid_of(&after.access) == crate::keys::kid_of(&before.access) {
