@@ -182,9 +182,19 @@ ensure_mail_tools() {
   fi
 }
 
+# The TLS tests (tests/api/tls.rs) start a throwaway PostgreSQL cluster of their own
+# (initdb on a free port, as the postgres OS account when run as root) and a
+# redis-server with a TLS port: they need PostgreSQL's server programs and redis-server
+# even when TESSERA_TEST_POSTGRES / TESSERA_TEST_REDIS point elsewhere.
+ensure_tls_tools() {
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+  command -v redis-server >/dev/null || apt_install redis-server
+}
+
 ensure_services() {
   ensure_postgres
   ensure_redis
+  ensure_tls_tools
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -138,6 +138,7 @@ pub enum KeysCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::startup::use_aws_lc_for_tls();
     let settings = Settings::load(cli.config.as_deref())?;
     crate::telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Serve) {

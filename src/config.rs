@@ -72,6 +72,42 @@ pub struct DatabaseSettings {
     pub create_database: bool,
     pub auto_migrate: bool,
     pub sqlite_synchronous: SqliteSynchronous,
+    /// TLS to PostgreSQL (`database.sslmode`); `None` keeps what the URL says.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub sslmode: Option<PgTls>,
+    /// A PEM file of CA certificates that may sign PostgreSQL's certificate.
+    pub ca_file: PathBuf,
+}
+
+/// `""` as `None`, anything else as a `T` named by that string.
+fn empty_is_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::IntoDeserializer;
+    let s = String::deserialize(deserializer)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    T::deserialize(s.trim().into_deserializer()).map(Some)
+}
+
+/// How Tessera talks TLS to PostgreSQL, as libpq's `sslmode` (`database.sslmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgTls {
+    /// Never TLS.
+    Disable,
+    /// TLS when the server offers it, unverified (libpq's default).
+    Prefer,
+    /// TLS always, the certificate unverified (unless `ca_file` is set: then as
+    /// `VerifyCa`, as libpq does with a root certificate).
+    Require,
+    /// TLS always, the certificate signed by a trusted CA.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate names the host in `database.url`.
+    VerifyFull,
 }
 
 /// When a SQLite commit reaches the disk (`database.sqlite_synchronous`).
@@ -93,6 +129,8 @@ pub struct RedisSettings {
     pub timeout_ms: u64,
     pub local_copy: bool,
     pub local_copy_lease_ms: u64,
+    /// A PEM file of CA certificates for a `rediss://` URL, instead of the system's.
+    pub ca_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -628,6 +666,7 @@ mod tests {
             ("cookies", "domain") => "example.com".into(),
             ("database", "url") => "postgres://u:p@db.example.com/other".into(),
             ("database", "sqlite_synchronous") => "normal".into(),
+            ("database", "sslmode") => "verify-full".into(),
             ("redis", "url") => "redis://cache.example.com:6380".into(),
             ("tokens", "algorithm") => "EdDSA".into(),
             ("tokens", "issuer") => "https://auth.example.com".into(),

@@ -101,6 +101,7 @@ const MARK_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// written there, as a server would. Email is left in the outbox for the servers'
 /// senders.
 pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Result<AuthService> {
+    use_aws_lc_for_tls();
     let backend = Backend::from_settings(&settings.database)?;
     backend.prepare(&settings.database, migrate).await?;
     let store = backend.connect_lazy(&settings.database)?;
@@ -165,6 +166,7 @@ async fn revocations_and_budgets(
         return Ok((marks, Arc::new(MemoryBudgets::new(&settings.login))));
     }
     let mut denylist = Denylist::connect_lazy(&settings.redis)?;
+    denylist.check_at_start().await?;
     if settings.redis.local_copy {
         denylist.follow(&settings.redis)?;
     }
@@ -176,6 +178,13 @@ async fn revocations_and_budgets(
     Ok((Arc::new(denylist), failures))
 }
 
+/// Makes aws-lc-rs the process's rustls provider (Redis's TLS takes the process
+/// default; more than one provider is linked in, so none would be picked by itself).
+pub fn use_aws_lc_for_tls() {
+    // An error means one is installed already: this one, by an earlier call.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -185,6 +194,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        use_aws_lc_for_tls();
         let backend = Backend::from_settings(&settings.database)?;
         backend
             .prepare(&settings.database, settings.database.auto_migrate)

@@ -56,6 +56,9 @@ use crate::{Marks, Subject};
 #[derive(Debug, Clone)]
 pub struct FeedConfig {
     pub redis_url: String,
+    /// PEM CA certificates that sign a `rediss://` server's certificate, instead of the
+    /// system's roots (see [`client`]).
+    pub ca_pem: Option<Vec<u8>>,
     /// The server's `redis.key_prefix`.
     pub key_prefix: String,
     /// A silent subscription counts as lost after this long (pinged every quarter).
@@ -64,6 +67,27 @@ pub struct FeedConfig {
     /// take part in acknowledged revocations (see the module docs). `None` for
     /// downstream verifiers, which neither acknowledge nor wait for acks.
     pub lease: Option<Duration>,
+}
+
+/// A client for `url`; for `rediss://`, TLS whose server certificate must chain to one
+/// of `ca_pem`'s certificates when given, else to one of the system's roots. Nothing
+/// here sets a TLS provider: a process with more than one must install its default
+/// (`rustls::crypto::CryptoProvider::install_default`) before connecting.
+pub fn client(url: &str, ca_pem: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    match ca_pem {
+        None => redis::Client::open(url),
+        Some(_) if !url.starts_with("rediss://") => Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "a CA certificate is given for Redis, but its URL is not rediss://",
+        ))),
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
+    }
 }
 
 /// The ack request of a revoker without a copy of its own: nobody to answer.
@@ -136,7 +160,7 @@ impl Feed {
     /// Starts following Redis in a task on the current Tokio runtime. The feed stops
     /// when the last `Arc` is dropped.
     pub fn start(config: FeedConfig) -> Result<Arc<Feed>, redis::RedisError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
+        let client = client(&config.redis_url, config.ca_pem.as_deref())?;
         let handle = tokio::runtime::Handle::try_current().map_err(|_| {
             redis::RedisError::from((
                 redis::ErrorKind::Client,

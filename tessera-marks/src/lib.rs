@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-pub use feed::{AckRequest, Feed, FeedConfig, NO_ACKS, instances_channel};
+pub use feed::{AckRequest, Feed, FeedConfig, NO_ACKS, client, instances_channel};
 
 /// What a check asks about: one access token.
 #[derive(Debug, Clone, Copy)]

@@ -12,6 +12,7 @@ fn redis_url() -> String {
 fn config(prefix: &str) -> FeedConfig {
     FeedConfig {
         redis_url: redis_url(),
+        ca_pem: None,
         key_prefix: prefix.to_owned(),
         max_unsynced: Duration::from_secs(2),
         lease: None,

@@ -21,6 +21,10 @@ use crate::{Claims, VerifyError};
 #[derive(Debug, Clone)]
 pub struct RevocationConfig {
     pub redis_url: String,
+    /// PEM CA certificates for a `rediss://` URL, instead of the system's roots (as the
+    /// server's `redis.ca_file`). With TLS, install a rustls crypto provider first if
+    /// the program has more than one.
+    pub redis_ca_pem: Option<Vec<u8>>,
     /// The server's `redis.key_prefix`.
     pub key_prefix: String,
     /// How long the set may be out of touch with Redis before the policy applies.
@@ -34,6 +38,7 @@ impl RevocationConfig {
     pub fn new(redis_url: impl Into<String>, key_prefix: impl Into<String>) -> Self {
         RevocationConfig {
             redis_url: redis_url.into(),
+            redis_ca_pem: None,
             key_prefix: key_prefix.into(),
             max_unsynced: Duration::from_secs(5),
             fail_open: false,
@@ -56,6 +61,7 @@ impl Revocations {
         }
         let feed = Feed::start(FeedConfig {
             redis_url: config.redis_url,
+            ca_pem: config.redis_ca_pem,
             key_prefix: config.key_prefix,
             max_unsynced: config.max_unsynced,
             // Downstream APIs neither acknowledge revocations nor wait for acks.

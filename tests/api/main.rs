@@ -47,6 +47,7 @@ mod smtp;
 mod step_up;
 mod storage;
 mod timing;
+mod tls;
 mod user_migrations;
 mod users;
 mod verification;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
@@ -20,7 +20,7 @@ use super::{
     SessionInfo, Store, StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange,
     UserMigrationRecord, UserOp, UserUpdate, refusal, session_ids,
 };
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseSettings, PgTls};
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -37,6 +37,7 @@ impl PgStore {
     /// is back; requests in between get 503.
     pub fn connect_lazy(settings: &DatabaseSettings) -> anyhow::Result<Self> {
         let mut options = connect_options(settings)?;
+        warn_if_unverified(&options);
         if settings.statement_timeout_ms > 0 {
             // Request paths only: a stalled statement answers 503 (class 57, see
             // `classify`) instead of outliving its client.
@@ -64,10 +65,10 @@ impl PgStore {
             create_database_if_missing(&options).await?;
         }
         if migrate {
-            let mut conn = options.connect().await.context(
-                "cannot connect to PostgreSQL to run migrations; is it running and is \
-                 database.url (TESSERA__DATABASE__URL) right?",
-            )?;
+            let mut conn = options
+                .connect()
+                .await
+                .map_err(|e| explain_connect(e, "to run migrations"))?;
             MIGRATOR
                 .run(&mut conn)
                 .await
@@ -80,9 +81,82 @@ impl PgStore {
 }
 
 fn connect_options(settings: &DatabaseSettings) -> anyhow::Result<PgConnectOptions> {
-    Ok(PgConnectOptions::from_str(settings.url.expose_secret())
+    let options = PgConnectOptions::from_str(settings.url.expose_secret())
         .context("database.url is not a valid PostgreSQL URL")?
-        .log_statements(log::LevelFilter::Debug))
+        .log_statements(log::LevelFilter::Debug);
+    with_tls(options, settings)
+}
+
+/// Applies `database.sslmode` and `database.ca_file` over what the URL says.
+fn with_tls(
+    mut options: PgConnectOptions,
+    settings: &DatabaseSettings,
+) -> anyhow::Result<PgConnectOptions> {
+    if let Some(mode) = settings.sslmode {
+        options = options.ssl_mode(match mode {
+            PgTls::Disable => PgSslMode::Disable,
+            PgTls::Prefer => PgSslMode::Prefer,
+            PgTls::Require => PgSslMode::Require,
+            PgTls::VerifyCa => PgSslMode::VerifyCa,
+            PgTls::VerifyFull => PgSslMode::VerifyFull,
+        });
+    }
+    if settings.ca_file.as_os_str().is_empty() {
+        return Ok(options);
+    }
+    let file = settings.ca_file.display();
+    let pem = std::fs::read(&settings.ca_file)
+        .with_context(|| format!("cannot read database.ca_file {file}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("database.ca_file {file} holds no PEM certificate");
+    }
+    options = options.ssl_root_cert_from_pem(pem);
+    match options.get_ssl_mode() {
+        // As libpq: a root certificate makes "require" verify the chain.
+        PgSslMode::Require => Ok(options.ssl_mode(PgSslMode::VerifyCa)),
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull => Ok(options),
+        other => anyhow::bail!(
+            "database.ca_file is set but sslmode is {other:?}, which never checks the \
+             server's certificate: set database.sslmode to \"verify-full\""
+        ),
+    }
+}
+
+/// Warns when the server is reached over the network without its certificate being
+/// checked: anyone on the path could read or change what Tessera stores.
+fn warn_if_unverified(options: &PgConnectOptions) {
+    let host = options.get_host();
+    let local = options.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !local && !matches!(options.get_ssl_mode(), PgSslMode::VerifyFull) {
+        tracing::warn!(
+            host,
+            sslmode = ?options.get_ssl_mode(),
+            "PostgreSQL is reached over the network without checking its certificate \
+             for its name; set database.sslmode = \"verify-full\" (and database.ca_file to \
+             the CA that signed it, unless a public one did)"
+        );
+    }
+}
+
+/// An error from connecting, with what the operator should check when TLS failed.
+fn explain_connect(err: sqlx::Error, doing: &str) -> anyhow::Error {
+    // A refused certificate comes as an I/O error from the TLS stream.
+    let tls = matches!(err, sqlx::Error::Tls(_)) || err.to_string().contains("peer certificate");
+    let hint = match tls {
+        true => {
+            "TLS with PostgreSQL failed: check database.sslmode and database.ca_file (the \
+             CA certificate that signed the server's certificate; for verify-full the \
+             certificate must also name the host in database.url)"
+        }
+        false => "is it running and is database.url (TESSERA__DATABASE__URL) right?",
+    };
+    anyhow::Error::new(err).context(format!("cannot connect to PostgreSQL {doing}; {hint}"))
 }
 
 /// Gives rows whose email is not plain ASCII the normalization computed in Rust (the
@@ -131,10 +205,7 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
         .database("postgres")
         .connect()
         .await
-        .context(
-            "cannot connect to PostgreSQL; is it running and is database.url \
-         (TESSERA__DATABASE__URL) right?",
-        )?;
+        .map_err(|e| explain_connect(e, "to create the database"))?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(&name)
@@ -1983,4 +2054,70 @@ async fn last_admin(conn: &mut sqlx::PgConnection, user: UserId) -> StoreResult<
     .await
     .map_err(classify)?;
     Ok(admins == [user.0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn database(vars: &[(&str, &str)]) -> anyhow::Result<DatabaseSettings> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Ok(Settings::load_from(None, vars)?.database)
+    }
+
+    fn ca_file() -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("tessera-ca-{}.pem", Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn sslmode_from_the_settings_overrides_the_url() {
+        let url = (
+            "TESSERA__DATABASE__URL",
+            "postgres://u@db.example.com/t?sslmode=disable",
+        );
+        let from_url = connect_options(&database(&[url]).unwrap()).unwrap();
+        assert!(matches!(from_url.get_ssl_mode(), PgSslMode::Disable));
+        let set = database(&[url, ("TESSERA__DATABASE__SSLMODE", "verify-full")]).unwrap();
+        let options = connect_options(&set).unwrap();
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::VerifyFull));
+        assert!(database(&[("TESSERA__DATABASE__SSLMODE", "sometimes")]).is_err());
+    }
+
+    #[test]
+    fn a_ca_file_makes_require_verify_and_is_refused_where_nothing_is_verified() {
+        let ca = ca_file();
+        let ca = ca.to_str().unwrap();
+        let url = ("TESSERA__DATABASE__URL", "postgres://u@db.example.com/t");
+        let with = |mode| {
+            database(&[
+                url,
+                ("TESSERA__DATABASE__SSLMODE", mode),
+                ("TESSERA__DATABASE__CA_FILE", ca),
+            ])
+            .unwrap()
+        };
+        let options = connect_options(&with("require")).unwrap();
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::VerifyCa));
+        let options = connect_options(&with("verify-full")).unwrap();
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::VerifyFull));
+        for mode in ["prefer", "disable"] {
+            let err = connect_options(&with(mode)).unwrap_err().to_string();
+            assert!(
+                err.contains("never checks the server's certificate"),
+                "{err}"
+            );
+        }
+        let missing =
+            database(&[url, ("TESSERA__DATABASE__CA_FILE", "/nonexistent/ca.pem")]).unwrap();
+        let err = format!("{:#}", connect_options(&missing).unwrap_err());
+        assert!(err.contains("cannot read database.ca_file"), "{err}");
+        std::fs::remove_file(ca).unwrap();
+    }
 }

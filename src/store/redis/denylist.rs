@@ -56,12 +56,38 @@ pub struct Denylist {
     copy: Option<Arc<Feed>>,
 }
 
+/// Whether `e` is a failed TLS handshake (rustls names the certificate problem).
+fn tls_failure(e: &redis::RedisError) -> bool {
+    let text = format!("{e:?}");
+    text.contains("certificate") || text.contains("InvalidCertificate") || text.contains("tls")
+}
+
+/// `redis.ca_file`'s certificates, when it is set.
+fn ca_pem(settings: &RedisSettings) -> anyhow::Result<Option<Vec<u8>>> {
+    if settings.ca_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let file = settings.ca_file.display();
+    let pem = std::fs::read(&settings.ca_file)
+        .with_context(|| format!("cannot read redis.ca_file {file}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("redis.ca_file {file} holds no PEM certificate");
+    }
+    if !settings.url.expose_secret().starts_with("rediss://") {
+        anyhow::bail!(
+            "redis.ca_file is set but redis.url is not rediss://: set it to rediss://HOST:PORT"
+        );
+    }
+    Ok(Some(pem))
+}
+
 impl Denylist {
     /// Connects lazily: the server starts while Redis is down; requests that need the
     /// denylist get 503 until it is back, and the manager reconnects by itself.
     pub fn connect_lazy(settings: &RedisSettings) -> anyhow::Result<Self> {
-        let client = redis::Client::open(settings.url.expose_secret())
-            .context("redis.url is not a valid Redis URL")?;
+        let ca_pem = ca_pem(settings)?;
+        let client = tessera_marks::client(settings.url.expose_secret(), ca_pem.as_deref())
+            .context("redis.url is not a valid Redis URL, or redis.ca_file does not go with it")?;
         let timeout = Duration::from_millis(settings.timeout_ms);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -84,6 +110,7 @@ impl Denylist {
     pub fn follow(&mut self, settings: &RedisSettings) -> anyhow::Result<()> {
         let feed = Feed::start(FeedConfig {
             redis_url: settings.url.expose_secret().to_owned(),
+            ca_pem: ca_pem(settings)?,
             key_prefix: settings.key_prefix.clone(),
             // A silent subscription counts as lost within this (checks then ask Redis).
             max_unsynced: Duration::from_secs(5),
@@ -117,6 +144,32 @@ impl Denylist {
         pipe.set_ex(&key, &value, secs).ignore();
         pipe.publish(self.channel(), format!("{short} {value} {secs}"))
             .ignore();
+    }
+
+    /// Asks Redis once, at start. A TLS failure (an unknown CA, a certificate for
+    /// another name) is a configuration error and stops the start with what to check;
+    /// Redis merely down is not: requests that need it answer 503 until it is back.
+    pub async fn check_at_start(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(self.timeout * 2, ping.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if tls_failure(&e) => Err(anyhow::Error::new(e).context(
+                "TLS with Redis failed: check redis.ca_file (the CA certificate that \
+                 signed Redis's certificate) and that the certificate names the host in \
+                 redis.url",
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Redis does not answer at start; requests that need it answer 503 until it does");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "Redis does not answer at start; requests that need it answer 503 until it does"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The shared connection, for other Redis-backed state (login failure counters).
