@@ -79,6 +79,20 @@ pub struct DatabaseSettings {
     pub ca_file: PathBuf,
 }
 
+/// The PEM certificates in a `*.ca_file` setting (`key` names it in errors); `None`
+/// when it is empty.
+pub fn read_ca_file(path: &Path, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let file = path.display();
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {key} {file}"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        bail!("{key} {file} holds no PEM certificate");
+    }
+    Ok(Some(pem))
+}
+
 /// `""` as `None`, anything else as a `T` named by that string.
 fn empty_is_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where

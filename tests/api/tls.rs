@@ -239,6 +239,10 @@ async fn serves_logins(settings: Settings) {
     let email = app.new_user().await;
     let tokens = app.login_ok(&email).await;
     app.refresh_ok(&tokens.refresh).await;
+    ready_then_stop(app).await;
+}
+
+async fn ready_then_stop(app: crate::helpers::TestApp) {
     let res = app.get("/health/ready").await;
     assert_eq!(
         res.status(),
@@ -357,14 +361,7 @@ async fn redis_over_tls_checks_the_certificate_against_the_ca_given() {
         app.login(&email, "wrong password").await.status(),
         StatusCode::UNAUTHORIZED
     );
-    let res = app.get("/health/ready").await;
-    assert_eq!(
-        res.status(),
-        StatusCode::OK,
-        "{}",
-        res.text().await.unwrap()
-    );
-    app.stop().await;
+    ready_then_stop(app).await;
 
     // A CA file with a redis:// URL is a mistake the server names.
     let mut plain = on_redis(&redis, &certs.ca());

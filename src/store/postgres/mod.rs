@@ -20,7 +20,7 @@ use super::{
     SessionInfo, Store, StoreError, StoreResult, TokenRefusal, TotpRow, User, UserChange,
     UserMigrationRecord, UserOp, UserUpdate, refusal, session_ids,
 };
-use crate::config::{DatabaseSettings, PgTls};
+use crate::config::{DatabaseSettings, PgTls, read_ca_file};
 use crate::domain::{ANONYMOUS_ROLE, Email, SessionId, UserId};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -101,15 +101,9 @@ fn with_tls(
             PgTls::VerifyFull => PgSslMode::VerifyFull,
         });
     }
-    if settings.ca_file.as_os_str().is_empty() {
+    let Some(pem) = read_ca_file(&settings.ca_file, "database.ca_file")? else {
         return Ok(options);
-    }
-    let file = settings.ca_file.display();
-    let pem = std::fs::read(&settings.ca_file)
-        .with_context(|| format!("cannot read database.ca_file {file}"))?;
-    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-        anyhow::bail!("database.ca_file {file} holds no PEM certificate");
-    }
+    };
     options = options.ssl_root_cert_from_pem(pem);
     match options.get_ssl_mode() {
         // As libpq: a root certificate makes "require" verify the chain.

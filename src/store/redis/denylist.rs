@@ -30,7 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
 use tessera_marks::{AckRequest, Feed, FeedConfig, Subject, instances_channel};
 
-use crate::config::RedisSettings;
+use crate::config::{RedisSettings, read_ca_file};
 use crate::domain::{SessionId, UserId};
 use crate::store::{MarksHealth, Revocations};
 
@@ -64,15 +64,9 @@ fn tls_failure(e: &redis::RedisError) -> bool {
 
 /// `redis.ca_file`'s certificates, when it is set.
 fn ca_pem(settings: &RedisSettings) -> anyhow::Result<Option<Vec<u8>>> {
-    if settings.ca_file.as_os_str().is_empty() {
+    let Some(pem) = read_ca_file(&settings.ca_file, "redis.ca_file")? else {
         return Ok(None);
-    }
-    let file = settings.ca_file.display();
-    let pem = std::fs::read(&settings.ca_file)
-        .with_context(|| format!("cannot read redis.ca_file {file}"))?;
-    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-        anyhow::bail!("redis.ca_file {file} holds no PEM certificate");
-    }
+    };
     if !settings.url.expose_secret().starts_with("rediss://") {
         anyhow::bail!(
             "redis.ca_file is set but redis.url is not rediss://: set it to rediss://HOST:PORT"
