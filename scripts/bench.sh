@@ -105,7 +105,9 @@ wait_ready() {
 }
 
 say "starting the server under test on 127.0.0.1:$PORT"
-TESSERA__SERVER__PORT=$PORT target/release/tessera serve >"$work/server-$PORT.log" 2>&1 &
+# With its metrics listener on (as by default), on a free port of its own.
+TESSERA__SERVER__PORT=$PORT TESSERA__METRICS__LISTEN=${TESSERA__METRICS__LISTEN:-127.0.0.1:0} \
+  target/release/tessera serve >"$work/server-$PORT.log" 2>&1 &
 server=$!
 pids+=("$server")
 wait_ready "$PORT" "$server"
@@ -116,7 +118,7 @@ wait_ready "$PORT" "$server"
 say "starting the setup instance on 127.0.0.1:$SETUP_PORT (cheap argon2, for seeding sessions only)"
 TESSERA__SERVER__PORT=$SETUP_PORT TESSERA__PASSWORD__MEMORY_KIB=8 TESSERA__PASSWORD__ITERATIONS=1 \
   TESSERA__PASSWORD__ALLOW_WEAK=true TESSERA__DATABASE__AUTO_MIGRATE=false \
-  TESSERA__REDIS__URL=$SETUP_REDIS \
+  TESSERA__REDIS__URL=$SETUP_REDIS TESSERA__METRICS__LISTEN= \
   target/release/tessera serve >"$work/server-$SETUP_PORT.log" 2>&1 &
 pids+=("$!")
 wait_ready "$SETUP_PORT" "$!"

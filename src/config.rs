@@ -38,6 +38,7 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub email: EmailSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -413,6 +414,13 @@ pub struct LogSettings {
     pub level: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where Prometheus scrapes `/metrics` (`host:port`); empty: no metrics listener.
+    pub listen: String,
+}
+
 impl Settings {
     /// Defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -534,6 +542,13 @@ impl Settings {
         }
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             bail!("log.format must be \"pretty\" or \"json\"");
+        }
+        let listen = self.metrics.listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!(
+                "metrics.listen must be an address and port such as 127.0.0.1:9464, or \"\" \
+                 for no metrics listener"
+            );
         }
         self.email.validate()?;
         for proxy in &self.server.trusted_proxies {
@@ -694,6 +709,7 @@ mod tests {
             ("mfa", "required_for_roles") => "admin,auditor".into(),
             ("log", "format") => "json".into(),
             ("log", "level") => "debug".into(),
+            ("metrics", "listen") => "0.0.0.0:9465".into(),
             _ => match default {
                 toml::Value::Integer(i) => (i + 1).to_string(),
                 toml::Value::Boolean(b) => (!b).to_string(),

@@ -23,6 +23,20 @@ pub enum GrantFailure {
     ClientChanged,
 }
 
+impl GrantFailure {
+    /// The contract's `error_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantFailure::Reused => "reused",
+            GrantFailure::Revoked => "revoked",
+            GrantFailure::Expired => "expired",
+            GrantFailure::IdleExpired => "idle_expired",
+            GrantFailure::Unknown => "unknown",
+            GrantFailure::ClientChanged => "client_changed",
+        }
+    }
+}
+
 /// What a step-up (RFC 9470) asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepUp {
@@ -227,14 +241,7 @@ impl ResponseError for ApiError {
             _ => {}
         }
         let reason = match self {
-            ApiError::InvalidGrant(reason) => Some(match reason {
-                GrantFailure::Reused => "reused",
-                GrantFailure::Revoked => "revoked",
-                GrantFailure::Expired => "expired",
-                GrantFailure::IdleExpired => "idle_expired",
-                GrantFailure::Unknown => "unknown",
-                GrantFailure::ClientChanged => "client_changed",
-            }),
+            ApiError::InvalidGrant(reason) => Some(reason.as_str()),
             ApiError::InvalidEmailToken(refusal) => Some(match refusal {
                 TokenRefusal::Unknown => "unknown",
                 TokenRefusal::Used => "used",

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod email;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod seal;
 pub mod startup;

@@ -26,6 +26,7 @@ use crate::http::cookies::BrowserSessions;
 use crate::http::extract::{IpRange, RequestId};
 use crate::http::token::IntrospectionClients;
 use crate::http::{admin, auth, email, health, mfa, openapi, sessions, token, users, well_known};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::outbox::sender::Sender;
 use crate::store::memory::{MemoryBudgets, MemoryMarks};
@@ -135,6 +136,7 @@ pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Resu
 async fn revocations_and_budgets(
     settings: &Settings,
     store: &Arc<dyn Store>,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<dyn Revocations>, Arc<dyn FailureBudgets>)> {
     if settings.redis.url.expose_secret().trim().is_empty() {
         if !store.claim_single_instance().await? {
@@ -166,6 +168,7 @@ async fn revocations_and_budgets(
         return Ok((marks, Arc::new(MemoryBudgets::new(&settings.login))));
     }
     let mut denylist = Denylist::connect_lazy(&settings.redis)?;
+    denylist.measured(metrics.clone());
     denylist.check_at_start().await?;
     if settings.redis.local_copy {
         denylist.follow(&settings.redis)?;
@@ -190,6 +193,8 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     shutdown_delay: Duration,
+    /// The metrics listener's server and port, when `metrics.listen` is set.
+    metrics: Option<(Server, u16)>,
 }
 
 impl Application {
@@ -200,7 +205,8 @@ impl Application {
             .prepare(&settings.database, settings.database.auto_migrate)
             .await?;
         let store = backend.connect_lazy(&settings.database)?;
-        let (revocations, failures) = revocations_and_budgets(&settings, &store).await?;
+        let metrics = Arc::new(Metrics::new());
+        let (revocations, failures) = revocations_and_budgets(&settings, &store, &metrics).await?;
         let keys = Arc::new(SharedKeyring::open(KeyStore::from_settings(&settings)?)?);
         let k = &settings.keys;
         if k.publish_ahead_secs < k.jwks_max_age_secs + k.reload_secs {
@@ -215,7 +221,7 @@ impl Application {
             (k.rotate_every_days > 0).then(|| Duration::from_secs(k.rotate_every_days * 86_400));
         let tokens = AccessTokens::new(keys.clone(), &settings.tokens)
             .remembering(settings.cache.verified_tokens);
-        let hasher = PasswordHasherPool::new(&settings.password)?;
+        let hasher = PasswordHasherPool::new(&settings.password)?.measured(metrics.clone());
         let trusted_proxies = settings
             .server
             .trusted_proxies
@@ -258,6 +264,15 @@ impl Application {
         let cleanup_every = Duration::from_secs(settings.cleanup.interval_secs);
         let shutdown_timeout_secs = settings.server.shutdown_timeout_secs;
         let shutdown_delay = Duration::from_secs(settings.server.shutdown_delay_secs);
+        let metrics_listener = match settings.metrics.listen.trim() {
+            "" => None,
+            address => Some(TcpListener::bind(address).with_context(|| {
+                format!(
+                    "cannot listen for metrics on {address}; set metrics.listen \
+                     (TESSERA__METRICS__LISTEN) to a free address, or to \"\" for none"
+                )
+            })?),
+        };
 
         let sender = Sender::new(
             &store,
@@ -275,7 +290,8 @@ impl Application {
             tokens,
             hasher,
             Sealing::new(outbox, &mfa_secret),
-        );
+        )
+        .with_metrics(metrics.clone());
         let state = web::Data::new(AppState {
             auth,
             trusted_proxies,
@@ -286,10 +302,12 @@ impl Application {
         let app_state = state.clone();
         let activity = state.auth.hasher.activity();
         let proxies = state.trusted_proxies.clone();
-        let server = HttpServer::new(move || {
-            let activity = activity.clone();
-            let proxies = proxies.clone();
-            App::new()
+        let server =
+            HttpServer::new(move || {
+                let activity = activity.clone();
+                let proxies = proxies.clone();
+                let metrics = metrics.clone();
+                App::new()
                 .app_data(app_state.clone())
                 .configure(routes)
                 .default_service(web::to(|| async { ApiError::NotFound.error_response() }))
@@ -323,14 +341,22 @@ impl Application {
                         tracing::info_span!("request", %request_id, method = %req.method(), %path);
                     let started = Instant::now();
                     let fut = srv.call(req);
+                    let metrics = metrics.clone();
                     async move {
                         let res = fut.await;
                         drop(busy);
                         let mut res = res?;
+                        let elapsed = started.elapsed();
                         tracing::info!(
                             status = res.status().as_u16(),
-                            elapsed_us = started.elapsed().as_micros() as u64,
+                            elapsed_us = elapsed.as_micros() as u64,
                             "request"
+                        );
+                        metrics.request(
+                            res.request().match_pattern().as_deref().unwrap_or("unmatched"),
+                            res.request().method().as_str(),
+                            res.status().as_u16(),
+                            elapsed,
                         );
                         if let Ok(v) = header::HeaderValue::from_str(&request_id) {
                             res.headers_mut()
@@ -340,13 +366,13 @@ impl Application {
                     }
                     .instrument(span)
                 })
-        })
-        .workers(workers)
-        // SIGTERM and Ctrl-C are ours (see `run_until_stopped`): readiness first.
-        .disable_signals()
-        .shutdown_timeout(shutdown_timeout_secs)
-        .listen(listener)?
-        .run();
+            })
+            .workers(workers)
+            // SIGTERM and Ctrl-C are ours (see `run_until_stopped`): readiness first.
+            .disable_signals()
+            .shutdown_timeout(shutdown_timeout_secs)
+            .listen(listener)?
+            .run();
 
         spawn_periodic(Arc::downgrade(&keys), reload_every, move |k| {
             if let Some(every) = rotate_every {
@@ -361,16 +387,42 @@ impl Application {
         spawn_cleanup(Arc::downgrade(&shared), cleanup_every);
         tokio::spawn(sender.run());
         spawn_eviction_check(Arc::downgrade(&shared));
+        let metrics_server = match metrics_listener {
+            Some(listener) => {
+                let metrics_port = listener.local_addr()?.port();
+                tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
+                spawn_acquire_probe(Arc::downgrade(&shared));
+                let state = state.clone();
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(state.clone())
+                        .route("/metrics", web::get().to(crate::http::metrics::scrape))
+                })
+                .workers(1)
+                .disable_signals()
+                .shutdown_timeout(1)
+                .listen(listener)?
+                .run();
+                Some((server, metrics_port))
+            }
+            None => None,
+        };
         Ok(Application {
             port,
             server,
             state,
             shutdown_delay,
+            metrics: metrics_server,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The metrics listener's port, when there is one.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(|(_, port)| *port)
     }
 
     pub fn state(&self) -> web::Data<AppState> {
@@ -384,7 +436,10 @@ impl Application {
 
     /// Serves until stopped through [`Application::handle`] (tests).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let metrics = self.metrics.map(start_metrics);
+        let stopped = self.server.await;
+        stop_metrics(metrics).await;
+        stopped
     }
 
     /// `tessera serve`: serves until SIGTERM or Ctrl-C, then readiness turns 503 at
@@ -396,8 +451,10 @@ impl Application {
             server,
             state,
             shutdown_delay,
+            metrics,
             ..
         } = self;
+        let metrics = metrics.map(start_metrics);
         let handle = server.handle();
         tokio::pin!(server);
         tokio::select! {
@@ -418,9 +475,51 @@ impl Application {
         tracing::info!("shutting down: listener closed, finishing requests in flight");
         // The server future handles the stop command: poll both.
         let ((), stopped) = tokio::join!(handle.stop(true), server);
+        stop_metrics(metrics).await;
         tracing::info!("stopped");
         stopped
     }
+}
+
+/// Serves the metrics listener beside the API.
+fn start_metrics(
+    (server, _): (Server, u16),
+) -> (
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    actix_web::dev::ServerHandle,
+) {
+    let handle = server.handle();
+    (tokio::spawn(server), handle)
+}
+
+/// Stops the metrics listener once the API has stopped (scrapes are answered to the
+/// end of a drain).
+async fn stop_metrics(
+    metrics: Option<(
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        actix_web::dev::ServerHandle,
+    )>,
+) {
+    if let Some((task, handle)) = metrics {
+        let _ = tokio::join!(handle.stop(false), task);
+    }
+}
+
+/// Once a second, takes a database connection as a request would and records how long
+/// that took (`tessera_db_acquire_seconds`); only while metrics are served.
+fn spawn_acquire_probe(target: Weak<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(state) = target.upgrade() else {
+                return;
+            };
+            if let Ok(took) = state.auth.store.probe_acquire().await {
+                state.auth.metrics.acquired(took);
+            }
+        }
+    });
 }
 
 /// SIGTERM (what orchestrators send) or Ctrl-C.

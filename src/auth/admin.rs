@@ -145,7 +145,9 @@ impl AuthService {
         self.revocations
             .revoke_user_tokens(user, now.timestamp_millis(), self.access_token_horizon())
             .await
-            .map_err(ApiError::unavailable)
+            .map_err(ApiError::unavailable)?;
+        self.metrics.revoked("user", 1);
+        Ok(())
     }
 
     /// Deletes a user as `DELETE /me` does (409 for the last enabled admin).

@@ -179,6 +179,8 @@ pub struct PasswordHasherPool {
     runs: Arc<AtomicU64>,
     outdated: Arc<Outdated>,
     activity: Arc<Activity>,
+    /// Queue depth, wait and hash time (see [`PasswordHasherPool::measured`]).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Threads that hash: `password.workers` of them, all the time; or by default
@@ -315,7 +317,14 @@ impl PasswordHasherPool {
             runs: Arc::new(AtomicU64::new(0)),
             outdated,
             activity,
+            metrics: Default::default(),
         })
+    }
+
+    /// Reports to `metrics` (the server's).
+    pub fn measured(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// What the HTTP layer reports other requests to (see [`Activity`]).
@@ -410,12 +419,22 @@ impl PasswordHasherPool {
     ) -> Result<oneshot::Receiver<T>, HashError> {
         let (tx, rx) = oneshot::channel();
         let jobs = self.jobs.clone();
+        let metrics = self.metrics.clone();
+        let queued = std::time::Instant::now();
         let job: Job = Box::new(move || {
             jobs.fetch_add(1, Ordering::Relaxed);
+            let started = std::time::Instant::now();
+            metrics.hash_started(started - queued);
             let _ = tx.send(f());
+            metrics.hash_done(started.elapsed());
             drop(slot);
         });
-        match self.queue.try_send(job) {
+        self.metrics.hash_queued();
+        let sent = self.queue.try_send(job);
+        if sent.is_err() {
+            self.metrics.hash_not_queued();
+        }
+        match sent {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(HashError::Busy),
             Err(TrySendError::Disconnected(_)) => Err(HashError::Failed(anyhow::anyhow!(

@@ -136,6 +136,8 @@ pub struct AuthService {
     idle_by_role: String,
     absolute_by_role: String,
     settings: Settings,
+    /// Login, refresh and revocation counts (see `crate::metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl From<HashError> for ApiError {
@@ -177,7 +179,14 @@ impl AuthService {
             idle_by_role: settings.tokens.by_role(|r| r.refresh_idle_ttl_secs),
             absolute_by_role: settings.tokens.by_role(|r| r.refresh_absolute_ttl_secs),
             settings,
+            metrics: Default::default(),
         }
+    }
+
+    /// Counts into `metrics` (the server's, also given to the parts built before this).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn settings(&self) -> &Settings {
@@ -347,6 +356,22 @@ impl AuthService {
         presented: &str,
         client: &ClientInfo,
     ) -> Result<TokenGrant, ApiError> {
+        let result = self.rotate_or_refuse(presented, client).await;
+        self.metrics.refresh(match &result {
+            Ok((_, how)) => how,
+            Err(ApiError::InvalidGrant(reason)) => reason.as_str(),
+            Err(_) => "error",
+        });
+        result.map(|(grant, _)| grant)
+    }
+
+    /// A refresh, with how it was answered: "rotated", or "grace" (the successor a
+    /// concurrent or retried presentation already got).
+    async fn rotate_or_refuse(
+        &self,
+        presented: &str,
+        client: &ClientInfo,
+    ) -> Result<(TokenGrant, &'static str), ApiError> {
         let Some(token) = RefreshToken::parse(presented) else {
             return Err(ApiError::InvalidGrant(GrantFailure::Unknown));
         };
@@ -365,7 +390,7 @@ impl AuthService {
             client,
         };
         if let Some(grant) = self.store.rotate_refresh(rotation).await? {
-            return self.token_grant(&grant, successor);
+            return Ok((self.token_grant(&grant, successor)?, "rotated"));
         }
 
         // Not rotated: find out why.
@@ -378,7 +403,10 @@ impl AuthService {
             // this is the chance to repair it while its access tokens may still live.
             if state.now - revoked_at
                 < chrono::Duration::from_std(self.access_token_horizon()).unwrap_or_default()
-                && let Err(e) = self.deny_sessions(&[state.grant.session_id]).await
+                && let Err(e) = self
+                    .revocations
+                    .revoke_sessions(&[state.grant.session_id], self.access_token_horizon())
+                    .await
             {
                 tracing::warn!(error = %e, "could not re-mark a revoked session");
             }
@@ -422,7 +450,7 @@ impl AuthService {
                 .as_deref()
                 .and_then(|s| token.open_successor(s))
             {
-                return self.token_grant(&state.grant, same);
+                return Ok((self.token_grant(&state.grant, same)?, "grace"));
             }
         }
 
@@ -633,6 +661,7 @@ impl AuthService {
                     .await
                     .map_err(ApiError::unavailable)?
             {
+                self.metrics.revoked("token", 1);
                 self.audit(
                     AuditKind::Revoke,
                     Some(claims.sub),
@@ -714,7 +743,9 @@ impl AuthService {
         self.revocations
             .revoke_sessions(sids, self.access_token_horizon())
             .await
-            .map_err(ApiError::unavailable)
+            .map_err(ApiError::unavailable)?;
+        self.metrics.revoked("session", sids.len());
+        Ok(())
     }
 
     pub(super) fn token_grant(

@@ -44,8 +44,13 @@ pub async fn login(
         device,
         cookie: delivery == Delivery::Cookie,
     };
-    let outcome = state.auth.login(request, caller.ip, &caller.info).await?;
-    Ok(match outcome {
+    let outcome = state.auth.login(request, caller.ip, &caller.info).await;
+    state.auth.metrics.login(match &outcome {
+        Ok(LoginOutcome::Tokens(_)) => "ok",
+        Ok(LoginOutcome::MfaRequired { .. }) => "mfa_required",
+        Err(e) => login_failure(e),
+    });
+    Ok(match outcome? {
         LoginOutcome::Tokens(grant) => deliver(&state, delivery, &grant),
         LoginOutcome::MfaRequired { mfa_token } => {
             no_store(HttpResponse::Unauthorized()).json(serde_json::json!({
@@ -82,16 +87,33 @@ pub async fn login_mfa(
     Json(body): Json<LoginMfaRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let factor = second_factor(body.code, body.recovery_code)?;
-    let (grant, cookie) = state
+    let result = state
         .auth
         .login_mfa(&body.mfa_token, factor, caller.ip, &caller.info)
-        .await?;
+        .await;
+    state.auth.metrics.login(match &result {
+        Ok(_) => "ok",
+        Err(ApiError::InvalidGrant(_)) => "mfa_expired",
+        Err(e) => login_failure(e),
+    });
+    let (grant, cookie) = result?;
     let delivery = if cookie {
         Delivery::Cookie
     } else {
         Delivery::Body
     };
     Ok(deliver(&state, delivery, &grant))
+}
+
+/// The `tessera_logins_total` outcome of a refused login.
+fn login_failure(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::InvalidCredentials => "bad_credentials",
+        ApiError::RateLimited(_) => "throttled",
+        ApiError::EmailNotVerified => "email_not_verified",
+        ApiError::InvalidRequest(_) => "invalid_request",
+        _ => "error",
+    }
 }
 
 /// Exactly one of a code and a recovery code.

@@ -7,6 +7,7 @@ pub mod cookies;
 pub mod email;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod mfa;
 pub mod openapi;
 pub mod sessions;

@@ -748,11 +748,46 @@ pub struct SavedMark {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A connection pool's state, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStatus {
+    pub in_use: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+impl PoolStatus {
+    pub fn of<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Self {
+        let idle = pool.num_idle() as u32;
+        PoolStatus {
+            in_use: pool.size().saturating_sub(idle),
+            idle,
+            max: pool.options().get_max_connections(),
+        }
+    }
+}
+
+/// [`Store::probe_acquire`] on `pool`.
+pub async fn probe_acquire<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<std::time::Duration, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let conn = pool.acquire().await?;
+    let took = started.elapsed();
+    drop(conn);
+    Ok(took)
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Which database this is ("postgres", "sqlite"), as readiness reports it.
     fn name(&self) -> &'static str;
     async fn ping(&self) -> StoreResult<()>;
+    /// The pool requests take connections from (SQLite: the reading connections).
+    fn pool_status(&self) -> PoolStatus;
+    /// Takes a pooled connection as a request would and gives it back: how long the
+    /// taking took (the metrics' acquire time).
+    async fn probe_acquire(&self) -> StoreResult<std::time::Duration>;
     /// The database's clock, read after whatever the caller committed: the time of a
     /// per-user revocation mark, so that every token issued by a statement that did not
     /// see the change (the `issued_at` of its grant is earlier) is covered by the mark.

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// `tessera serve` in `dir` with no configuration at all but a free port (8080 may be
-/// taken on the machine) and JSON logs; returns the child and its log file.
+/// `tessera serve` in `dir` with no configuration at all but free ports (8080 and 9464
+/// may be taken on the machine) and JSON logs; returns the child and its log file.
 fn zero_config(dir: &Path) -> (Child, PathBuf) {
     let log = dir.join(format!("log-{}.json", uuid::Uuid::new_v4().simple()));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
@@ -28,6 +28,7 @@ fn zero_config(dir: &Path) -> (Child, PathBuf) {
     let child = cmd
         .current_dir(dir)
         .env("TESSERA__SERVER__PORT", "0")
+        .env("TESSERA__METRICS__LISTEN", "127.0.0.1:0")
         .env("TESSERA__LOG__FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())

@@ -67,6 +67,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub state: actix_web::web::Data<AppState>,
     server: actix_web::dev::ServerHandle,
+    /// The metrics listener's port (with `metrics.listen` set).
+    pub metrics_port: Option<u16>,
 }
 
 /// Settings for one test: fresh database, prefix and keys dir; cheap argon2 (the
@@ -90,6 +92,8 @@ pub fn test_settings() -> Settings {
     };
     s.redis.key_prefix = format!("tessera_test:{id}:");
     s.keys.dir = std::env::temp_dir().join(format!("tessera-test-keys-{id}"));
+    // Tests that look at metrics turn them on, on a free port.
+    s.metrics.listen = String::new();
     s.password.memory_kib = 256;
     s.password.iterations = 1;
     s.password.allow_weak = true;
@@ -130,6 +134,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
 /// Runs a built application in the background, as a [`TestApp`].
 pub fn serve(app: Application, settings: Settings) -> TestApp {
     let base = format!("http://127.0.0.1:{}", app.port());
+    let metrics_port = app.metrics_port();
     let state = app.state();
     let server = app.handle();
     tokio::spawn(app.run_until_stopped());
@@ -142,6 +147,7 @@ pub fn serve(app: Application, settings: Settings) -> TestApp {
         settings,
         state,
         server,
+        metrics_port,
     }
 }
 
@@ -710,6 +716,7 @@ pub fn server_binary(settings: &Settings) -> (std::process::Command, PathBuf) {
         .env("TESSERA__REDIS__KEY_PREFIX", &settings.redis.key_prefix)
         .env("TESSERA__KEYS__DIR", &settings.keys.dir)
         .env("TESSERA__LOG__FORMAT", "json")
+        .env("TESSERA__METRICS__LISTEN", &settings.metrics.listen)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(log_file));
     (cmd, log_path)

@@ -29,6 +29,7 @@ mod local_copy;
 mod login;
 mod logout;
 mod logs;
+mod metrics;
 mod mfa;
 mod multi_instance;
 mod notices;

@@ -273,6 +273,14 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn pool_status(&self) -> super::PoolStatus {
+        super::PoolStatus::of(&self.pool)
+    }
+
+    async fn probe_acquire(&self) -> StoreResult<Duration> {
+        super::probe_acquire(&self.pool).await.map_err(classify)
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

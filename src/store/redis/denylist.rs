@@ -30,6 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
 use tessera_marks::{AckRequest, Feed, FeedConfig, Subject, instances_channel};
 
+use super::measured::Measured;
 use crate::config::{RedisSettings, read_ca_file};
 use crate::domain::{SessionId, UserId};
 use crate::store::{MarksHealth, Revocations};
@@ -46,7 +47,7 @@ return -1
 
 #[derive(Clone)]
 pub struct Denylist {
-    conn: ConnectionManager,
+    conn: Measured,
     prefix: String,
     timeout: Duration,
     /// How long after a revocation another instance's copy may still answer without
@@ -91,7 +92,7 @@ impl Denylist {
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .context("cannot set up the Redis connection")?;
         Ok(Denylist {
-            conn,
+            conn: Measured::new(conn),
             prefix: settings.key_prefix.clone(),
             timeout,
             lease: Duration::from_millis(settings.local_copy_lease_ms),
@@ -166,8 +167,13 @@ impl Denylist {
         }
     }
 
+    /// Times its commands into `metrics` (before [`Denylist::connection`] is shared).
+    pub fn measured(&mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+        self.conn.reporting_to(metrics);
+    }
+
     /// The shared connection, for other Redis-backed state (login failure counters).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Measured {
         self.conn.clone()
     }
 

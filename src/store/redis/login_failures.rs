@@ -25,8 +25,8 @@
 
 use std::time::Duration;
 
+use super::measured::Measured;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use crate::config::LoginSettings;
 use crate::store::{BUDGET_LEASE, Budget, BudgetRules, FailureBudgets, Gate, Outcome, Place};
@@ -89,7 +89,7 @@ return 0
 
 #[derive(Clone)]
 pub struct LoginFailures {
-    conn: ConnectionManager,
+    conn: Measured,
     prefix: String,
     gate: Script,
     finish: Script,
@@ -97,7 +97,7 @@ pub struct LoginFailures {
 }
 
 impl LoginFailures {
-    pub fn new(conn: ConnectionManager, prefix: &str, settings: &LoginSettings) -> Self {
+    pub fn new(conn: Measured, prefix: &str, settings: &LoginSettings) -> Self {
         LoginFailures {
             conn,
             prefix: prefix.to_owned(),

@@ -3,6 +3,7 @@
 
 pub mod denylist;
 pub mod login_failures;
+pub mod measured;
 
 pub use denylist::Denylist;
 pub use login_failures::LoginFailures;

@@ -303,6 +303,14 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn pool_status(&self) -> super::PoolStatus {
+        super::PoolStatus::of(&self.reader)
+    }
+
+    async fn probe_acquire(&self) -> StoreResult<Duration> {
+        super::probe_acquire(&self.reader).await.map_err(classify)
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.reader)
