@@ -39,6 +39,7 @@ pub struct Settings {
     pub email: EmailSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
+    pub events: EventSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -414,6 +415,89 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// Security events sent as webhooks (`[events]`, `[[events.webhooks]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    pub webhooks: Vec<WebhookSettings>,
+    pub timeout_secs: u64,
+    pub retry_base_secs: u64,
+    pub retry_max_secs: u64,
+    pub give_up_after_secs: u64,
+}
+
+/// Every event a webhook may subscribe to (see `outbox::webhook`).
+pub const EVENT_TYPES: &[&str] = &[
+    "user.created",
+    "user.deleted",
+    "user.disabled",
+    "user.enabled",
+    "user.roles_changed",
+    "user.email_changed",
+    "session.created",
+    "session.reuse_detected",
+    "password.changed",
+    "mfa.enabled",
+    "mfa.disabled",
+];
+
+impl EventSettings {
+    fn validate(&self) -> anyhow::Result<()> {
+        use base64::Engine;
+        use secrecy::ExposeSecret;
+        if self.timeout_secs == 0
+            || self.retry_base_secs == 0
+            || self.retry_max_secs < self.retry_base_secs
+        {
+            bail!(
+                "events.timeout_secs and events.retry_base_secs must be positive, and \
+                 events.retry_max_secs at least retry_base_secs"
+            );
+        }
+        for (i, hook) in self.webhooks.iter().enumerate() {
+            let url = url::Url::parse(&hook.url).ok();
+            if !url.is_some_and(|u| matches!(u.scheme(), "https" | "http") && u.has_host()) {
+                bail!("events.webhooks[{i}].url must be an http(s):// URL");
+            }
+            let secret = hook.secret.expose_secret();
+            let key = secret
+                .strip_prefix("whsec_")
+                .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok());
+            if !key.is_some_and(|k| (24..=64).contains(&k.len())) {
+                bail!(
+                    "events.webhooks[{i}].secret must be whsec_ and the base64 of 24 to 64 \
+                     random bytes, e.g. the output of: echo \"whsec_$(head -c 32 \
+                     /dev/urandom | base64)\""
+                );
+            }
+            if hook.events.is_empty() {
+                bail!("events.webhooks[{i}].events is empty: name events, or [\"*\"] for all");
+            }
+            if let Some(unknown) = hook
+                .events
+                .iter()
+                .find(|e| *e != "*" && !EVENT_TYPES.contains(&e.as_str()))
+            {
+                bail!(
+                    "events.webhooks[{i}].events: unknown event {unknown:?}; known: {}",
+                    EVENT_TYPES.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub url: String,
+    /// `whsec_` and the base64 of 24 to 64 random bytes (Standard Webhooks).
+    pub secret: SecretString,
+    /// Event types (`user.created`, ...), or `["*"]` for all.
+    pub events: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
@@ -543,6 +627,7 @@ impl Settings {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             bail!("log.format must be \"pretty\" or \"json\"");
         }
+        self.events.validate()?;
         let listen = self.metrics.listen.trim();
         if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
             bail!(
@@ -616,6 +701,21 @@ fn apply_env(table: &mut toml::Table, name: &str, raw: &str) -> anyhow::Result<(
     let [section, key] = parts.as_slice() else {
         bail!("expected TESSERA__<SECTION>__<KEY>");
     };
+    if (section.as_str(), key.as_str()) == ("events", "webhooks") {
+        // A list of tables: JSON, [{"url": ..., "secret": ..., "events": [...]}].
+        let json: serde_json::Value = serde_json::from_str(raw).context(
+            "expected a JSON list such as [{\"url\": \"https://...\", \"secret\": \"whsec_...\", \"events\": [\"*\"]}]",
+        )?;
+        let events = table
+            .get_mut("events")
+            .and_then(toml::Value::as_table_mut)
+            .context("no events table")?;
+        events.insert(
+            "webhooks".into(),
+            toml::Value::try_from(json).context("expected a JSON list of objects")?,
+        );
+        return Ok(());
+    }
     let slot = table
         .get_mut(section)
         .and_then(toml::Value::as_table_mut)
@@ -710,6 +810,9 @@ mod tests {
             ("log", "format") => "json".into(),
             ("log", "level") => "debug".into(),
             ("metrics", "listen") => "0.0.0.0:9465".into(),
+            ("events", "webhooks") => {
+                r#"[{"url": "https://app.example.com/hooks", "secret": "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3", "events": ["*"]}]"#.into()
+            }
             _ => match default {
                 toml::Value::Integer(i) => (i + 1).to_string(),
                 toml::Value::Boolean(b) => (!b).to_string(),
@@ -722,7 +825,7 @@ mod tests {
     /// Everything a setting holds, secrets included, to see one change.
     fn everything(s: &Settings) -> String {
         format!(
-            "{s:?} {} {} {} {:?}",
+            "{s:?} {} {} {} {:?} {:?}",
             s.database.url.expose_secret(),
             s.redis.url.expose_secret(),
             s.email.smtp_url.expose_secret(),
@@ -730,6 +833,11 @@ mod tests {
                 .clients
                 .iter()
                 .map(|c| c.expose_secret().to_owned())
+                .collect::<Vec<_>>(),
+            s.events
+                .webhooks
+                .iter()
+                .map(|w| w.secret.expose_secret().to_owned())
                 .collect::<Vec<_>>()
         )
     }

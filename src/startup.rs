@@ -29,6 +29,7 @@ use crate::http::{admin, auth, email, health, mfa, openapi, sessions, token, use
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::outbox::sender::Sender;
+use crate::outbox::webhook::Webhooks;
 use crate::store::memory::{MemoryBudgets, MemoryMarks};
 use crate::store::redis::{Denylist, LoginFailures};
 use crate::store::{Backend, FailureBudgets, MarksHealth, Revocations, Store};
@@ -119,6 +120,7 @@ pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Resu
     let keys = Arc::new(SharedKeyring::open(secrets)?);
     let tokens = AccessTokens::new(keys, &settings.tokens);
     let hasher = PasswordHasherPool::new(&settings.password)?;
+    let webhooks = Arc::new(Webhooks::from_settings(&settings.events)?);
     Ok(AuthService::new(
         settings,
         store,
@@ -127,7 +129,8 @@ pub async fn operator_service(settings: Settings, migrate: bool) -> anyhow::Resu
         tokens,
         hasher,
         Sealing::new(outbox, &mfa_secret),
-    ))
+    )
+    .with_webhooks(webhooks))
 }
 
 /// Where revocation marks and login failure budgets live: Redis, shared by every
@@ -274,12 +277,14 @@ impl Application {
             })?),
         };
 
+        let webhooks = Arc::new(Webhooks::from_settings(&settings.events)?);
         let sender = Sender::new(
             &store,
             outbox.clone(),
             mailer,
             templates,
             settings.email.clone(),
+            (webhooks.clone(), settings.events.clone()),
         );
         let mfa_secret = secrets.mfa_secret()?;
         let auth = AuthService::new(
@@ -291,7 +296,8 @@ impl Application {
             hasher,
             Sealing::new(outbox, &mfa_secret),
         )
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_webhooks(webhooks);
         let state = web::Data::new(AppState {
             auth,
             trusted_proxies,

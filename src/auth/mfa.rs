@@ -40,6 +40,8 @@ const RECOVERY_CODES: usize = 10;
 /// How long an `mfa_token` lives, and how many wrong codes it takes.
 pub const CHALLENGE_TTL_SECS: i64 = 300;
 pub const CHALLENGE_MAX_FAILURES: i32 = 5;
+/// Sealed into a challenge in place of a device token when the login showed none.
+const NEW_DEVICE: &str = "new";
 
 /// What enrollment answers.
 pub struct Enrollment {
@@ -387,7 +389,7 @@ impl AuthService {
         password_hash: &str,
         remember_me: bool,
         cookie: bool,
-        device: &DeviceToken,
+        known_device: Option<&DeviceToken>,
     ) -> Result<Option<String>, ApiError> {
         match self.store.totp(user).await? {
             Some(row) if row.confirmed => {}
@@ -400,7 +402,12 @@ impl AuthService {
             password_hash: password_hash.to_owned(),
             remember_me,
             cookie,
-            device_sealed: self.mfa_sealer.seal(device.expose().as_bytes(), &hash),
+            // No known device: a marker that is no device token, so the second step
+            // makes one and knows the device is new.
+            device_sealed: self.mfa_sealer.seal(
+                known_device.map_or(NEW_DEVICE.as_bytes(), |d| d.expose().as_bytes()),
+                &hash,
+            ),
             failures: 0,
         };
         self.store
@@ -446,12 +453,13 @@ impl AuthService {
         if !self.store.take_mfa_challenge(&hash).await? {
             return Err(dead()); // used by a concurrent request
         }
-        let device = self
+        let known_device = self
             .mfa_sealer
             .open(&challenge.device_sealed, &hash)
             .and_then(|d| String::from_utf8(d).ok())
-            .and_then(|d| DeviceToken::parse(&d))
-            .unwrap_or_else(DeviceToken::generate);
+            .and_then(|d| DeviceToken::parse(&d));
+        let new_device = known_device.is_none();
+        let device = known_device.unwrap_or_else(DeviceToken::generate);
         let (created, refresh) = self
             .open_session(
                 SessionStart {
@@ -474,7 +482,7 @@ impl AuthService {
             Some(user.id),
             Some(created.grant.session_id),
             client,
-            json!({"remember_me": challenge.remember_me, "mfa": true}),
+            json!({"remember_me": challenge.remember_me, "mfa": true, "new_device": new_device}),
         )
         .await;
         let mut grant = self.token_grant(&created.grant, refresh)?;

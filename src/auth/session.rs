@@ -138,6 +138,8 @@ pub struct AuthService {
     settings: Settings,
     /// Login, refresh and revocation counts (see `crate::metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Who hears of which security events (see [`AuthService::record`]).
+    webhooks: Arc<crate::outbox::webhook::Webhooks>,
 }
 
 impl From<HashError> for ApiError {
@@ -180,7 +182,14 @@ impl AuthService {
             absolute_by_role: settings.tokens.by_role(|r| r.refresh_absolute_ttl_secs),
             settings,
             metrics: Default::default(),
+            webhooks: Default::default(),
         }
+    }
+
+    /// Writes security events for `webhooks`' receivers beside their audit rows.
+    pub fn with_webhooks(mut self, webhooks: Arc<crate::outbox::webhook::Webhooks>) -> Self {
+        self.webhooks = webhooks;
+        self
     }
 
     /// Counts into `metrics` (the server's, also given to the parts built before this).
@@ -285,18 +294,25 @@ impl AuthService {
             return Err(ApiError::EmailNotVerified);
         }
 
-        let device = attempt
-            .known_device
-            .clone()
-            .unwrap_or_else(DeviceToken::generate);
+        let new_device = attempt.known_device.is_none();
         // A second factor: no session yet, only a challenge (see `super::mfa`).
         if let Some(mfa_token) = self
-            .mfa_challenge(user.id, &password_hash, remember_me, cookie, &device)
+            .mfa_challenge(
+                user.id,
+                &password_hash,
+                remember_me,
+                cookie,
+                attempt.known_device.as_ref(),
+            )
             .await?
         {
             attempt.finish(Outcome::Succeeded).await;
             return Ok(LoginOutcome::MfaRequired { mfa_token });
         }
+        let device = attempt
+            .known_device
+            .clone()
+            .unwrap_or_else(DeviceToken::generate);
         let notice = match (&attempt.known_device, &user.email) {
             (None, Some(to)) => self.new_device_notice(user.id, to, client).await,
             _ => None,
@@ -342,7 +358,11 @@ impl AuthService {
             Some(user.id),
             Some(created.grant.session_id),
             client,
-            json!({"remember_me": remember_me, "sessions_evicted": created.evicted.len()}),
+            json!({
+                "remember_me": remember_me,
+                "sessions_evicted": created.evicted.len(),
+                "new_device": new_device,
+            }),
         )
         .await;
         let mut grant = self.token_grant(&created.grant, refresh)?;
@@ -848,9 +868,23 @@ impl AuthService {
         .await
     }
 
+    /// Writes an audit row; when it reports a security event that webhook receivers
+    /// subscribed to, their outbox rows go in the same transaction and the sender is
+    /// woken (see `crate::outbox::webhook`).
     pub(super) async fn record(&self, event: AuditEvent<'_>) {
         let kind = event.kind;
-        if let Err(e) = self.store.record_audit(event).await {
+        let webhooks = self.webhooks.rows(&self.outbox, &event);
+        let written = match webhooks.is_empty() {
+            true => self.store.record_audit(event).await,
+            false => {
+                let written = self.store.record_event(event, webhooks).await;
+                if written.is_ok() {
+                    self.outbox.wake();
+                }
+                written
+            }
+        };
+        if let Err(e) = written {
             tracing::warn!(error = %e, kind = kind.as_str(), "audit write failed");
         }
     }

@@ -1,5 +1,5 @@
-//! The durable outbox: what Tessera has to tell the outside world (emails now; webhooks
-//! can take the same road) is written as a row in the transaction of the change it
+//! The durable outbox: what Tessera has to tell the outside world (emails, and webhooks:
+//! see [`webhook`]) is written as a row in the transaction of the change it
 //! reports, then delivered by a background [`sender`], at least once.
 //!
 //! A row's payload is an [`Item`] sealed with AES-256-GCM under a key derived from
@@ -8,6 +8,7 @@
 //! which a database dump alone must not yield.
 
 pub mod sender;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +31,26 @@ pub enum Item {
         to: String,
         values: BTreeMap<String, String>,
     },
+    /// One event for one receiver (see [`webhook`]).
+    Webhook {
+        url: String,
+        /// `webhook-id`: the same on every attempt.
+        id: String,
+        /// The event type, for logs and the give-up audit row.
+        event: String,
+        /// The JSON body, fixed when the event happened.
+        body: String,
+    },
+}
+
+impl Item {
+    /// The outbox row's `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Item::Email { .. } => "email",
+            Item::Webhook { .. } => "webhook",
+        }
+    }
 }
 
 impl std::fmt::Debug for Item {
@@ -37,6 +58,7 @@ impl std::fmt::Debug for Item {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Item::Email { template, .. } => write!(f, "Item::Email({template})"),
+            Item::Webhook { event, .. } => write!(f, "Item::Webhook({event})"),
         }
     }
 }

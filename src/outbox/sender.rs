@@ -1,9 +1,11 @@
 //! Each instance's outbox sender: claims due rows (a lease, so a row is worked on by one
-//! sender at a time and a dead sender's rows go to another after it), delivers them, and
-//! deletes each once delivered. A failure that may pass is retried with exponential
-//! backoff (`email.retry_base_secs` doubling up to `email.retry_max_secs`); a row still
-//! undelivered `email.give_up_after_secs` after it was written, or refused for good, is
-//! deleted with an `email_delivery_failed` audit row. Nothing here runs in a request:
+//! sender at a time and a dead sender's rows go to another after it), delivers them
+//! (emails through the mailer, webhooks posted: [`super::webhook`]), and deletes each
+//! once delivered. A failure that may pass is retried with exponential backoff
+//! (`email.retry_base_secs` doubling up to `email.retry_max_secs`; `events.*` for
+//! webhooks); a row still undelivered `give_up_after_secs` after it was written, or
+//! refused for good, is deleted with an `email_delivery_failed` /
+//! `webhook_delivery_failed` audit row. Nothing here runs in a request:
 //! requests only write rows and wake the sender.
 //!
 //! At least once: a sender that dies between delivering and deleting leaves the row to
@@ -15,8 +17,12 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::json;
 
+use std::collections::BTreeMap;
+
+use super::webhook::{Webhooks, host_of};
 use super::{Item, Outbox};
-use crate::config::EmailSettings;
+use crate::config::{EmailSettings, EventSettings};
+use crate::domain::UserId;
 use crate::email::templates::{Template, Templates};
 use crate::email::{Mailer, Message, SendError};
 use crate::store::{AuditEvent, AuditKind, ClientInfo, OutboxRow, Store, StoreResult};
@@ -35,6 +41,8 @@ pub struct Sender {
     mailer: Mailer,
     templates: Templates,
     settings: EmailSettings,
+    webhooks: Arc<Webhooks>,
+    webhook_settings: EventSettings,
 }
 
 impl Sender {
@@ -44,6 +52,7 @@ impl Sender {
         mailer: Mailer,
         templates: Templates,
         settings: EmailSettings,
+        webhooks: (Arc<Webhooks>, EventSettings),
     ) -> Self {
         Sender {
             store: Arc::downgrade(store),
@@ -51,6 +60,8 @@ impl Sender {
             mailer,
             templates,
             settings,
+            webhooks: webhooks.0,
+            webhook_settings: webhooks.1,
         }
     }
 
@@ -93,37 +104,73 @@ impl Sender {
 
     /// Longer than a batch can take: every message of it timing out at every step.
     fn lease_secs(&self) -> i64 {
-        (BATCH as u64 * self.settings.smtp_timeout_secs.max(1) * 4).max(120) as i64
+        let slowest = self
+            .settings
+            .smtp_timeout_secs
+            .max(self.webhook_settings.timeout_secs)
+            .max(1);
+        (BATCH as u64 * slowest * 4).max(120) as i64
     }
 
     async fn deliver(&self, store: &dyn Store, row: OutboxRow) -> StoreResult<()> {
         let Some(item) = self.outbox.open(&row.payload) else {
-            return self
-                .give_up(
-                    store,
-                    &row,
-                    None,
-                    "undecryptable",
-                    "keys.dir/outbox.secret changed",
-                )
-                .await;
+            let failed = match row.kind.as_str() {
+                "webhook" => AuditKind::WebhookDeliveryFailed,
+                _ => AuditKind::EmailDeliveryFailed,
+            };
+            let detail = json!({"reason": "undecryptable", "attempts": row.attempts});
+            tracing::error!(
+                id = row.id,
+                "outbox row undecryptable: keys.dir/outbox.secret changed"
+            );
+            return self.abandon(store, &row, failed, None, detail).await;
         };
-        let Item::Email {
-            user,
-            template,
-            to,
-            values,
-        } = &item;
-        let Some(kind) = Template::from_name(template) else {
-            return self
-                .give_up(
-                    store,
-                    &row,
-                    *user,
-                    "unknown_template",
-                    "written by a newer version",
-                )
-                .await;
+        match item {
+            Item::Email {
+                user,
+                template,
+                to,
+                values,
+            } => {
+                self.send_email(store, row, user, template, to, values)
+                    .await
+            }
+            Item::Webhook {
+                url,
+                id,
+                event,
+                body,
+            } => self.post_webhook(store, row, url, id, event, body).await,
+        }
+    }
+
+    async fn send_email(
+        &self,
+        store: &dyn Store,
+        row: OutboxRow,
+        user: Option<UserId>,
+        template: String,
+        to: String,
+        values: BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        let give_up = |reason: &str, why: &str| {
+            tracing::error!(
+                id = row.id,
+                attempts = row.attempts,
+                template,
+                reason,
+                error = %why,
+                "email given up on"
+            );
+            let detail = json!({
+                "template": template,
+                "reason": reason,
+                "attempts": row.attempts,
+            });
+            self.abandon(store, &row, AuditKind::EmailDeliveryFailed, user, detail)
+        };
+        let Some(kind) = Template::from_name(&template) else {
+            return give_up("unknown_template", "written by a newer version").await;
         };
         let values: Vec<(&str, &str)> = values
             .iter()
@@ -131,7 +178,7 @@ impl Sender {
             .collect();
         let rendered = self.templates.render(kind, &values);
         let message = Message {
-            to: to.clone(),
+            to,
             subject: rendered.subject,
             text: rendered.text,
             html: rendered.html,
@@ -141,8 +188,12 @@ impl Sender {
                 tracing::info!(id = row.id, template, attempts = row.attempts, "email sent");
                 store.delete_outbox(row.id).await
             }
-            Err(SendError::Retry(why)) if !self.too_old(&row) => {
-                let after = self.backoff_secs(row.attempts);
+            Err(SendError::Retry(why)) if !too_old(&row, self.settings.give_up_after_secs) => {
+                let after = backoff_secs(
+                    row.attempts,
+                    self.settings.retry_base_secs,
+                    self.settings.retry_max_secs,
+                );
                 tracing::warn!(
                     id = row.id,
                     template,
@@ -153,61 +204,109 @@ impl Sender {
                 );
                 store.retry_outbox(row.id, after).await
             }
-            Err(SendError::Retry(why)) => self.give_up(store, &row, *user, "gave_up", &why).await,
-            Err(SendError::Permanent(why)) => {
-                self.give_up(store, &row, *user, "refused", &why).await
-            }
+            Err(SendError::Retry(why)) => give_up("gave_up", &why).await,
+            Err(SendError::Permanent(why)) => give_up("refused", &why).await,
         }
     }
 
-    fn too_old(&self, row: &OutboxRow) -> bool {
-        let age = Utc::now() - row.created_at;
-        age.num_seconds() >= self.settings.give_up_after_secs as i64
+    async fn post_webhook(
+        &self,
+        store: &dyn Store,
+        row: OutboxRow,
+        url: String,
+        id: String,
+        event: String,
+        body: String,
+    ) -> StoreResult<()> {
+        let host = host_of(&url);
+        let give_up = |reason: &str, why: &str| {
+            tracing::error!(
+                id = row.id,
+                attempts = row.attempts,
+                event,
+                host,
+                reason,
+                error = %why,
+                "webhook given up on"
+            );
+            let detail = json!({
+                "event": event,
+                "host": host,
+                "reason": reason,
+                "attempts": row.attempts,
+            });
+            self.abandon(store, &row, AuditKind::WebhookDeliveryFailed, None, detail)
+        };
+        let events = &self.webhook_settings;
+        match self.webhooks.post(&url, &id, &body).await {
+            None => {
+                give_up(
+                    "receiver_removed",
+                    "no [[events.webhooks]] has this url now",
+                )
+                .await
+            }
+            Some(Ok(())) => {
+                tracing::info!(
+                    id = row.id,
+                    event,
+                    host,
+                    attempts = row.attempts,
+                    "webhook delivered"
+                );
+                store.delete_outbox(row.id).await
+            }
+            Some(Err(why)) if !too_old(&row, events.give_up_after_secs) => {
+                let after =
+                    backoff_secs(row.attempts, events.retry_base_secs, events.retry_max_secs);
+                tracing::warn!(
+                    id = row.id,
+                    event,
+                    host,
+                    attempts = row.attempts,
+                    retry_in_secs = after,
+                    error = %why,
+                    "webhook not delivered yet"
+                );
+                store.retry_outbox(row.id, after).await
+            }
+            Some(Err(why)) => give_up("gave_up", &why).await,
+        }
     }
 
-    /// base × 2^(attempts − 1), at most the maximum.
-    fn backoff_secs(&self, attempts: i32) -> i64 {
-        let base = self.settings.retry_base_secs.max(1);
-        let doublings = attempts.saturating_sub(1).clamp(0, 20) as u32;
-        base.saturating_mul(1 << doublings)
-            .min(self.settings.retry_max_secs.max(base)) as i64
-    }
-
-    async fn give_up(
+    async fn abandon(
         &self,
         store: &dyn Store,
         row: &OutboxRow,
-        user: Option<crate::domain::UserId>,
-        reason: &str,
-        why: &str,
+        kind: AuditKind,
+        user: Option<UserId>,
+        detail: serde_json::Value,
     ) -> StoreResult<()> {
-        tracing::error!(
-            id = row.id,
-            attempts = row.attempts,
-            reason,
-            error = %why,
-            "email given up on"
-        );
-        let template = self
-            .outbox
-            .open(&row.payload)
-            .map(|Item::Email { template, .. }| template);
         store
             .abandon_outbox(
                 row.id,
                 AuditEvent {
-                    kind: AuditKind::EmailDeliveryFailed,
+                    kind,
                     user_id: user,
                     session_id: None,
                     actor_id: None,
                     client: &ClientInfo::default(),
-                    detail: json!({
-                        "template": template,
-                        "reason": reason,
-                        "attempts": row.attempts,
-                    }),
+                    detail,
                 },
             )
             .await
     }
+}
+
+/// Whether `row` was written at least `give_up_after_secs` ago.
+fn too_old(row: &OutboxRow, give_up_after_secs: u64) -> bool {
+    let age = Utc::now() - row.created_at;
+    age.num_seconds() >= give_up_after_secs as i64
+}
+
+/// base × 2^(attempts − 1), at most `max`.
+fn backoff_secs(attempts: i32, base: u64, max: u64) -> i64 {
+    let base = base.max(1);
+    let doublings = attempts.saturating_sub(1).clamp(0, 20) as u32;
+    base.saturating_mul(1 << doublings).min(max.max(base)) as i64
 }

@@ -478,6 +478,7 @@ pub enum AuditKind {
     UserDeleted,
     InvitationSent,
     EmailDeliveryFailed,
+    WebhookDeliveryFailed,
     AnonymousCreated,
     AnonymousConverted,
     UserMigrationApplied,
@@ -518,6 +519,7 @@ impl AuditKind {
             AuditKind::UserDeleted => "user_deleted",
             AuditKind::InvitationSent => "invitation_sent",
             AuditKind::EmailDeliveryFailed => "email_delivery_failed",
+            AuditKind::WebhookDeliveryFailed => "webhook_delivery_failed",
             AuditKind::AnonymousCreated => "anonymous_created",
             AuditKind::AnonymousConverted => "anonymous_converted",
             AuditKind::UserMigrationApplied => "user_migration_applied",
@@ -1043,6 +1045,10 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_len(&self) -> StoreResult<i64>;
 
     async fn record_audit(&self, event: AuditEvent<'_>) -> StoreResult<()>;
+    /// An audit row and the webhook deliveries that report it (sealed outbox rows of
+    /// kind "webhook", with no user: deleting a user must not take its
+    /// `user.deleted` along), in one transaction.
+    async fn record_event(&self, event: AuditEvent<'_>, webhooks: Vec<Vec<u8>>) -> StoreResult<()>;
     /// Where the user's latest `limit` logins (and their own registration) came from,
     /// newest first, from the audit rows: what a `new_device` notice compares with.
     async fn login_origins(&self, user: UserId, limit: i64) -> StoreResult<Vec<ClientInfo>>;

@@ -52,3 +52,4 @@ mod tls;
 mod user_migrations;
 mod users;
 mod verification;
+mod webhooks;

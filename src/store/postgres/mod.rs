@@ -1604,6 +1604,21 @@ impl Store for PgStore {
         insert_audit(&mut conn, &e).await
     }
 
+    async fn record_event(&self, e: AuditEvent<'_>, webhooks: Vec<Vec<u8>>) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        insert_audit(&mut tx, &e).await?;
+        for payload in &webhooks {
+            sqlx::query!(
+                "INSERT INTO outbox (kind, payload) VALUES ('webhook', $1)",
+                payload
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
+    }
+
     async fn login_origins(&self, user: UserId, limit: i64) -> StoreResult<Vec<ClientInfo>> {
         let rows = sqlx::query!(
             r#"SELECT ip, user_agent FROM audit_events

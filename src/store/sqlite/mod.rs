@@ -2129,6 +2129,29 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn record_event(&self, e: AuditEvent<'_>, webhooks: Vec<Vec<u8>>) -> StoreResult<()> {
+        let audit = OwnedAudit::from(&e);
+        self.writer
+            .write(Box::new(move |conn| {
+                Box::pin(async move {
+                    audit.insert(conn).await?;
+                    let now = now_us();
+                    for payload in &webhooks {
+                        sqlx::query!(
+                            r#"INSERT INTO outbox (kind, payload, created_at, next_attempt_at)
+                               VALUES ('webhook', ?1, ?2, ?2)"#,
+                            payload,
+                            now,
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                    Ok(())
+                })
+            }))
+            .await
+    }
+
     async fn login_origins(&self, user: UserId, limit: i64) -> StoreResult<Vec<ClientInfo>> {
         let user = user.0.to_string();
         let rows = sqlx::query!(
