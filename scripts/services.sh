@@ -191,6 +191,25 @@ ensure_tls_tools() {
   command -v redis-server >/dev/null || apt_install redis-server
 }
 
+# The contract run (tests/api/schemathesis.rs): schemathesis from PyPI, at a pinned
+# version, in a virtualenv of the project's own (.dev/schemathesis); nothing is
+# installed into the machine's Python.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv="$DEV_DIR/schemathesis"
+  if [ "$("$venv/bin/schemathesis" --version 2>/dev/null)" = "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
+    return
+  fi
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    TESSERA_APT_OPTIONS=--no-install-recommends apt_install python3-venv
+  fi
+  say "installing schemathesis $SCHEMATHESIS_VERSION into $venv (pip, from PyPI) ..."
+  rm -rf "$venv"
+  python3 -m venv "$venv" || die "cannot make a Python virtualenv in $venv"
+  "$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION" ||
+    die "cannot install schemathesis from PyPI; is the network up?"
+}
+
 ensure_services() {
   ensure_postgres
   ensure_redis

@@ -13,6 +13,10 @@ source scripts/services.sh
 ensure_services
 ensure_browser_tools
 ensure_mail_tools
+ensure_schemathesis
+# The contract run (tests/api/schemathesis.rs) fails rather than skips without it.
+export TESSERA_TEST_SCHEMATHESIS="$DEV_DIR/schemathesis/bin/schemathesis"
+export TESSERA_TEST_SCHEMATHESIS_REQUIRED=1
 # The browser tests (tests/api/browser.rs) fail rather than skip when a tool is missing.
 export TESSERA_TEST_BROWSER=required
 

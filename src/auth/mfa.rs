@@ -349,18 +349,20 @@ impl AuthService {
     }
 
     /// `DELETE /admin/users/{id}/mfa`: an admin removes a user's second factor (every
-    /// session of the user ends).
+    /// session of the user ends). A user without one has nothing to remove: 204 all the
+    /// same (a repeated DELETE is not an error), with no audit row; 404 is for no user.
     pub async fn admin_remove_totp(
         &self,
         admin: &Claims,
         user: UserId,
         client: &ClientInfo,
     ) -> Result<(), ApiError> {
-        let ended = self
-            .store
-            .remove_totp(user, None)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        let Some(ended) = self.store.remove_totp(user, None).await? else {
+            return match self.store.find_user(user).await? {
+                Some(_) => Ok(()),
+                None => Err(ApiError::NotFound),
+            };
+        };
         self.deny_sessions(&ended).await?;
         self.second_factor_changed(user).await?;
         self.audit_by(

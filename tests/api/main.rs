@@ -40,6 +40,7 @@ mod recovery;
 mod refresh;
 mod revoke;
 mod role_lifetimes;
+mod schemathesis;
 mod scripts;
 mod sessions;
 mod shared_throttle;
