@@ -147,6 +147,8 @@ pub struct RedisSettings {
     pub local_copy_lease_ms: u64,
     /// A PEM file of CA certificates for a `rediss://` URL, instead of the system's.
     pub ca_file: PathBuf,
+    /// Replicas that must have a revocation before it is answered (`WAIT`).
+    pub wait_replicas: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

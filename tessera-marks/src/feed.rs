@@ -55,6 +55,7 @@ use crate::{Marks, Subject};
 
 #[derive(Debug, Clone)]
 pub struct FeedConfig {
+    /// `redis://`, `rediss://` or `redis+sentinel://` (see [`crate::Source`]).
     pub redis_url: String,
     /// PEM CA certificates that sign a `rediss://` server's certificate, instead of the
     /// system's roots (see [`client`]).
@@ -160,7 +161,7 @@ impl Feed {
     /// Starts following Redis in a task on the current Tokio runtime. The feed stops
     /// when the last `Arc` is dropped.
     pub fn start(config: FeedConfig) -> Result<Arc<Feed>, redis::RedisError> {
-        let client = client(&config.redis_url, config.ca_pem.as_deref())?;
+        let source = crate::Source::parse(&config.redis_url, config.ca_pem.as_deref())?;
         let handle = tokio::runtime::Handle::try_current().map_err(|_| {
             redis::RedisError::from((
                 redis::ErrorKind::Client,
@@ -189,7 +190,7 @@ impl Feed {
             pending: Mutex::new(HashMap::new()),
             config,
         });
-        handle.spawn(run(Arc::downgrade(&feed), client));
+        handle.spawn(run(Arc::downgrade(&feed), source));
         Ok(feed)
     }
 
@@ -331,10 +332,15 @@ impl Feed {
 }
 
 /// Subscribe, resync, follow; on any failure mark unsynced and start over.
-async fn run(this: Weak<Feed>, client: redis::Client) {
+async fn run(this: Weak<Feed>, source: crate::Source) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match follow(&this, &client).await {
+        // Asked again at every start: behind Sentinel, the primary of the moment.
+        let followed = match source.client().await {
+            Ok(client) => follow(&this, &client).await,
+            Err(e) => Err(e),
+        };
+        match followed {
             Ok(()) => return, // the feed was dropped
             Err(e) => {
                 tracing::warn!(error = %e, "revocation feed lost; resyncing when Redis is back");

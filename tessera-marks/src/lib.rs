@@ -11,6 +11,7 @@
 //! its docs), for the server's own checks and for `tessera-verify` in downstream APIs.
 
 mod feed;
+mod source;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub use feed::{AckRequest, Feed, FeedConfig, NO_ACKS, client, instances_channel};
+pub use source::Source;
 
 /// What a check asks about: one access token.
 #[derive(Debug, Clone, Copy)]

@@ -42,6 +42,7 @@ mod revoke;
 mod role_lifetimes;
 mod schemathesis;
 mod scripts;
+mod sentinel;
 mod sessions;
 mod shared_throttle;
 mod shutdown;

@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
-use tessera_marks::{AckRequest, Feed, FeedConfig, Subject, instances_channel};
+use tessera_marks::{AckRequest, Feed, FeedConfig, Source, Subject, instances_channel};
 
 use super::measured::Measured;
 use crate::config::{RedisSettings, read_ca_file};
@@ -53,6 +53,8 @@ pub struct Denylist {
     /// How long after a revocation another instance's copy may still answer without
     /// it: revocations wait for every instance's ack, or this long.
     lease: Duration,
+    /// Replicas that must have a revocation before it is answered (`redis.wait_replicas`).
+    wait_replicas: u32,
     /// The in-memory copy, once [`Denylist::follow`] started it.
     copy: Option<Arc<Feed>>,
 }
@@ -81,21 +83,34 @@ impl Denylist {
     /// denylist get 503 until it is back, and the manager reconnects by itself.
     pub fn connect_lazy(settings: &RedisSettings) -> anyhow::Result<Self> {
         let ca_pem = ca_pem(settings)?;
-        let client = tessera_marks::client(settings.url.expose_secret(), ca_pem.as_deref())
+        let source = Source::parse(settings.url.expose_secret(), ca_pem.as_deref())
             .context("redis.url is not a valid Redis URL, or redis.ca_file does not go with it")?;
         let timeout = Duration::from_millis(settings.timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .context("cannot set up the Redis connection")?;
+        let conn = match source {
+            Source::Direct(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                Measured::new(
+                    ConnectionManager::new_lazy_with_config(*client, config)
+                        .context("cannot set up the Redis connection")?,
+                )
+            }
+            sentinel => Measured::primary_of(
+                sentinel,
+                redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout)),
+            ),
+        };
         Ok(Denylist {
-            conn: Measured::new(conn),
+            conn,
             prefix: settings.key_prefix.clone(),
             timeout,
             lease: Duration::from_millis(settings.local_copy_lease_ms),
+            wait_replicas: settings.wait_replicas,
             copy: None,
         })
     }
@@ -223,7 +238,31 @@ impl Denylist {
         pipe.publish(instances_channel(&self.prefix), ack_payload(&request));
         let mut conn = self.conn.clone();
         let (heard,): (i64,) = pipe.query_async(&mut conn).await?;
+        self.replicated().await?;
         self.settle(request, heard).await;
+        Ok(())
+    }
+
+    /// With `redis.wait_replicas` > 0: waits (at most `redis.timeout_ms`) until that
+    /// many replicas have every write this connection made, else fails (503; the client
+    /// retries, and marks are idempotent). So a revocation that was answered survives a
+    /// failover to a replica.
+    async fn replicated(&self) -> anyhow::Result<()> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(self.timeout.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        if acked < self.wait_replicas as i64 {
+            anyhow::bail!(
+                "a revocation reached {acked} Redis replicas of the {} redis.wait_replicas asks",
+                self.wait_replicas
+            );
+        }
         Ok(())
     }
 
@@ -256,6 +295,7 @@ impl Denylist {
         if heard < 0 {
             return Ok(false);
         }
+        self.replicated().await?;
         self.settle(request, heard).await;
         Ok(true)
     }
