@@ -12,7 +12,7 @@
 //!
 //! This module depends on nothing else of Tessera's.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -89,7 +89,6 @@ pub struct Metrics {
     refreshes: Family<OutcomeLabels, Counter>,
     revocations: Family<KindLabels, Counter>,
     hash_queue: Gauge,
-    hash_queued: AtomicI64,
     hash_wait_seconds: Histogram,
     hash_seconds: Histogram,
     db_connections: Family<StateLabels, Gauge>,
@@ -116,7 +115,6 @@ impl Metrics {
             refreshes: Family::default(),
             revocations: Family::default(),
             hash_queue: Gauge::default(),
-            hash_queued: AtomicI64::new(0),
             hash_wait_seconds: latency_buckets(),
             hash_seconds: latency_buckets(),
             db_connections: Family::default(),
@@ -245,17 +243,17 @@ impl Metrics {
 
     /// A hashing job joins the queue.
     pub fn hash_queued(&self) {
-        self.hash_queued.fetch_add(1, Ordering::Relaxed);
+        self.hash_queue.inc();
     }
 
     /// A job counted by [`Metrics::hash_queued`] could not be queued after all.
     pub fn hash_not_queued(&self) {
-        self.hash_queued.fetch_sub(1, Ordering::Relaxed);
+        self.hash_queue.dec();
     }
 
     /// A hashing job leaves the queue for a thread after `waited`.
     pub fn hash_started(&self, waited: Duration) {
-        self.hash_queued.fetch_sub(1, Ordering::Relaxed);
+        self.hash_queue.dec();
         self.hash_wait_seconds.observe(waited.as_secs_f64());
     }
 
@@ -280,8 +278,6 @@ impl Metrics {
 
     /// The text a scrape gets, with the gauges set from `now`.
     pub fn render(&self, now: Snapshot) -> String {
-        self.hash_queue
-            .set(self.hash_queued.load(Ordering::Relaxed).max(0));
         let connections = |state| self.db_connections.get_or_create(&StateLabels { state });
         connections("in_use").set(now.db_in_use.into());
         connections("idle").set(now.db_idle.into());

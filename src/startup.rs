@@ -284,7 +284,7 @@ impl Application {
             mailer,
             templates,
             settings.email.clone(),
-            (webhooks.clone(), settings.events.clone()),
+            webhooks.clone(),
         );
         let mfa_secret = secrets.mfa_secret()?;
         let auth = AuthService::new(

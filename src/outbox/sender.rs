@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use super::webhook::{Webhooks, host_of};
 use super::{Item, Outbox};
-use crate::config::{EmailSettings, EventSettings};
+use crate::config::EmailSettings;
 use crate::domain::UserId;
 use crate::email::templates::{Template, Templates};
 use crate::email::{Mailer, Message, SendError};
@@ -42,7 +42,6 @@ pub struct Sender {
     templates: Templates,
     settings: EmailSettings,
     webhooks: Arc<Webhooks>,
-    webhook_settings: EventSettings,
 }
 
 impl Sender {
@@ -52,7 +51,7 @@ impl Sender {
         mailer: Mailer,
         templates: Templates,
         settings: EmailSettings,
-        webhooks: (Arc<Webhooks>, EventSettings),
+        webhooks: Arc<Webhooks>,
     ) -> Self {
         Sender {
             store: Arc::downgrade(store),
@@ -60,8 +59,7 @@ impl Sender {
             mailer,
             templates,
             settings,
-            webhooks: webhooks.0,
-            webhook_settings: webhooks.1,
+            webhooks,
         }
     }
 
@@ -107,7 +105,7 @@ impl Sender {
         let slowest = self
             .settings
             .smtp_timeout_secs
-            .max(self.webhook_settings.timeout_secs)
+            .max(self.webhooks.settings.timeout_secs)
             .max(1);
         (BATCH as u64 * slowest * 4).max(120) as i64
     }
@@ -237,7 +235,7 @@ impl Sender {
             });
             self.abandon(store, &row, AuditKind::WebhookDeliveryFailed, None, detail)
         };
-        let events = &self.webhook_settings;
+        let events = &self.webhooks.settings;
         match self.webhooks.post(&url, &id, &body).await {
             None => {
                 give_up(

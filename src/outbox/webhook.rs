@@ -111,6 +111,8 @@ pub fn events_of(audit: &AuditEvent<'_>) -> Vec<Event> {
 pub struct Webhooks {
     receivers: Vec<Receiver>,
     client: reqwest::Client,
+    /// Timeouts, retries and give-up (`[events]`), for the sender.
+    pub settings: EventSettings,
 }
 
 struct Receiver {
@@ -126,6 +128,14 @@ impl Default for Webhooks {
         Webhooks {
             receivers: Vec::new(),
             client: reqwest::Client::new(),
+            // Never read: with no receivers no row is written, so none is posted.
+            settings: EventSettings {
+                webhooks: Vec::new(),
+                timeout_secs: 0,
+                retry_base_secs: 0,
+                retry_max_secs: 0,
+                give_up_after_secs: 0,
+            },
         }
     }
 }
@@ -149,7 +159,11 @@ impl Webhooks {
             .user_agent(concat!("Tessera-Webhooks/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("cannot set up the webhook HTTP client")?;
-        Ok(Webhooks { receivers, client })
+        Ok(Webhooks {
+            receivers,
+            client,
+            settings: settings.clone(),
+        })
     }
 
     /// The outbox rows that tell `audit`'s events to their subscribers, sealed.

@@ -207,9 +207,13 @@ fn serve_fails(settings: &Settings) -> String {
     cmd.env("TESSERA__DATABASE__CA_FILE", &settings.database.ca_file)
         .env("TESSERA__REDIS__CA_FILE", &settings.redis.ca_file);
     if let Some(mode) = settings.database.sslmode {
-        let mode = format!("{mode:?}")
-            .replace("VerifyFull", "verify-full")
-            .to_lowercase();
+        let mode = match mode {
+            PgTls::Disable => "disable",
+            PgTls::Prefer => "prefer",
+            PgTls::Require => "require",
+            PgTls::VerifyCa => "verify-ca",
+            PgTls::VerifyFull => "verify-full",
+        };
         cmd.env("TESSERA__DATABASE__SSLMODE", mode);
     }
     let mut child = cmd.spawn().unwrap();
