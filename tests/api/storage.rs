@@ -90,6 +90,48 @@ async fn a_thousand_refreshes_leave_a_session_as_large_as_two() {
     assert_invalid_token(app.me(&current.access).await).await;
 }
 
+/// The rotation's pruning (the session's tokens rotated before the grace window) finds
+/// them through an index on (session_id, rotated_at), not by reading every token the
+/// session keeps: a session refreshed in a loop keeps every token of the last window,
+/// and with an index on session_id alone each of its rotations read them all, slower as
+/// the window filled (docs/performance.md, "The pruning scan").
+#[tokio::test]
+async fn the_pruning_finds_old_tokens_through_an_index() {
+    use sqlx::Row;
+    let app = spawn_app().await;
+    let mut db = app.db().await;
+    if !app.sqlite() {
+        // A test's table is tiny: left to itself the planner would rather read it all.
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let column = app.pick("QUERY PLAN", "detail");
+    let plan: Vec<String> = sqlx::query(app.pick(
+        "EXPLAIN DELETE FROM refresh_tokens
+         WHERE session_id = '00000000-0000-0000-0000-000000000000'::uuid
+           AND token_hash <> '\\x00'::bytea AND rotated_at < now()",
+        "EXPLAIN QUERY PLAN DELETE FROM refresh_tokens
+         WHERE session_id = '00000000-0000-0000-0000-000000000000'
+           AND token_hash <> x'00' AND rotated_at < 0",
+    ))
+    .fetch_all(&mut db)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get::<String, _>(column))
+    .collect();
+    let by_index = if app.sqlite() {
+        let wanted = "refresh_tokens_session_id_idx (session_id=? AND rotated_at<?)";
+        plan.iter().any(|line| line.contains(wanted))
+    } else {
+        plan.iter()
+            .any(|line| line.contains("Index Cond") && line.contains("rotated_at <"))
+    };
+    assert!(by_index, "{plan:#?}");
+}
+
 #[tokio::test]
 async fn an_old_token_with_another_chains_secret_is_unknown_and_ends_nothing() {
     use base64::Engine;
