@@ -48,12 +48,18 @@ async fn the_openapi_document_holds_against_the_server() {
     app.make_admin(&email).await;
 
     let manifest = env!("CARGO_MANIFEST_DIR");
+    // Schemathesis keeps a cache (.schemathesis/) in its working directory: not the
+    // checkout's.
+    let scratch = std::env::temp_dir().join(format!("tessera-st-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&scratch).unwrap();
     // A fixed seed, so a run is repeatable; TESSERA_TEST_SCHEMATHESIS_SEED explores.
     let seed = std::env::var("TESSERA_TEST_SCHEMATHESIS_SEED").unwrap_or("20261207".into());
     let out = tokio::task::spawn_blocking({
         let base = app.base.clone();
+        let scratch = scratch.clone();
         move || {
             Command::new(program)
+                .current_dir(&scratch)
                 .arg("--config-file")
                 .arg(format!("{manifest}/tests/schemathesis/schemathesis.toml"))
                 .arg("run")
@@ -72,6 +78,7 @@ async fn the_openapi_document_holds_against_the_server() {
     })
     .await
     .unwrap();
+    std::fs::remove_dir_all(&scratch).ok();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -27,10 +27,14 @@ impl Drop for Node {
     }
 }
 
-fn redis_node(port: u16, extra: &[&str]) -> Node {
+/// A Redis node working in `dir`: a replica writes the snapshot it is sent to its
+/// working directory whatever `--save` says.
+fn redis_node(port: u16, dir: &std::path::Path, extra: &[&str]) -> Node {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
         .args(extra)
         .stdout(Stdio::null())
         .spawn()
@@ -111,9 +115,9 @@ async fn a_failover_gives_a_moment_of_503s_and_keeps_every_revocation() {
     crate::shared_backend_only!();
     let dir = std::env::temp_dir().join(format!("tessera-sentinel-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let primary = redis_node(free_port(), &[]);
+    let primary = redis_node(free_port(), &dir, &[]);
     let replica_of = primary.port.to_string();
-    let replica = redis_node(free_port(), &["--replicaof", "127.0.0.1", &replica_of]);
+    let replica = redis_node(free_port(), &dir, &["--replicaof", "127.0.0.1", &replica_of]);
     let watcher = sentinel(free_port(), primary.port, &dir);
     wait("the replica in sync", 30, async || {
         replica_in_sync(replica.port).await
@@ -177,7 +181,7 @@ async fn a_failover_gives_a_moment_of_503s_and_keeps_every_revocation() {
     // primary's host comes back as a replica of the new one: they are answered again,
     // and hold.
     let new_primary = replica.port.to_string();
-    let _back = redis_node(old_primary, &["--replicaof", "127.0.0.1", &new_primary]);
+    let _back = redis_node(old_primary, &dir, &["--replicaof", "127.0.0.1", &new_primary]);
     let mut later = app.login_ok(&email).await;
     wait("a logout answered after the failover", 60, async || {
         match app.logout(&later.access, None).await.status() {
