@@ -117,7 +117,11 @@ async fn a_failover_gives_a_moment_of_503s_and_keeps_every_revocation() {
     std::fs::create_dir_all(&dir).unwrap();
     let primary = redis_node(free_port(), &dir, &[]);
     let replica_of = primary.port.to_string();
-    let replica = redis_node(free_port(), &dir, &["--replicaof", "127.0.0.1", &replica_of]);
+    let replica = redis_node(
+        free_port(),
+        &dir,
+        &["--replicaof", "127.0.0.1", &replica_of],
+    );
     let watcher = sentinel(free_port(), primary.port, &dir);
     wait("the replica in sync", 30, async || {
         replica_in_sync(replica.port).await
@@ -181,7 +185,11 @@ async fn a_failover_gives_a_moment_of_503s_and_keeps_every_revocation() {
     // primary's host comes back as a replica of the new one: they are answered again,
     // and hold.
     let new_primary = replica.port.to_string();
-    let _back = redis_node(old_primary, &dir, &["--replicaof", "127.0.0.1", &new_primary]);
+    let _back = redis_node(
+        old_primary,
+        &dir,
+        &["--replicaof", "127.0.0.1", &new_primary],
+    );
     let mut later = app.login_ok(&email).await;
     wait("a logout answered after the failover", 60, async || {
         match app.logout(&later.access, None).await.status() {
