@@ -234,6 +234,8 @@ impl AuthService {
             .verify_email(&token.hash())
             .await?
             .map_err(ApiError::InvalidEmailToken)?;
+        // What this instance remembers of the user said "not verified".
+        self.forget_email(user);
         self.audit(
             AuditKind::EmailVerified,
             Some(user),

@@ -61,6 +61,12 @@ pub enum LogoutScope {
 /// `iat` claim drops, plus a second of clock difference between instances.
 const EMAIL_FRESH_MARGIN_SECS: i64 = 2;
 
+/// How long a remembered profile that can change without revoking anything (an address
+/// not yet verified, an anonymous user's absent one) may serve `GET /me` after it was
+/// read: on the instance that verifies the address it is forgotten at once, on the
+/// others it is read again within this time.
+const UNSETTLED_PROFILE_SECS: Duration = Duration::from_secs(1);
+
 /// What the service seals at rest: outbox rows, and second-factor secrets (each under
 /// its own secret of `keys.dir`).
 pub struct Sealing {
@@ -79,6 +85,7 @@ impl Sealing {
 }
 
 /// What `GET /me` shows beyond the token's claims ([`AuthService::profile_of`]).
+#[derive(Clone)]
 pub struct Profile {
     /// `None` for an anonymous user.
     pub email: Option<Arc<str>>,
@@ -125,9 +132,9 @@ pub struct AuthService {
     pub hasher: PasswordHasherPool,
     pub throttle: LoginThrottle,
     pub failures: Arc<dyn FailureBudgets>,
-    /// What `GET /me` shows of users with a verified email (the email, whether a
-    /// second factor is on), with when it was read (Unix seconds).
-    emails: Recent<UserId, (Arc<str>, bool, i64)>,
+    /// What `GET /me` shows of users beyond their tokens, with when it was read (Unix
+    /// seconds, and on this machine's monotonic clock).
+    emails: Recent<UserId, (Profile, i64, std::time::Instant)>,
     pub outbox: Arc<Outbox>,
     /// Seals TOTP secrets and pending logins' device tokens (see [`super::mfa`]).
     pub(super) mfa_sealer: crate::seal::Sealer,
@@ -723,34 +730,32 @@ impl AuthService {
     /// telling them. A token's first `GET /me` on an instance reads the database once;
     /// later ones are served from memory. Verification revokes nothing, but it only ever
     /// turns `false` into `true` for a given address: so an entry saying "verified"
-    /// stays right, and one saying "not verified" is never kept (the database is read
-    /// again until it says verified). Whatever else decides whether the caller may see
-    /// it is in the token, which the denylist has just checked: disabling a user
-    /// revokes all their tokens.
+    /// stays right. One saying "not verified" (or, for an anonymous user, "no address")
+    /// is used for at most `UNSETTLED_PROFILE_SECS` after it was read, and the instance
+    /// that verifies an address forgets it at once: another instance may say "not
+    /// verified" for up to that long after a verification. Without this, a user who
+    /// never verifies (the default, `email.verification = "off"`) cost two database
+    /// reads per `GET /me`. Whatever else decides whether the caller may see it is in
+    /// the token, which the denylist has just checked: disabling a user revokes all
+    /// their tokens.
     pub async fn profile_of(&self, user: UserId, token_iat: i64) -> Result<Profile, ApiError> {
-        if let Some((email, mfa, read_at)) = self.emails.get(&user)
+        if let Some((profile, read_at, read)) = self.emails.get(&user)
             && read_at >= token_iat + EMAIL_FRESH_MARGIN_SECS
+            && ((profile.email.is_some() && profile.email_verified)
+                || read.elapsed() < UNSETTLED_PROFILE_SECS)
         {
-            return Ok(Profile {
-                email: Some(email),
-                email_verified: true,
-                mfa,
-            });
+            return Ok(profile);
         }
-        let read_at = Utc::now().timestamp();
+        let (read_at, read) = (Utc::now().timestamp(), std::time::Instant::now());
         let user = self.current_user(user).await?;
-        let mfa = self.store.totp(user.id).await?.is_some_and(|t| t.confirmed);
-        let email: Option<Arc<str>> = user.email.map(Into::into);
-        if let Some(email) = &email
-            && user.email_verified
-        {
-            self.emails.insert(user.id, (email.clone(), mfa, read_at));
-        }
-        Ok(Profile {
-            email,
+        let profile = Profile {
+            mfa: self.store.totp(user.id).await?.is_some_and(|t| t.confirmed),
+            email: user.email.map(Into::into),
             email_verified: user.email_verified,
-            mfa,
-        })
+        };
+        self.emails
+            .insert(user.id, (profile.clone(), read_at, read));
+        Ok(profile)
     }
 
     /// Drops a remembered email (this instance's; others go by the rule of
