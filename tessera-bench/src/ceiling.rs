@@ -173,3 +173,34 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Resident KiB of the process's memory maps of `file` and of its `-shm` companion, from
+/// /proc (Linux). The SQLite store reads its database through a memory map: those pages
+/// are the kernel's page cache of the file, counted in VmRSS, where the PostgreSQL
+/// mode's database pages sit in PostgreSQL's processes instead.
+pub fn mapped_kib(pid: u32, file: &std::path::Path) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let name = file.to_str()?;
+    let shm = format!("{name}-shm");
+    let (mut counting, mut kib) = (false, 0);
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if counting {
+                kib += rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?;
+            }
+        } else if line
+            .split(' ')
+            .next()
+            .is_some_and(|range| range.contains('-') && !range.ends_with(':'))
+        {
+            // A mapping's header: "start-end perms offset dev inode   path".
+            counting = line.ends_with(name) || line.ends_with(&shm);
+        }
+    }
+    Some(kib)
+}

@@ -91,6 +91,19 @@ impl Row {
         }
     }
 
+    /// A figure with no target.
+    pub fn figure(what: impl Into<String>, value: f64, unit: &str) -> Self {
+        Row {
+            what: what.into(),
+            rate: None,
+            figure: Some(format!("{value:.0} {unit}")),
+            stats: None,
+            failed: String::new(),
+            ratio: None,
+            target: None,
+        }
+    }
+
     /// A count that must be zero (a correctness check).
     pub fn none_allowed(what: impl Into<String>, count: u64) -> Self {
         Row {
