@@ -81,13 +81,8 @@ impl Row {
     /// A figure that is not a rate, with an upper bound: `value` ≤ `bound` (in `unit`).
     pub fn bounded(what: impl Into<String>, value: f64, bound: f64, unit: &str) -> Self {
         Row {
-            what: what.into(),
-            rate: None,
-            figure: Some(format!("{value:.0} {unit}")),
-            stats: None,
-            failed: String::new(),
-            ratio: None,
             target: Some((format!("≤ {bound} {unit}"), value <= bound)),
+            ..Row::figure(what, value, unit)
         }
     }
 
