@@ -717,11 +717,13 @@ async fn latency_probe(
 /// The SQLite database file of `settings` (absolute, as /proc names it), if that is the
 /// backend.
 fn database_file(settings: &Settings) -> Option<std::path::PathBuf> {
-    use secrecy::ExposeSecret;
-    let url = settings.database.url.expose_secret();
-    let path = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
-    let path = std::path::Path::new(path.split('?').next()?);
-    Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()))
+    use tessera::store::{Backend, sqlite::SqliteStore};
+    if !matches!(
+        Backend::from_settings(&settings.database),
+        Ok(Backend::Sqlite)
+    ) {
+        return None;
+    }
+    let path = SqliteStore::file_of(&settings.database).ok()?;
+    Some(std::fs::canonicalize(&path).unwrap_or(path))
 }

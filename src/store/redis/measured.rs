@@ -50,7 +50,8 @@ impl Primary {
         Ok(conn)
     }
 
-    /// After `e`, whether to ask the sentinels again before the next command.
+    /// After `e`: drops the connection when it is lost or no longer the primary's, so
+    /// that the next command asks the sentinels again.
     fn failed(&self, e: &RedisError) {
         let lost = e.is_io_error()
             || e.is_connection_dropped()

@@ -149,6 +149,11 @@ impl SqliteStore {
         &self.file
     }
 
+    /// The database file `settings` name (as `database.url` is read to open it).
+    pub fn file_of(settings: &DatabaseSettings) -> anyhow::Result<PathBuf> {
+        Ok(connect_options(settings)?.get_filename().to_owned())
+    }
+
     /// The reader pool, e.g. for `tessera copy`.
     pub fn reader(&self) -> &SqlitePool {
         &self.reader
